@@ -1,0 +1,11 @@
+"""minimegatron: Megatron-style model parallelism you can read, run on a laptop, and trust.
+
+``import minimegatron`` imports torch only; DeepSpeed, transformers and sentencepiece are imported by
+the modules that use them.
+"""
+from minimegatron.config import ModelConfig, ParallelConfig, gpt_config, llama_config
+from minimegatron.launch import LaunchTimeout, RankError, launch
+
+__version__ = "0.1.0"
+__all__ = ["launch", "RankError", "LaunchTimeout", "ModelConfig", "ParallelConfig", "gpt_config",
+           "llama_config", "__version__"]

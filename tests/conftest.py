@@ -1,0 +1,13 @@
+"""Test-wide settings: one thread per process (ranks are processes), CPU device, repo on sys.path."""
+import os
+import sys
+
+os.environ.setdefault("MINIMEGATRON_DEVICE", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `exercises` and `benchmarks` are importable from the repo root
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
