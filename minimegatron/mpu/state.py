@@ -131,6 +131,9 @@ class ParallelState:
     get_slice_parallel_world_size = get_tensor_model_parallel_world_size
     get_slice_parallel_group = get_tensor_model_parallel_group
 
+    def __deepcopy__(self, memo):  # process groups are process-wide handles: share them, never copy
+        return self
+
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/"
                 f"{self.pp}, dp {self.dp_rank}/{self.dp}, sequence_parallel={self.sequence_parallel})")

@@ -1,0 +1,109 @@
+"""Cross-entropy over a vocabulary split across tensor-parallel ranks — without gathering the logits.
+
+Rank i holds the logit columns ``[start_i, end_i)`` of the (padded) vocabulary ``V``. For one token
+with logits ``z`` and target ``t`` the loss is ``ℓ = log Σ_v exp(z_v) − z_t``. Three all-reduces of
+one number per token compute it (Shoeybi et al. 2019, §3, "fuse the output GEMM with the loss"):
+
+1. ``m = max_v z_v``           all-reduce MAX of each rank's local max; subtracting it keeps every
+                               ``exp(z_v − m) ≤ 1`` (no overflow, the result is unchanged);
+2. ``z_t − m``                 all-reduce SUM: only the rank that owns ``t`` contributes, others add 0;
+3. ``S = Σ_v exp(z_v − m)``   all-reduce SUM of each rank's partial sum;
+
+then ``ℓ = log S − (z_t − m)``. All ranks hold ℓ for every token: (b·s) numbers moved, not (b·s·V).
+
+Backward needs no communication: ``∂ℓ/∂z_v = softmax(z)_v − 1[v = t]``, and each rank already has
+``exp(z_v − m) / S`` for its own columns; the owner of ``t`` subtracts 1 at that column.
+
+Padded vocab columns (``≥ vocab_size``) are set to −inf: probability 0, gradient 0. Targets equal to
+``ignore_index`` get loss 0 and gradient 0. The math is fp32 whatever the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from minimegatron.mpu.state import ParallelState
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+
+def _all_reduce_(x: torch.Tensor, state: ParallelState, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if state.tp > 1:
+        dist.all_reduce(x, op=op, group=state.tp_group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, logits, target, state, vocab_size, ignore_index):
+        in_dtype = logits.dtype
+        logits = logits.float()  # (…, V/tp), fp32 math
+        part = logits.size(-1)
+        start, end = state.tp_rank * part, (state.tp_rank + 1) * part
+        if vocab_size < end:  # this shard has padding columns: they must never get probability
+            cols = torch.arange(start, end, device=logits.device)  # (V/tp,) global column ids
+            logits = logits.masked_fill(cols >= vocab_size, float("-inf"))
+
+        # 1. the global max over the whole vocabulary
+        logits_max = logits.max(dim=-1).values  # (…)
+        _all_reduce_(logits_max, state, dist.ReduceOp.MAX)
+        logits = logits - logits_max.unsqueeze(-1)  # (…, V/tp), every entry ≤ 0
+
+        # 2. the target's logit, from the one rank that owns it
+        outside = (target < start) | (target >= end)  # (…) targets (and ignore_index) owned elsewhere
+        local_target = (target - start).masked_fill(outside, 0)  # (…) column in this shard
+        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # (…)
+        target_logit = target_logit.masked_fill(outside, 0.0)
+        _all_reduce_(target_logit, state)
+
+        # 3. the normaliser Σ exp over the whole vocabulary
+        exp_logits = logits.exp()  # (…, V/tp); padded columns give exp(−inf) = 0
+        sum_exp = exp_logits.sum(dim=-1)  # (…)
+        _all_reduce_(sum_exp, state)
+
+        ignored = target == ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)  # (…)
+        softmax = exp_logits / sum_exp.unsqueeze(-1)  # (…, V/tp)
+        ctx.save_for_backward(softmax, local_target, outside, ignored)
+        ctx.in_dtype = in_dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, outside, ignored = ctx.saved_tensors
+        grad = softmax.clone()  # (…, V/tp): softmax − one_hot(target), the one_hot on its owner only
+        owns = (~outside).to(grad.dtype).unsqueeze(-1)  # (…, 1)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -owns)
+        scale = grad_loss.float().masked_fill(ignored, 0.0).unsqueeze(-1)  # (…, 1)
+        return (grad * scale).to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,
+                                 vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss (…) from this rank's logit shard (…, V_pad/tp) and the full targets (…).
+
+    Equals ``F.cross_entropy(full_logits[..., :vocab_size], target, reduction="none",
+    ignore_index=ignore_index)`` with the full logits never built. ``vocab_size=None`` means no padding.
+    Every TP rank passes the same ``target`` and gets the same loss. Bad targets raise before any
+    collective.
+    """
+    padded = logits.size(-1) * state.tp
+    vocab_size = padded if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded}] (the padded vocab: "
+                         f"{logits.size(-1)} logit columns on each of {state.tp} TP ranks)")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match the logits' "
+                         f"{tuple(logits.shape[:-1])} (logits are (…, V_pad/tp), targets (…))")
+    if target.is_floating_point():
+        raise TypeError(f"targets must be integer token ids, got dtype {target.dtype}")
+    real = target[target != ignore_index]
+    if real.numel() > 0:
+        lo, hi = int(real.min()), int(real.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"target token id {bad} is outside the vocabulary [0, {vocab_size}) "
+                             f"(and is not ignore_index={ignore_index}); check the labels and the "
+                             f"model's vocab_size")
+    return _VocabParallelCrossEntropy.apply(logits, target, state, vocab_size, ignore_index)

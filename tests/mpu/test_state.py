@@ -1,0 +1,92 @@
+"""ParallelState on real ranks: its groups are DeepSpeed's pipe/data/model groups, and they work."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from minimegatron.launch import launch
+from minimegatron.mpu.state import ParallelState, get_parallel_state, initialize_model_parallel
+
+# every (tp, pp) whose product divides 8; dp = 8 / (tp·pp)
+GRIDS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8)]
+
+
+def _groups_on_ranks():
+    """For every grid: this rank's coordinates and groups, and a sum over each group to prove it works."""
+    out = {}
+    for tp, pp in GRIDS:
+        st = initialize_model_parallel(tp, pp)
+        sums = {}
+        for kind in ("tp", "dp", "pp", "mp"):
+            t = torch.tensor([float(st.rank)])
+            dist.all_reduce(t, group=getattr(st, f"{kind}_group"))
+            sums[kind] = int(t.item())
+        out[(tp, pp)] = dict(coords=(st.tp_rank, st.dp_rank, st.pp_rank), dp=st.dp,
+                             tp=st.tp_ranks, dp_ranks=st.dp_ranks, pp=st.pp_ranks, sums=sums,
+                             first=st.is_first_stage, last=st.is_last_stage,
+                             mp_rank=st.get_model_parallel_rank())
+    return out
+
+
+def test_groups_equal_deepspeed_topology():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    results = launch(_groups_on_ranks, 8, timeout=120)
+    for tp, pp in GRIDS:
+        dp = 8 // (tp * pp)
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        lists = {kind: topo.get_axis_comm_lists(axis)
+                 for kind, axis in (("tp", "model"), ("dp", "data"), ("pp", "pipe"))}
+        for rank, res in enumerate(results):
+            r = res[(tp, pp)]
+            where = f"tp={tp} pp={pp} dp={dp} rank {rank}"
+            coord = topo.get_coord(rank)
+            assert r["coords"] == (coord.model, coord.data, coord.pipe), where
+            assert r["dp"] == dp, where
+            for kind, mine in (("tp", r["tp"]), ("dp", r["dp_ranks"]), ("pp", r["pp"])):
+                ds_group = [g for g in lists[kind] if rank in g] or [[rank]]  # size-1 axes: no lists
+                assert mine == ds_group[0], f"{where}: {kind} group {mine} != DeepSpeed's {ds_group[0]}"
+                assert r["sums"][kind] == sum(mine), f"{where}: the {kind} process group is not {mine}"
+            replica = topo.filter_match(data=coord.data)  # one model copy: all TP×PP ranks of it
+            assert r["sums"]["mp"] == sum(replica), where
+            assert r["first"] == (coord.pipe == 0) and r["last"] == (coord.pipe == pp - 1), where
+            assert r["mp_rank"] == coord.pipe * tp + coord.model, where
+
+
+def _bad_sizes():
+    messages = []
+    for tp, pp in ((3, 1), (8, 1), (2, 3), (1, 5)):
+        try:
+            initialize_model_parallel(tp, pp)
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    t = torch.ones(1)  # every rank raised before any collective, so the world is still in step
+    dist.all_reduce(t)
+    return messages, t.item()
+
+
+def test_bad_sizes_raise_before_any_collective():
+    results = launch(_bad_sizes, 4, timeout=60)
+    for messages, total in results:
+        assert total == 4
+        assert "not divisible by tp·pp = 3·1" in messages[0]
+        assert "larger than the world of 4 ranks" in messages[1]
+        assert "not divisible by tp·pp = 2·3" in messages[2]
+        assert "larger than the world of 4 ranks" in messages[3]
+
+
+def test_single_device_state_without_distributed():
+    st = initialize_model_parallel()
+    assert (st.tp, st.pp, st.dp, st.rank, st.tp_group) == (1, 1, 1, 0, None)
+    assert st.is_first_stage and st.is_last_stage
+    assert get_parallel_state() is st
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        initialize_model_parallel(2)
+
+
+def test_grid_arithmetic_matches_docstring_example():
+    # rank = (pp_rank·dp + dp_rank)·tp + tp_rank for tp=2, pp=2, dp=2
+    st = ParallelState(tp=2, pp=2, dp=2, rank=6)
+    assert (st.tp_rank, st.dp_rank, st.pp_rank) == (0, 1, 1)
+    assert ParallelState.rank_of(1, 0, 1, tp=2, dp=2) == 5
+    assert st.get_model_parallel_world_size() == 4 and st.get_data_parallel_world_size() == 2
