@@ -62,6 +62,8 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        # remember which fields were derived, so that replace() derives them again
+        self._derived = {n for n in ("num_kv_heads", "ffn_hidden_size") if getattr(self, n) is None}
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -124,7 +126,8 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (derived fields recomputed if they were derived)."""
-        return replace(self, **changes)
+        derived = {name: None for name in getattr(self, "_derived", ()) if name not in changes}
+        return replace(self, **derived, **changes)
 
 
 def gpt_config(**overrides: Any) -> ModelConfig:

@@ -1,0 +1,141 @@
+"""Exercise 04: two of LLaMA's changes to GPT, written by hand.
+
+04.1  rms_norm(x, weight, eps) — RMSNorm (Zhang & Sennrich 2019) over the last dim::
+
+          y = x / sqrt(mean(x²) + eps) · weight
+
+      No mean subtraction and no bias (that is what makes it cheaper than LayerNorm). Compute in fp32
+      and return the input's dtype.
+
+04.2  apply_rope(x, position_ids, theta) — rotary position embedding on ``x`` (s, b, n, d) for the
+      positions ``position_ids`` (b, s)::
+
+          θ_i = theta^(-2i/d), i = 0 … d/2-1;   angle(m, i) = m·θ_i
+          pair dimension i with i + d/2 (Hugging Face's "rotate_half" layout):
+          y[..., i]       = x[..., i]·cos(angle) - x[..., i + d/2]·sin(angle)
+          y[..., i + d/2] = x[..., i + d/2]·cos(angle) + x[..., i]·sin(angle)
+
+      (The original Meta code pairs (2i, 2i + 1) instead; HF permuted its checkpoints so that the
+      halves layout works. Use the halves layout.)
+
+Grade with:  grade_rms_norm(rms_norm)    grade_apply_rope(apply_rope)
+The references are minimegatron.layers.norms.RMSNorm and minimegatron.layers.positions
+(RotaryEmbedding + apply_rotary); outputs and gradients are compared.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Callable
+
+import torch
+
+from exercises.grading import GradingError, assert_close, passed
+from minimegatron.layers.norms import RMSNorm
+from minimegatron.layers.positions import RotaryEmbedding, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Your code (04.1): x / sqrt(mean(x², last dim) + eps) · weight, in fp32, back to x's dtype."""
+    raise NotImplementedError("Exercise 04.1: implement RMSNorm — x * rsqrt(mean(x**2, -1) + eps) * weight")
+
+
+def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Your code (04.2): rotate x (s, b, n, d) by the angles of position_ids (b, s), halves layout."""
+    # Hint: angles = position_ids.t()[..., None] * inv_freq has shape (s, b, d/2); add a head dim.
+    raise NotImplementedError("Exercise 04.2: implement RoPE — inv_freq = theta^(-2i/d), angles = m·θ_i, "
+                              "then x·cos + rotate_half(x)·sin with pairs (i, i + d/2)")
+
+
+# --- grading -----------------------------------------------------------------------------------------
+
+def _call(exercise: str, fn: Callable, *args):
+    try:
+        return fn(*args)
+    except NotImplementedError as err:
+        raise GradingError(f"{exercise} is not implemented yet: {err}") from None
+    except Exception:
+        raise GradingError(f"{exercise}: your function raised\n{traceback.format_exc()}") from None
+
+
+def _check_with_grads(exercise: str, where: str, candidate: Callable, reference: Callable,
+                      inputs: list[torch.Tensor], names: list[str], hint: Callable | None = None) -> None:
+    leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    ref_leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    got = _call(exercise, candidate, *leaves)
+    expected = reference(*ref_leaves)
+    if hint is not None:
+        hint(got, inputs)
+    assert_close(f"{exercise} ({where}): output", got, expected.detach(), rtol=1e-5, atol=1e-5)
+    if not got.requires_grad:
+        raise GradingError(f"{exercise} ({where}): the output is not connected to the autograd graph "
+                           "(.detach(), .data or torch.no_grad()?)")
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    (got.float() * cotangent).sum().backward()
+    (expected.float() * cotangent).sum().backward()
+    for name, a, b in zip(names, leaves, ref_leaves):
+        if b.grad is not None:
+            if a.grad is None:
+                raise GradingError(f"{exercise} ({where}): no gradient reached {name}")
+            assert_close(f"{exercise} ({where}): gradient of {name}", a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def grade_rms_norm(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
+    """04.1 on several shapes, scales and eps: output and the gradients of x and weight."""
+    g = torch.Generator().manual_seed(0)
+    for shape, scale, eps in (((4, 2, 16), 1.0, 1e-5), ((3, 32), 50.0, 1e-6), ((5, 8), 1e-3, 1e-2)):
+        x = scale * torch.randn(shape, generator=g) + 0.5  # a non-zero mean, so centring shows
+        weight = 1 + 0.3 * torch.randn(shape[-1], generator=g)
+
+        def reference(x, weight, eps=eps):
+            norm = RMSNorm(shape[-1], eps)
+            return torch.func.functional_call(norm, {"weight": weight}, (x,))
+
+        def centred(got, inputs, eps=eps):
+            x0, w0 = inputs
+            layer_norm = torch.nn.functional.layer_norm(x0, (shape[-1],), w0, None, eps)
+            if got.shape == layer_norm.shape and torch.allclose(got.detach().float(), layer_norm, atol=1e-5):
+                raise GradingError("Exercise 04.1: this is LayerNorm (you subtracted the mean): RMSNorm "
+                                   "divides by sqrt(mean(x²) + eps) without centring")
+
+        _check_with_grads("Exercise 04.1", f"x of shape {shape}, scale {scale:g}, eps {eps:g}",
+                          lambda x, w, eps=eps: candidate(x, w, eps), reference, [x, weight],
+                          ["x", "weight"], centred)
+    x16 = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+    out = _call("Exercise 04.1", candidate, x16, torch.ones(16, dtype=torch.bfloat16), 1e-5)
+    if out.dtype != torch.bfloat16:
+        raise GradingError(f"Exercise 04.1: a bfloat16 input came back as {out.dtype}; return x's dtype")
+    return passed("Exercise 04.1: RMSNorm matches minimegatron.layers.norms.RMSNorm, forward and backward")
+
+
+def _interleaved_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """The original Meta layout, pairs (2i, 2i+1) — only to recognise it in a candidate."""
+    d = x.size(-1)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = (position_ids.t().float()[..., None] * inv_freq)[:, :, None, :]  # (s, b, 1, d/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    y1, y2 = x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()
+    return torch.stack([y1, y2], dim=-1).flatten(-2)
+
+
+def grade_apply_rope(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
+    """04.2 for several shapes, thetas and position ids: output and the gradient of x."""
+    g = torch.Generator().manual_seed(0)
+    cases = [((6, 2, 3, 8), 10000.0, torch.arange(6).expand(2, 6)),
+             ((5, 1, 2, 16), 500000.0, torch.arange(7, 12)[None]),  # after 7 cached tokens
+             ((4, 2, 1, 4), 10000.0, torch.tensor([[0, 3, 1, 9], [2, 2, 5, 100]]))]
+    for shape, theta, position_ids in cases:
+        x = torch.randn(shape, generator=g)
+
+        def reference(x, position_ids=position_ids, theta=theta):
+            return apply_rotary(x, *RotaryEmbedding(shape[-1], theta)(position_ids))
+
+        def interleaved(got, inputs, position_ids=position_ids, theta=theta):
+            other = _interleaved_rope(inputs[0], position_ids, theta)
+            if got.shape == other.shape and torch.allclose(got.detach(), other, atol=1e-5):
+                raise GradingError("Exercise 04.2: you rotated interleaved pairs (2i, 2i+1) — Meta's "
+                                   "original layout; this package (and Hugging Face) pair i with i + d/2")
+
+        where = f"x {shape}, theta {theta:g}, positions {position_ids.tolist()}"
+        _check_with_grads("Exercise 04.2", where, lambda x, p=position_ids, t=theta: candidate(x, p, t),
+                          reference, [x], ["x"], interleaved)
+    return passed("Exercise 04.2: RoPE matches minimegatron.layers.positions, forward and backward")

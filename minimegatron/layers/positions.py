@@ -1,0 +1,111 @@
+"""Where a token is: learned absolute positions (GPT), rotary embeddings (LLaMA) and ALiBi.
+
+**Learned absolute** (GPT-2): a table ``P`` of ``max_seq_len × h`` rows, added to the token embedding
+before the first layer: ``x_t = E[token_t] + P[t]``. It is replicated on every TP rank (small) and a
+position ``>= max_seq_len`` has no row — :class:`LearnedPositionEmbedding` raises.
+
+**Rotary** (RoPE, Su et al. 2021; LLaMA): no parameters. Inside attention, each query/key head vector
+is rotated by an angle proportional to its position ``m``, pairing dimension ``i`` with ``i + d/2``::
+
+    θ_i = rope_theta^(-2i/d),  i = 0 … d/2-1          (d = head_dim)
+    q'  = q · cos(mθ) + rotate_half(q) · sin(mθ),     rotate_half([x1 | x2]) = [-x2 | x1]
+
+so that ``q'_m · k'_n`` depends only on ``m - n``: the dot product sees relative positions. This is
+Hugging Face LLaMA's "rotate_half" convention (pairs ``(i, i + d/2)``), not the original Meta code's
+interleaved pairs ``(2i, 2i+1)``; Hugging Face checkpoints were already permuted into this layout,
+so their ``q_proj``/``k_proj`` weights load here with **no permutation**. Heads are independent, so
+RoPE runs on each TP rank's own heads with no communication.
+
+**ALiBi** (Press et al. 2022, "Train Short, Test Long"): no parameters and no rotation; each head adds a
+linear penalty to its attention scores, ``score(i, j) -= m_h · (i - j)`` for a query at ``i`` and key
+at ``j ≤ i``. The head slopes form a geometric sequence: for ``n`` heads (``n`` a power of two)
+``m_h = 2^(-8h/n)``, ``h = 1 … n``; otherwise take the ``2^⌊log2 n⌋`` slopes and fill up with every
+other slope of the ``2·2^⌊log2 n⌋`` sequence. Under TP each rank takes the slopes of its own heads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LearnedPositionEmbedding(nn.Embedding):
+    """GPT-2's position table: ``position_ids (b, s) -> (b, s, h)``; replicated over TP."""
+
+    def __init__(self, max_seq_len: int, hidden_size: int, init_std: float = 0.02) -> None:
+        table = torch.empty(max_seq_len, hidden_size).normal_(0.0, init_std)  # same on every rank
+        super().__init__(max_seq_len, hidden_size, _weight=table)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.numel() and int(position_ids.max()) >= self.num_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond the learned position table of "
+                f"max_seq_len={self.num_embeddings} rows: shorten the sequence (prompt + generated "
+                f"tokens) to at most {self.num_embeddings}, or build the model with a larger max_seq_len")
+        if position_ids.numel() and int(position_ids.min()) < 0:
+            raise ValueError(f"negative position id {int(position_ids.min())}")
+        return super().forward(position_ids)
+
+
+class RotaryEmbedding(nn.Module):
+    """``position_ids (b, s) -> (cos, sin)``, each ``(s, b, 1, d)`` to broadcast over ``(s, b, n, d)``.
+
+    No parameters and no buffers: the frequencies are recomputed from ``theta`` in fp32 on every call
+    (d/2 numbers), so ``model.to(torch.bfloat16)`` cannot round them and state_dicts hold no RoPE
+    entries. Works for any sequence length.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings rotate pairs of dims: head_dim={head_dim} must be even")
+        self.head_dim, self.theta = head_dim, theta
+
+    def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The d/2 rotation frequencies θ_i = theta^(-2i/d), fp32."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta ** exponents)  # (d/2,)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq(position_ids.device)  # (d/2,)
+        angles = position_ids.t().float()[..., None] * inv_freq  # (s, b, d/2): m·θ_i
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (s, b, 1, d): pairs (i, i+d/2)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta:g}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1 | x2] -> [-x2 | x1]`` on the last dim: a 90° turn of every pair ``(i, i + d/2)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (s, b, n/tp, d)`` by the angles of ``cos``/``sin (s, b, 1, d)``."""
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The ``num_heads`` ALiBi slopes of Press et al.: ``2^(-8/n), 2^(-16/n), …`` (n a power of 2)."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(closest)
+    slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)  # (n,)
+
+
+def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """``-m_h · (i - j)`` for queries ``i`` = the last ``q_len`` of ``k_len`` positions: (n, q, k).
+
+    With a KV cache the ``q_len`` new queries sit at positions ``k_len - q_len … k_len - 1``. Keys
+    after a query (``j > i``) get a positive value here; the causal mask removes them.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=slopes.device)[:, None]  # (q, 1)
+    k_pos = torch.arange(k_len, device=slopes.device)[None, :]  # (1, k)
+    return -slopes[:, None, None] * (q_pos - k_pos).to(slopes.dtype)  # (n, q, k)
