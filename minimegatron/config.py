@@ -59,6 +59,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    use_fused_kernels: bool = True          # Gaudi's fused kernels for tensors on "hpu" (kernels.py)
     name: str = "custom"
 
     def __post_init__(self) -> None:

@@ -56,7 +56,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from minimegatron.config import ModelConfig
-from minimegatron.layers.positions import alibi_bias, alibi_slopes, apply_rotary
+from minimegatron import kernels
+from minimegatron.layers.positions import alibi_bias, alibi_slopes
 from minimegatron.mpu.layers import ColumnParallelLinear, RowParallelLinear, init_normal
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
                                        gather_from_sequence_parallel_region)
@@ -236,13 +237,9 @@ class ParallelAttention(nn.Module):
                 future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
                 bias = bias.masked_fill(future, float("-inf"))  # keys after the query: never seen
                 out = _math_attention(q, k, v, bias, dropout_p)
-            elif not causal or sq == 1:  # cross-attention, or one new token that sees every key
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            elif sq == sk:
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:  # a chunk after a cache: query i sits at position i + sk - sq
-                allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+            else:  # SDPA; after a KV cache (sk > sq) query i sits at position i + sk - sq
+                out = kernels.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p,
+                                                           fused=self.config.use_fused_kernels)
         return out.permute(2, 0, 1, 3).flatten(2)  # (b,n/tp,sq,d) -> (sq, b, n/tp·d)
 
     def forward(self, hidden: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -257,7 +254,7 @@ class ParallelAttention(nn.Module):
         q, k, v = self._project(hidden, encoder_output)  # (s, b, n/tp, d), (s_k, b, kv/tp, d) ×2
         if rotary is not None and self.attention_type == "self":
             cos, sin = rotary  # (s, b, 1, d): angles of the new tokens' positions
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = kernels.apply_rotary(q, k, cos, sin, fused=self.config.use_fused_kernels)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)  # (offset + s, b, kv/tp, d)
         if self.checkpoint_core and torch.is_grad_enabled():

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimegatron import kernels
+
 
 def _mark_sequence_parallel(module: nn.Module, sequence_parallel: bool) -> None:
     for p in module.parameters():
@@ -52,26 +54,26 @@ class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) · weight`` over the last dim, computed in fp32 (as LLaMA does)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 fused: bool = True) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         _mark_sequence_parallel(self, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (s or s/tp, b, h) -> same
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # the formula is kernels.plain_rms_norm; on Gaudi ("hpu" tensors) its fused kernel
+        return kernels.rms_norm(x, self.weight, self.eps, fused=self.fused)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def build_norm(kind: str, hidden_size: int, eps: float = 1e-5, bias: bool = True,
-               sequence_parallel: bool = False) -> nn.Module:
+               sequence_parallel: bool = False, fused: bool = True) -> nn.Module:
     """``"layernorm"`` -> LayerNorm (with β iff ``bias``), ``"rmsnorm"`` -> RMSNorm (never a bias)."""
     if kind == "layernorm":
         return LayerNorm(hidden_size, eps, bias=bias, sequence_parallel=sequence_parallel)
     if kind == "rmsnorm":
-        return RMSNorm(hidden_size, eps, sequence_parallel=sequence_parallel)
+        return RMSNorm(hidden_size, eps, sequence_parallel=sequence_parallel, fused=fused)
     raise ValueError(f"unknown norm {kind!r}: use 'layernorm' (GPT) or 'rmsnorm' (LLaMA)")

@@ -29,6 +29,13 @@ import math
 import torch
 from torch import nn
 
+# The rotation itself lives beside Gaudi's fused version of it: q·cos(mθ) + rotate_half(q)·sin(mθ).
+from minimegatron.kernels import plain_rotary as apply_rotary
+from minimegatron.kernels import rotate_half
+
+__all__ = ["LearnedPositionEmbedding", "RotaryEmbedding", "apply_rotary", "rotate_half", "alibi_slopes",
+           "alibi_bias"]
+
 
 class LearnedPositionEmbedding(nn.Embedding):
     """GPT-2's position table: ``position_ids (b, s) -> (b, s, h)``; replicated over TP."""
@@ -76,17 +83,6 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta:g}"
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1 | x2] -> [-x2 | x1]`` on the last dim: a 90° turn of every pair ``(i, i + d/2)``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (s, b, n/tp, d)`` by the angles of ``cos``/``sin (s, b, 1, d)``."""
-    return x * cos + rotate_half(x) * sin
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -46,7 +46,8 @@ class ParallelTransformerLayer(nn.Module):
         state = state or ParallelState()
         self.state, self.layer_number = state, layer_number
         self.sequence_parallel = state.sequence_parallel and state.tp > 1
-        norm = dict(eps=config.norm_eps, bias=config.bias, sequence_parallel=self.sequence_parallel)
+        norm = dict(eps=config.norm_eps, bias=config.bias, sequence_parallel=self.sequence_parallel,
+                    fused=config.use_fused_kernels)
         self.input_norm = build_norm(config.norm, config.hidden_size, **norm)
         self.attention = ParallelAttention(config, state, layer_number)
         self.post_attention_norm = build_norm(config.norm, config.hidden_size, **norm)
@@ -80,7 +81,7 @@ class ParallelTransformer(nn.Module):
         self.layers = nn.ModuleList(ParallelTransformerLayer(config, state, i)
                                     for i in range(config.num_layers))
         self.final_norm = (build_norm(config.norm, config.hidden_size, eps=config.norm_eps,
-                                      bias=config.bias,
+                                      bias=config.bias, fused=config.use_fused_kernels,
                                       sequence_parallel=state.sequence_parallel and state.tp > 1)
                            if config.final_norm else None)
         self.recompute = recompute
