@@ -4,6 +4,7 @@ import sys
 
 os.environ.setdefault("MINIMEGATRON_DEVICE", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `exercises` and `benchmarks` are importable from the repo root
     sys.path.insert(0, ROOT)

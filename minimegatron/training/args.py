@@ -1,0 +1,190 @@
+"""TrainConfig: every knob of a pretraining run, checked before any rank starts.
+
+The layout is ``world = tp · pp · dp`` ranks. One optimizer step consumes ``global_batch_size``
+sequences: each of the ``dp`` replicas takes ``global_batch_size / dp`` of them, in
+``micro_batch_size`` pieces — the gradient-accumulation steps, which are also the micro-batches the
+pipeline schedule interleaves::
+
+    global_batch_size = micro_batch_size · num_micro_batches · dp
+
+:func:`validate` raises a ``ValueError`` naming the problem and the fix for every combination that
+cannot work (in the parent process, before ``launch`` forks a single rank).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+from minimegatron.config import ModelConfig, gpt_config, llama_config
+
+MODELS = ("gpt", "llama")
+DTYPES = ("fp32", "bf16")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining run. ``model_config`` (a full ModelConfig) overrides the size fields."""
+
+    model: str = "llama"
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_kv_heads: int | None = None
+    ffn_hidden_size: int | None = None  # None: the model's default (4h GPT, ≈8/3·h LLaMA)
+    vocab_size: int = 512
+    seq_len: int = 64
+    dropout: float = 0.0
+    model_config: ModelConfig | None = None
+    steps: int = 20
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    dtype: str = "fp32"
+    eval_interval: int = 0          # 0: no evaluation
+    eval_iters: int = 2             # global batches per evaluation
+    data: Any = "random"            # "random", an indexed dataset prefix, or a torch Dataset whose
+    valid_data: Any = None          # items are {"tokens": (s,), "labels": (s,)} (+ one to evaluate on)
+    split: str = "949,50,1"
+    seed: int = 1234
+    out_dir: str | None = None      # loss log (jsonl) + loss curve (png) go here when set
+    progress: bool = True           # tqdm bar on rank 0
+    timeout: float = 600.0          # seconds for launch() on simulated ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per step on each data-parallel replica (gradient-accumulation steps)."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def to_model_config(self) -> ModelConfig:
+        if self.model_config is not None:
+            return self.model_config
+        preset = gpt_config if self.model == "gpt" else llama_config
+        return preset(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                      num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+                      num_kv_heads=self.num_kv_heads, ffn_hidden_size=self.ffn_hidden_size,
+                      max_seq_len=self.seq_len, dropout=self.dropout)
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def validate(cfg: TrainConfig) -> ModelConfig:
+    """Raise ValueError for any layout/argument that cannot work; return the ModelConfig to build."""
+    if cfg.model not in MODELS:
+        _fail(f"model={cfg.model!r}: choose one of {MODELS}")
+    for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "steps", "seq_len"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            _fail(f"{name} must be a positive int, got {v!r}")
+    per_step = cfg.micro_batch_size * cfg.dp
+    if cfg.global_batch_size % per_step:
+        _fail(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size·dp = "
+              f"{cfg.micro_batch_size}·{cfg.dp} = {per_step}: each data-parallel replica must get a "
+              f"whole number of micro-batches; e.g. use global_batch_size="
+              f"{per_step * max(1, cfg.global_batch_size // per_step)}")
+    if cfg.zero_stage not in (0, 1, 2):
+        _fail(f"zero_stage={cfg.zero_stage!r}: this trainer supports ZeRO stage 0 (plain data parallel), "
+              "1 (optimizer states sharded over dp) and, without a pipeline, 2")
+    if cfg.zero_stage >= 2 and cfg.pp > 1:
+        _fail(f"zero_stage={cfg.zero_stage} with pp={cfg.pp}: DeepSpeed's pipeline engine supports only "
+              "ZeRO stage 0 or 1 (gradients are accumulated across micro-batches, so they cannot be "
+              "sharded); use --zero-stage 1 or pp=1")
+    if cfg.recompute not in RECOMPUTE:
+        _fail(f"recompute={cfg.recompute!r}: choose one of {RECOMPUTE}")
+    if cfg.dtype not in DTYPES:
+        _fail(f"dtype={cfg.dtype!r}: choose one of {DTYPES}")
+    if not cfg.lr > 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        _fail(f"learning rates lr={cfg.lr}, min_lr={cfg.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if cfg.warmup_steps < 0 or cfg.clip_grad < 0 or cfg.eval_interval < 0 or cfg.eval_iters < 1:
+        _fail("warmup_steps, clip_grad and eval_interval must be >= 0 and eval_iters >= 1")
+    model = cfg.to_model_config()
+    model.validate_tp(cfg.tp)  # heads / kv heads / ffn divisible by tp
+    if model.num_layers < cfg.pp:
+        _fail(f"num_layers={model.num_layers} < pp={cfg.pp}: every pipeline stage needs at least one "
+              "transformer layer; use more layers or fewer stages")
+    if cfg.seq_len > model.max_seq_len:
+        _fail(f"seq_len={cfg.seq_len} > the model's max_seq_len={model.max_seq_len}")
+    if cfg.sequence_parallel and cfg.tp > 1 and cfg.seq_len % cfg.tp:
+        _fail(f"sequence parallelism splits each sequence over tp={cfg.tp} ranks: seq_len={cfg.seq_len} "
+              f"must be a multiple of {cfg.tp}")
+    if not isinstance(cfg.data, str):
+        for name in ("data", "valid_data"):
+            d = getattr(cfg, name)
+            if d is not None and not (hasattr(d, "__getitem__") and hasattr(d, "__len__") and len(d) > 0):
+                _fail(f"{name} must be a non-empty map-style Dataset of {{'tokens', 'labels'}} items, "
+                      f"got {type(d).__name__}")
+        if cfg.eval_interval and cfg.valid_data is None:
+            _fail("eval_interval > 0 with a Dataset as data needs valid_data (or set eval_interval=0)")
+    elif cfg.data != "random" and not all(os.path.exists(cfg.data + ext) for ext in (".bin", ".idx")):
+        _fail(f"data={cfg.data!r}: neither 'random' nor the prefix of an indexed dataset "
+              f"({cfg.data}.bin/.idx not found); build one with python -m minimegatron.data.preprocess")
+    env_world = os.environ.get("WORLD_SIZE")
+    if "RANK" in os.environ and env_world is not None and int(env_world) != cfg.world_size:
+        _fail(f"the launcher started WORLD_SIZE={env_world} ranks but tp·pp·dp = {cfg.tp}·{cfg.pp}·"
+              f"{cfg.dp} = {cfg.world_size}; change --dp (or tp/pp) so that the product matches")
+    return model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minimegatron.train",
+        description="Pretrain a small GPT or LLaMA with tensor, pipeline and data parallelism "
+                    "(simulated CPU ranks, or under torchrun / the deepspeed launcher).")
+    d = TrainConfig()
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=d.pp, help="pipeline stages")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel replicas (default: WORLD_SIZE / (tp·pp) in a launcher, else 1)")
+    ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
+            "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_len", "steps", "warmup_steps", "zero_stage",
+            "eval_interval", "eval_iters", "seed")
+    for name in ints:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "dropout"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=getattr(d, name))
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--data", default=d.data, help="'random' (a seeded synthetic language) or the prefix "
+                                                 "of an indexed dataset (PREFIX.bin / PREFIX.idx)")
+    p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
+    p.add_argument("--out-dir", dest="out_dir", default=None,
+                   help="where to write train_log.jsonl and loss.png (default runs/<model>_tp_pp_dp)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--timeout", type=float, default=d.timeout)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command line -> TrainConfig (dp defaults to WORLD_SIZE / (tp·pp) inside a launcher)."""
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("local_rank")
+    if ns["dp"] is None:
+        world = int(os.environ.get("WORLD_SIZE", 0)) if "RANK" in os.environ else 0
+        ns["dp"] = max(1, world // (ns["tp"] * ns["pp"])) if world else 1
+    if ns["out_dir"] is None:
+        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}_pp{ns['pp']}_dp{ns['dp']}")
+    known = {f.name for f in fields(TrainConfig)}
+    kwargs: dict[str, Any] = {k: v for k, v in ns.items() if k in known}
+    return TrainConfig(**kwargs)

@@ -1,0 +1,162 @@
+"""The DeepSpeed engine for a TrainConfig: model, optimizer, ZeRO, precision, LR schedule.
+
+==================  ===========================================================================
+pp = 1              ``GPTModel`` / ``LLaMAModel`` in DeepSpeed's plain engine, ``mpu=ParallelState``
+                    (DeepSpeed all-reduces gradients over our data-parallel group)
+pp > 1              ``GPTModelPipe`` / ``LLaMAModelPipe`` in DeepSpeed's PipelineEngine (1F1B)
+ZeRO stage 1        ``"zero_optimization": {"stage": 1}``: each of the dp replicas keeps the fp32
+                    master weights and Adam moments of 1/dp of the parameters (Rajbhandari et al.)
+bf16                ``"bf16": {"enabled": true}``: bf16 weights and activations, fp32 master weights
+optimizer           AdamW from the config (``torch_adam``: torch's implementation, on any device)
+==================  ===========================================================================
+
+(bf16 with ZeRO stage 0 and pp = 1 goes through DeepSpeed's ``FP16_UnfusedOptimizer``, which takes
+one zero-gradient Adam step when it is built: the first real step then has Adam's step-2 bias
+correction and one extra weight decay (on a tiny test model its losses drift from fp32 by ~5e-3,
+those of the ZeRO-1 and pipeline bf16 paths by ~2e-4). Prefer ``--zero-stage 1`` with bf16.)
+
+Weights come from ``torch.manual_seed(seed)`` in model order, so every layout starts from the same
+model (the pipeline model replays the draws; see ``minimegatron.pipe``).
+
+Two details DeepSpeed leaves to us:
+
+* Sequence parallelism: replicated norm weights see only ``s/tp`` tokens, their gradients must be
+  summed over TP. The pipeline model hands them to the engine (with the tied embedding); for the
+  plain engine a gradient hook all-reduces each one as backward produces it (per micro-batch: ZeRO
+  moves gradients out of ``.grad`` inside the last ``backward``, so a later call would be too late).
+* Gradient clipping with ZeRO stage 0 in fp32: under a pipeline, DeepSpeed's fp32 path counts the
+  replicated weights only on model-parallel rank 0 (the first stage) and the tied embedding twice, so
+  the norm is wrong (and it is not recorded). :func:`clip_grad_norm` computes ‖g‖ over TP × PP and
+  replaces it on every such engine. (ZeRO-1 and bf16 compute the norm correctly themselves.)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import types
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from minimegatron.config import ModelConfig
+from minimegatron.mpu.state import ParallelState
+from minimegatron.training.args import TrainConfig
+from minimegatron.training.schedule import warmup_cosine
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (print it: it is the whole recipe)."""
+    return {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.num_micro_batches,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "gradient_clipping": cfg.clip_grad,  # DeepSpeed's default is 1.0, not off: always say it
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        # activations differ across TP ranks under SP: send them whole, not split over TP
+        "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (Megatron)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(cfg: TrainConfig, model_config: ModelConfig, state: ParallelState) -> nn.Module:
+    """GPTModel/LLaMAModel (pp = 1) or GPTModelPipe/LLaMAModelPipe (pp > 1), seeded by ``cfg.seed``."""
+    if state.pp > 1:
+        from minimegatron.pipe import GPTModelPipe, LLaMAModelPipe
+
+        pipe = GPTModelPipe if cfg.model == "gpt" else LLaMAModelPipe
+        return pipe(model_config, state, recompute=cfg.recompute, init_seed=cfg.seed)
+    from minimegatron.gpt import GPTModel
+    from minimegatron.llama import LLaMAModel
+
+    torch.manual_seed(cfg.seed)
+    return (GPTModel if cfg.model == "gpt" else LLaMAModel)(model_config, state, recompute=cfg.recompute)
+
+
+def register_sequence_parallel_grad_hooks(model: nn.Module, state: ParallelState) -> int:
+    """All-reduce over TP each SP-replicated parameter's gradient as backward produces it."""
+    if not (state.sequence_parallel and state.tp > 1):
+        return 0
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=state.tp_group)
+        return grad
+
+    params = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    for p in params:
+        p.register_hook(all_reduce)
+    return len(params)
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float, state: ParallelState) -> torch.Tensor:
+    """Scale gradients so that the global ‖g‖₂ over all TP × PP shards is at most ``max_norm``.
+
+    ‖g‖² = Σ over this rank's tensor-parallel shards + (on TP rank 0 only) the replicated weights,
+    skipping the pipeline's second copy of a tied weight, summed over the model-parallel group.
+    Gradients are already identical across data-parallel replicas. Returns ‖g‖.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
+    for p in params:
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
+            total += p.grad.detach().float().pow(2).sum()
+    if state.mp_group is not None:
+        dist.all_reduce(total, group=state.mp_group)
+    norm = total.sqrt()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+def _quiet_deepspeed() -> None:
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
+
+
+def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelState):
+    """``(engine, model)`` for this rank: the hook notebooks and checkpointing use to reach the state."""
+    import deepspeed
+
+    from minimegatron.pipe import init_deepspeed_comm
+
+    _quiet_deepspeed()
+    init_deepspeed_comm()
+    model = build_model(cfg, model_config, state)
+    schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay),
+            config=deepspeed_config(cfg), lr_scheduler=schedule, mpu=None if state.pp > 1 else state)
+    if state.pp == 1:
+        register_sequence_parallel_grad_hooks(model, state)
+    if cfg.zero_stage == 0 and cfg.dtype == "fp32" and cfg.clip_grad > 0:  # see the module docstring
+        def clip_fp32_gradients(self) -> None:
+            self._global_grad_norm = clip_grad_norm(self.module.parameters(), self.gradient_clipping(),
+                                                    state).item()
+        engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+    return engine, model
