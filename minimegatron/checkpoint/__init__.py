@@ -1,0 +1,24 @@
+"""Checkpoints (safetensors + JSON, any TP size in, any TP size out) and Hugging Face conversion.
+
+    save_checkpoint(model, "ckpt", step=100)        # every rank calls it; rank 0 writes full weights
+    config = load_config("ckpt")                    # rebuild the model from the checkpoint's config...
+    load_checkpoint(GPTModel(config, state), "ckpt")  # ...at any TP size: each rank keeps its shard
+
+    model = from_hf(GPT2LMHeadModel(...), state=state)   # HF -> minimegatron, split for state.tp
+    hf = to_hf(model, save_directory="hf_out")           # minimegatron -> HF (save_pretrained)
+
+Modules: :mod:`.reshape` (shards <-> full tensors), :mod:`.io` (files, atomic save),
+:mod:`.hf_config` and :mod:`.hf` (Hugging Face). ``transformers`` is imported only when converting.
+"""
+from minimegatron.checkpoint.hf import from_hf, load_hf_directory, state_dict_from_hf, state_dict_to_hf, to_hf
+from minimegatron.checkpoint.hf_config import UnsupportedHFConfig, config_from_hf, config_to_hf
+from minimegatron.checkpoint.io import (checkpoint_dir, load_checkpoint, load_config, load_model,
+                                        read_checkpoint, save_checkpoint)
+from minimegatron.checkpoint.reshape import (CheckpointError, describe_shards, expected_full_shapes,
+                                             full_state_dict, load_full_state_dict)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_config", "load_model", "read_checkpoint",
+           "checkpoint_dir",
+           "from_hf", "to_hf", "state_dict_from_hf", "state_dict_to_hf", "load_hf_directory",
+           "config_from_hf", "config_to_hf", "UnsupportedHFConfig", "CheckpointError",
+           "full_state_dict", "load_full_state_dict", "expected_full_shapes", "describe_shards"]

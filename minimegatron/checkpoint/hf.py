@@ -1,0 +1,220 @@
+"""Hugging Face transformers <-> minimegatron, both ways, into any TP size.
+
+Conversion goes through the TP-independent *full state dict* (:mod:`.reshape`): HF tensors are renamed
+and re-laid-out into full minimegatron tensors, then every rank keeps its shard; the way back gathers
+the shards and undoes the layout. Weight by weight (``i`` = layer)::
+
+    minimegatron (full)                         GPT2LMHeadModel               LlamaForCausalLM
+    embedding.word_embeddings.weight  (V, h)    wte                           model.embed_tokens
+    embedding.position_embeddings.weight        wpe                           —  (RoPE: no weights)
+    layers.i.input_norm                         h.i.ln_1                      model.layers.i.input_layernorm
+    layers.i.attention.query_key_value (3h, h)  h.i.attn.c_attn  (ᵀ)          [q_proj; k_proj; v_proj] (MHA)
+    layers.i.attention.query / .key_value       —                             q_proj / [k_proj; v_proj]
+    layers.i.attention.dense                    h.i.attn.c_proj  (ᵀ)          self_attn.o_proj
+    layers.i.post_attention_norm                h.i.ln_2                      post_attention_layernorm
+    layers.i.mlp.dense_h_to_4h                  h.i.mlp.c_fc     (ᵀ)          [mlp.gate_proj; mlp.up_proj]
+    layers.i.mlp.dense_4h_to_h                  h.i.mlp.c_proj   (ᵀ)          mlp.down_proj
+    final_norm                                  ln_f                          model.norm
+    lm_head.weight                              (tied to wte)                 lm_head
+
+(ᵀ) GPT-2 uses ``Conv1D``, which stores weights as (in, out) — the transpose of ``nn.Linear``'s
+(out, in). Its fused ``c_attn`` output is ``[q | k | v]``, exactly our ``[W_Q; W_K; W_V]`` once
+transposed. HF LLaMA's q/k projections already use the rotate-half RoPE layout we use: no permutation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from minimegatron.checkpoint.hf_config import config_from_hf, config_to_hf, hf_family
+from minimegatron.checkpoint.reshape import (CheckpointError, barrier, full_state_dict, is_writer,
+                                             load_full_state_dict, model_config, parallel_state_of)
+from minimegatron.config import ModelConfig
+from minimegatron.mpu.state import ParallelState
+
+__all__ = ["from_hf", "to_hf", "state_dict_from_hf", "state_dict_to_hf", "load_hf_directory"]
+
+Tensors = dict[str, torch.Tensor]
+_T: Callable[[torch.Tensor], torch.Tensor] = lambda w: w.t().contiguous()  # noqa: E731  Conv1D <-> Linear
+_ID: Callable[[torch.Tensor], torch.Tensor] = lambda w: w  # noqa: E731
+# HF entries that carry no weights of the model (attention-mask / RoPE buffers of older versions)
+_IGNORABLE = re.compile(r"(\.attn\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
+
+# (ours, HF, transform HF -> ours); the transforms here are their own inverses
+_GPT_GLOBAL = [("embedding.word_embeddings.weight", "wte.weight", _ID),
+               ("embedding.position_embeddings.weight", "wpe.weight", _ID),
+               ("final_norm.weight", "ln_f.weight", _ID), ("final_norm.bias", "ln_f.bias", _ID)]
+_GPT_LAYER = [("input_norm.weight", "ln_1.weight", _ID), ("input_norm.bias", "ln_1.bias", _ID),
+              ("attention.query_key_value.weight", "attn.c_attn.weight", _T),
+              ("attention.query_key_value.bias", "attn.c_attn.bias", _ID),
+              ("attention.dense.weight", "attn.c_proj.weight", _T),
+              ("attention.dense.bias", "attn.c_proj.bias", _ID),
+              ("post_attention_norm.weight", "ln_2.weight", _ID),
+              ("post_attention_norm.bias", "ln_2.bias", _ID),
+              ("mlp.dense_h_to_4h.weight", "mlp.c_fc.weight", _T),
+              ("mlp.dense_h_to_4h.bias", "mlp.c_fc.bias", _ID),
+              ("mlp.dense_4h_to_h.weight", "mlp.c_proj.weight", _T),
+              ("mlp.dense_4h_to_h.bias", "mlp.c_proj.bias", _ID)]
+_LLAMA_GLOBAL = [("embedding.word_embeddings.weight", "model.embed_tokens.weight", _ID),
+                 ("final_norm.weight", "model.norm.weight", _ID)]
+_LLAMA_LAYER = [("input_norm.weight", "input_layernorm.weight", _ID),
+                ("attention.dense.weight", "self_attn.o_proj.weight", _ID),
+                ("post_attention_norm.weight", "post_attention_layernorm.weight", _ID),
+                ("mlp.dense_4h_to_h.weight", "mlp.down_proj.weight", _ID)]
+# fused in minimegatron, separate in HF LLaMA: ours = cat(HF parts, dim 0)
+_LLAMA_FUSED_MHA = [("attention.query_key_value.weight",
+                     ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"])]
+_LLAMA_FUSED_GQA = [("attention.query.weight", ["self_attn.q_proj.weight"]),
+                    ("attention.key_value.weight", ["self_attn.k_proj.weight", "self_attn.v_proj.weight"])]
+_LLAMA_FUSED_MLP = [("mlp.dense_h_to_4h.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"])]
+
+
+def _tables(config: ModelConfig):
+    """(one-to-one name pairs, fused pairs) of the whole model, layers expanded."""
+    family = "gpt" if config.position_embedding == "learned" else "llama"
+    if family == "gpt":
+        glob, layer, fused, prefix = _GPT_GLOBAL, _GPT_LAYER, [], "h.{i}."
+    else:
+        glob, layer, prefix = _LLAMA_GLOBAL, _LLAMA_LAYER, "model.layers.{i}."
+        mha = config.num_kv_heads == config.num_attention_heads
+        fused = (_LLAMA_FUSED_MHA if mha else _LLAMA_FUSED_GQA) + _LLAMA_FUSED_MLP
+    pairs = list(glob)
+    fused_pairs = []
+    for i in range(config.num_layers):
+        p = prefix.format(i=i)
+        pairs += [(f"layers.{i}.{ours}", p + hf, fn) for ours, hf, fn in layer]
+        fused_pairs += [(f"layers.{i}.{ours}", [p + h for h in hfs]) for ours, hfs in fused]
+    if not config.tie_embeddings:
+        pairs.append(("lm_head.weight", "lm_head.weight", _ID))
+    return pairs, fused_pairs
+
+
+def state_dict_from_hf(hf_state_dict: Tensors, config: ModelConfig) -> Tensors:
+    """HF names/layouts -> the full minimegatron state dict (TP-independent, unpadded vocab)."""
+    sd = {k.removeprefix("transformer."): v for k, v in hf_state_dict.items()}  # GPT2LMHeadModel/GPT2Model
+    pairs, fused = _tables(config)
+    used = {hf for _, hf, _ in pairs} | {h for _, hfs in fused for h in hfs}
+    missing = sorted(n for n in used if n not in sd)
+    if missing:
+        more = " …" if len(missing) > 6 else ""
+        raise CheckpointError(f"the Hugging Face state dict lacks {missing[:6]}{more} ({len(missing)} tensors)"
+                              f" for a {config.num_layers}-layer "
+                              f"{'GPT-2' if config.position_embedding == 'learned' else 'LLaMA'}: pass "
+                              "the *ForCausalLM / *LMHeadModel weights and their own config")
+    if config.tie_embeddings:
+        used.add("lm_head.weight")  # tied: the same tensor as the embedding (when present at all)
+    extra = sorted(k for k in sd if k not in used and not _IGNORABLE.search(k))
+    if extra:
+        raise CheckpointError(f"the Hugging Face state dict has tensors no minimegatron weight maps "
+                              f"to: {extra[:6]} — is the config (num_layers, tie_word_embeddings, "
+                              "biases) the one these weights were saved with?")
+    out = {ours: fn(sd[hf]) for ours, hf, fn in pairs}
+    out.update({ours: torch.cat([sd[h] for h in hfs], dim=0) for ours, hfs in fused})  # (Σ out, h)
+    return out
+
+
+def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
+    """The full minimegatron state dict -> HF names/layouts (inverse of :func:`state_dict_from_hf`)."""
+    pairs, fused = _tables(config)
+    gpt = config.position_embedding == "learned"
+    out = {("transformer." + hf if gpt and hf != "lm_head.weight" else hf): fn(full[ours])
+           for ours, hf, fn in pairs}
+    for ours, hfs in fused:
+        sizes = [config.hidden_size if "q_proj" in h else
+                 config.num_kv_heads * config.head_dim if ("k_proj" in h or "v_proj" in h) else
+                 config.ffn_hidden_size for h in hfs]
+        out.update(zip(hfs, full[ours].split(sizes, dim=0)))  # (Σ out, h) -> parts
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight" if gpt else "model.embed_tokens.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _model_class(config: ModelConfig) -> type[nn.Module]:
+    if config.position_embedding == "learned":
+        from minimegatron.gpt import GPTModel
+        return GPTModel
+    from minimegatron.llama import LLaMAModel
+    return LLaMAModel
+
+
+def load_hf_directory(directory: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:
+    """(state dict, config dict) of a ``save_pretrained`` directory — safetensors only, no pickle."""
+    from safetensors.torch import load_file
+    path = Path(directory)
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
+        raise CheckpointError(f"{path} is not a Hugging Face model directory with safetensors weights "
+                              "(config.json + *.safetensors); .bin (pickle) checkpoints are not read — "
+                              "re-save them with save_pretrained(..., safe_serialization=True)")
+    sd: Tensors = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    with open(path / "config.json") as fh:
+        return sd, json.load(fh)
+
+
+def from_hf(hf_model_or_state_dict: Any, hf_config: Any = None, state: ParallelState | None = None,
+            dtype: torch.dtype | None = None) -> nn.Module:
+    """A GPTModel / LLaMAModel holding a Hugging Face model's weights, split for ``state``'s TP size.
+
+    ``hf_model_or_state_dict``: a ``GPT2LMHeadModel`` / ``LlamaForCausalLM``, its ``state_dict()``
+    (then ``hf_config`` is required: the HF config object or its config.json dict), or the path of a
+    ``save_pretrained`` directory. Call it on every TP rank (each keeps its own shard).
+    """
+    if isinstance(hf_model_or_state_dict, (str, os.PathLike)):
+        sd, file_config = load_hf_directory(hf_model_or_state_dict)
+        hf_config = hf_config if hf_config is not None else file_config
+    elif isinstance(hf_model_or_state_dict, nn.Module):
+        sd = hf_model_or_state_dict.state_dict()
+        hf_config = hf_config if hf_config is not None else hf_model_or_state_dict.config
+    elif isinstance(hf_model_or_state_dict, dict):
+        sd = hf_model_or_state_dict
+        if hf_config is None:
+            raise ValueError("from_hf(state_dict) needs hf_config= (the HF config or its config.json "
+                             "dict): a state dict alone does not say eps, rope_theta or tying")
+    else:
+        raise TypeError(f"from_hf takes an HF model, its state_dict or a directory, got "
+                        f"{type(hf_model_or_state_dict).__name__}")
+    hf_family(hf_config)
+    config = config_from_hf(hf_config)
+    state = state or ParallelState()
+    config.validate_tp(state.tp)
+    model = _model_class(config)(config, state)
+    load_full_state_dict(model, state_dict_from_hf(sd, config))
+    return model.to(dtype) if dtype is not None else model
+
+
+def to_hf(model: nn.Module, save_directory: str | os.PathLike | None = None,
+          dtype: torch.dtype | None = None, **hf_config_overrides: Any) -> nn.Module:
+    """A ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` with ``model``'s weights (on every rank).
+
+    Collective (every rank calls it; shards are all-gathered over TP). With ``save_directory``, global
+    rank 0 also writes it with ``save_pretrained`` (safetensors), loadable by
+    ``AutoModelForCausalLM.from_pretrained``.
+    ``hf_config_overrides`` go to the HF config (e.g. ``eos_token_id=...``).
+    """
+    config = model_config(model)
+    parallel_state_of(model)  # refuses pipeline stages
+    hf_config = config_to_hf(config, **hf_config_overrides)  # raises early if no HF architecture fits
+    full = full_state_dict(model)  # collective over TP
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    cls = GPT2LMHeadModel if config.position_embedding == "learned" else LlamaForCausalLM
+    hf_model = cls(hf_config).eval()
+    result = hf_model.load_state_dict(state_dict_to_hf(full, config), strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if not _IGNORABLE.search(k)]
+    if missing or unexpected:  # a bug in the tables, not a user error
+        raise CheckpointError(f"internal: HF model missing {missing}, unexpected {unexpected}")
+    if dtype is not None:
+        hf_model = hf_model.to(dtype)
+    if save_directory is not None:
+        if is_writer():
+            hf_model.save_pretrained(str(save_directory))
+        barrier()
+    return hf_model

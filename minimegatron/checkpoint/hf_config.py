@@ -1,0 +1,169 @@
+"""Hugging Face config <-> ModelConfig: what each HF field means here, and what cannot be converted.
+
+=============================  ============================  =====================================
+ModelConfig                    GPT2Config                    LlamaConfig
+=============================  ============================  =====================================
+vocab_size                     vocab_size                    vocab_size
+hidden_size                    n_embd                        hidden_size
+num_layers                     n_layer                       num_hidden_layers
+num_attention_heads            n_head                        num_attention_heads
+num_kv_heads                   (= n_head)                    num_key_value_heads
+max_seq_len                    n_positions                   max_position_embeddings
+ffn_hidden_size                n_inner (None: 4·n_embd)      intermediate_size
+norm_eps                       layer_norm_epsilon            rms_norm_eps
+gelu_approximate               activation_function           (hidden_act must be silu)
+rope_theta                     —                             rope_theta / rope_parameters
+tie_embeddings                 tie_word_embeddings           tie_word_embeddings
+dropout                        resid_pdrop                   attention_dropout
+=============================  ============================  =====================================
+
+Anything the minimegatron model does not compute (RoPE scaling, attention biases in LLaMA, GPT-2's
+per-layer attention scaling, ...) raises :class:`UnsupportedHFConfig` naming the field: a converted
+model that silently computes something else is worse than no model. ``transformers`` is imported
+inside the functions only. Works with transformers 4.45+ (``rope_theta``) and 5.x (``rope_parameters``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from minimegatron.checkpoint.reshape import CheckpointError
+from minimegatron.config import ModelConfig, gpt_config, llama_config
+
+__all__ = ["UnsupportedHFConfig", "config_from_hf", "config_to_hf", "hf_family"]
+
+# HF GPT-2 names for the tanh GeLU (all the same function) and the exact one
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+class UnsupportedHFConfig(CheckpointError):
+    """The Hugging Face config asks for something minimegatron's models do not compute."""
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def _refuse(field: str, value: Any, why: str) -> None:
+    raise UnsupportedHFConfig(f"Hugging Face config field {field}={value!r} is not supported: {why}")
+
+
+def hf_family(hf_config: Any) -> str:
+    """'gpt' for GPT-2, 'llama' for LLaMA; a clear error for any other model_type."""
+    model_type = _get(hf_config, "model_type")
+    if model_type == "gpt2":
+        return "gpt"
+    if model_type == "llama":
+        return "llama"
+    _refuse("model_type", model_type, "minimegatron converts 'gpt2' (GPT2LMHeadModel) and 'llama' "
+            "(LlamaForCausalLM) checkpoints only")
+
+
+def _rope_theta(cfg: Any) -> float:
+    """rope_theta from transformers 5's rope_parameters or 4.x's rope_theta; refuse any scaling."""
+    params = _get(cfg, "rope_parameters")
+    if params:  # transformers >= 5: {'rope_type': 'default', 'rope_theta': ...}
+        if params.get("rope_type", "default") != "default" or len(set(params) - {"rope_type",
+                                                                                  "rope_theta"}):
+            _refuse("rope_parameters", params, "only plain RoPE (rope_type 'default') is implemented; "
+                    "RoPE scaling (linear, dynamic, yarn, llama3) is not")
+        return float(params.get("rope_theta", 10000.0))
+    scaling = _get(cfg, "rope_scaling")
+    if scaling:
+        _refuse("rope_scaling", scaling, "RoPE scaling (linear, dynamic, yarn, llama3) is not "
+                "implemented; only plain RoPE is")
+    return float(_get(cfg, "rope_theta", 10000.0))
+
+
+def _llama_from_hf(cfg: Any) -> ModelConfig:
+    if _get(cfg, "hidden_act", "silu") != "silu":
+        _refuse("hidden_act", _get(cfg, "hidden_act"), "LLaMA's MLP here is SwiGLU (silu gate)")
+    for field in ("attention_bias", "mlp_bias"):
+        if _get(cfg, field, False):
+            _refuse(field, True, "minimegatron's LLaMA has no biases (bias=False); convert a model "
+                    "trained without them")
+    heads, hidden = _get(cfg, "num_attention_heads"), _get(cfg, "hidden_size")
+    head_dim = _get(cfg, "head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        _refuse("head_dim", head_dim, f"head_dim must be hidden_size/num_attention_heads = "
+                f"{hidden}/{heads} here")
+    theta = _rope_theta(cfg)
+    return llama_config(
+        vocab_size=_get(cfg, "vocab_size"), hidden_size=hidden, num_layers=_get(cfg, "num_hidden_layers"),
+        num_attention_heads=heads, num_kv_heads=_get(cfg, "num_key_value_heads") or heads,
+        max_seq_len=_get(cfg, "max_position_embeddings"), ffn_hidden_size=_get(cfg, "intermediate_size"),
+        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=theta,
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        dropout=float(_get(cfg, "attention_dropout", 0.0) or 0.0), name="llama-from-hf")
+
+
+def _gpt_from_hf(cfg: Any) -> ModelConfig:
+    act = _get(cfg, "activation_function", "gelu_new")
+    if act not in _GELU:
+        _refuse("activation_function", act, f"GPT's MLP here uses GeLU; use one of {sorted(_GELU)}")
+    if not _get(cfg, "scale_attn_weights", True):
+        _refuse("scale_attn_weights", False, "attention scores are always scaled by 1/sqrt(head_dim)")
+    if _get(cfg, "scale_attn_by_inverse_layer_idx", False):
+        _refuse("scale_attn_by_inverse_layer_idx", True, "scores are not additionally scaled by "
+                "1/(layer_idx+1) here")
+    if _get(cfg, "add_cross_attention", False):
+        _refuse("add_cross_attention", True, "GPTModel is decoder-only, with no cross-attention")
+    hidden = _get(cfg, "n_embd")
+    return gpt_config(
+        vocab_size=_get(cfg, "vocab_size"), hidden_size=hidden, num_layers=_get(cfg, "n_layer"),
+        num_attention_heads=_get(cfg, "n_head"), max_seq_len=_get(cfg, "n_positions"),
+        ffn_hidden_size=_get(cfg, "n_inner") or 4 * hidden,
+        norm_eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)), gelu_approximate=_GELU[act],
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", True)),
+        dropout=float(_get(cfg, "resid_pdrop", 0.0) or 0.0), name="gpt2-from-hf")
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """ModelConfig of a ``GPT2Config``/``LlamaConfig`` (or its config.json dict); refuses what differs."""
+    return _gpt_from_hf(hf_config) if hf_family(hf_config) == "gpt" else _llama_from_hf(hf_config)
+
+
+def _family_of(config: ModelConfig) -> str:
+    """Which HF architecture computes what ``config`` computes; a clear error if none does."""
+    family = {"learned": "gpt", "rope": "llama"}.get(config.position_embedding)
+    if family is None:
+        raise UnsupportedHFConfig(f"ModelConfig.position_embedding={config.position_embedding!r} has "
+                                  "no Hugging Face counterpart here: GPT-2 uses 'learned', LLaMA 'rope'")
+    want = (dict(norm="layernorm", activation="gelu", bias=True, final_norm=True) if family == "gpt"
+            else dict(norm="rmsnorm", activation="swiglu", bias=False, final_norm=True))
+    if family == "gpt":
+        want["num_kv_heads"] = config.num_attention_heads
+    for field, value in want.items():
+        if getattr(config, field) != value:
+            hf = "GPT2LMHeadModel" if family == "gpt" else "LlamaForCausalLM"
+            raise UnsupportedHFConfig(
+                f"ModelConfig.{field}={getattr(config, field)!r}: {hf} (chosen by position_embedding="
+                f"{config.position_embedding!r}) needs {field}={value!r}; no HF architecture matches")
+    return family
+
+
+def config_to_hf(config: ModelConfig, **overrides: Any):
+    """A ``GPT2Config`` / ``LlamaConfig`` computing what ``config`` computes (``overrides``: e.g. eos ids)."""
+    family = _family_of(config)
+    if family == "gpt":
+        from transformers import GPT2Config
+        act = "gelu_new" if config.gelu_approximate == "tanh" else "gelu"
+        kw = dict(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.hidden_size,
+                  n_layer=config.num_layers, n_head=config.num_attention_heads,
+                  n_inner=config.ffn_hidden_size, activation_function=act,
+                  layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout,
+                  embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                  tie_word_embeddings=config.tie_embeddings, architectures=["GPT2LMHeadModel"],
+                  bos_token_id=None, eos_token_id=None)
+        kw.update(overrides)
+        return GPT2Config(**kw)
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+              intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+              num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_kv_heads,
+              max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+              rope_theta=config.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+              attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
+              head_dim=config.head_dim, architectures=["LlamaForCausalLM"],
+              bos_token_id=None, eos_token_id=None)
+    kw.update(overrides)
+    return LlamaConfig(**kw)

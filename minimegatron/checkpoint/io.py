@@ -1,0 +1,243 @@
+"""Checkpoints on disk: safetensors weights + JSON config, written atomically, loadable at any TP size.
+
+Layout (Megatron's: one directory per iteration and a ``latest`` pointer)::
+
+    checkpoints/
+      latest                  "iter_0000200" — rewritten last: the commit point of a save
+      iter_0000100/
+        model.safetensors     FULL weights (TP shards gathered, vocab padding removed), fp32 or bf16
+        config.json           ModelConfig.to_dict(): enough to rebuild the model
+        metadata.json         step, model class, the TP/PP/DP it was saved from, tensor shapes, user data
+      iter_0000200/ ...
+
+Why full weights: a full tensor is TP-independent, so "save at TP=2, load at TP=1 (or 4)" is just
+"each rank keeps its slice" (:mod:`minimegatron.checkpoint.reshape`). The price is one all-gather per
+tensor at save time and one rank writing everything — fine up to a few billion parameters.
+
+Atomicity. A save writes a whole new directory ``.tmp-iter_…`` next to the others, ``fsync``s every
+file and the directory, renames it into place with ``os.replace`` and only then rewrites ``latest``
+(again through a temp file + ``fsync`` + ``os.replace``). A crash or a kill at any moment leaves
+``latest`` naming a complete checkpoint: the previous one until the very last rename, the new one
+after it. Half-written ``.tmp-*`` directories are ignored (and cleaned up by the next save).
+
+Safety. Only safetensors and JSON are read: no pickle, so loading a checkpoint cannot execute code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minimegatron.checkpoint.reshape import (CheckpointError, barrier, check_config_matches,
+                                             full_state_dict, is_writer, load_full_state_dict,
+                                             model_config, parallel_state_of)
+from minimegatron.config import ModelConfig
+from minimegatron.mpu.state import ParallelState
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "load_config",
+           "checkpoint_dir", "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
+
+WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, LATEST_NAME = (
+    "model.safetensors", "config.json", "metadata.json", "latest")
+FORMAT = "minimegatron-checkpoint"
+FORMAT_VERSION = 1
+
+
+# ---- atomic file primitives -----------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside ``path`` durable (POSIX: fsync the directory itself)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees either the old or the new content, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# ---- paths -----------------------------------------------------------------------------------------
+
+def _iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
+    """The iteration directory to read: ``step``'s, or the one ``latest`` names. Clear error if none."""
+    root = Path(directory)
+    if (root / WEIGHTS_NAME).is_file() and step is None:
+        return root  # pointed straight at an iteration directory
+    if step is not None:
+        path = root / _iter_name(step)
+        if not (path / WEIGHTS_NAME).is_file():
+            found = sorted(p.name for p in root.glob("iter_*")) if root.is_dir() else []
+            raise CheckpointError(f"no checkpoint for step {step} at {path}; found {found or 'none'}")
+        return path
+    latest = root / LATEST_NAME
+    if not latest.is_file():
+        raise CheckpointError(f"{root} holds no checkpoint (no '{LATEST_NAME}' file and no "
+                              f"{WEIGHTS_NAME}); save one with save_checkpoint(model, '{root}') first")
+    path = root / latest.read_text().strip()
+    if not (path / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{latest} names {path.name}, which has no {WEIGHTS_NAME}: the "
+                              "directory was modified by hand; point 'latest' at a complete iter_* dir")
+    return path
+
+
+# ---- save ------------------------------------------------------------------------------------------
+
+def _write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], config: ModelConfig,
+                      metadata: dict[str, Any]) -> Path:
+    """Write one iteration directory atomically and move ``latest`` to it (single writer rank)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by an earlier interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / _iter_name(step)
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+        _fsync_file(tmp / WEIGHTS_NAME)
+        _write_json(tmp / CONFIG_NAME, config.to_dict())
+        _write_json(tmp / METADATA_NAME, metadata)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            trash = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(root / LATEST_NAME, final.name + "\n")  # the commit point
+    return final
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: int = 0,
+                    metadata: dict[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Save ``model`` (any TP size) as full weights under ``directory/iter_{step}``; returns that path.
+
+    Collective: every rank of the world must call it (the shards are all-gathered over TP, then all
+    ranks wait at a barrier); global rank 0 writes. ``metadata`` is any JSON-serialisable dict, stored as is;
+    ``dtype`` (e.g. ``torch.bfloat16``) converts floating tensors before writing.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except TypeError as err:
+            raise ValueError(f"metadata must be JSON-serialisable ({err}); store tensors as weights, "
+                             "not metadata") from None
+    state = parallel_state_of(model)
+    config = model_config(model)
+    tensors = full_state_dict(model)  # collective over TP
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    path = Path(directory) / _iter_name(step)
+    if is_writer():
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+                "model_class": type(model).__name__, "torch_version": torch.__version__,
+                "saved_from": {"tp": state.tp, "pp": state.pp, "dp": state.dp},
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                            for k, v in tensors.items()},
+                "user": metadata or {}}
+        path = _write_checkpoint(Path(directory), step, tensors, config, meta)
+    barrier()  # nobody returns before the checkpoint is committed
+    return path
+
+
+# ---- load ------------------------------------------------------------------------------------------
+
+def load_config(directory: str | os.PathLike, step: int | None = None) -> ModelConfig:
+    """The ModelConfig a checkpoint was saved with: build the model from it, then load_checkpoint."""
+    with open(checkpoint_dir(directory, step) / CONFIG_NAME) as fh:
+        return ModelConfig.from_dict(json.load(fh))
+
+
+def read_checkpoint(directory: str | os.PathLike, step: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
+    """(full weights, config, metadata) of a checkpoint, read without building a model (no pickle)."""
+    path = checkpoint_dir(directory, step)
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    with open(path / METADATA_NAME) as fh:
+        metadata = json.load(fh)
+    if metadata.get("format") != FORMAT or metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a minimegatron checkpoint of format version <= "
+                              f"{FORMAT_VERSION} (metadata says {metadata.get('format')!r} v"
+                              f"{metadata.get('format_version')}); for Hugging Face directories use "
+                              "minimegatron.checkpoint.from_hf")
+    return tensors, load_config(path), metadata
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None
+                    ) -> dict[str, Any]:
+    """Load a checkpoint (saved at any TP size) into ``model`` at its own TP size; returns metadata.
+
+    Every rank reads the full tensors and keeps its shard (``shard_weight`` with each parameter's
+    ``partition_dim``/``partition_stride``). The config is checked first, field by field, then every
+    tensor's name and full shape; a mismatch raises :class:`CheckpointError` naming it and the fix.
+    """
+    tensors, config, metadata = read_checkpoint(directory, step)
+    check_config_matches(config, model_config(model), where=str(checkpoint_dir(directory, step)))
+    load_full_state_dict(model, tensors)
+    return metadata
+
+
+def load_model(directory: str | os.PathLike, state: ParallelState | None = None, step: int | None = None
+               ) -> torch.nn.Module:
+    """Build the saved model class (GPTModel / LLaMAModel) from the checkpoint's config at ``state``'s
+    TP size and load its weights: ``load_config`` + constructor + ``load_checkpoint`` in one call."""
+    from minimegatron.gpt import GPTModel
+    from minimegatron.llama import LLaMAModel
+    with open(checkpoint_dir(directory, step) / METADATA_NAME) as fh:
+        name = json.load(fh).get("model_class")
+    classes = {"GPTModel": GPTModel, "LLaMAModel": LLaMAModel}
+    if name not in classes:
+        raise CheckpointError(f"checkpoint was saved from a {name!r}; build that model yourself from "
+                              "load_config(path) and call load_checkpoint(model, path)")
+    model = classes[name](load_config(directory, step), state or ParallelState())
+    load_checkpoint(model, directory, step)
+    return model

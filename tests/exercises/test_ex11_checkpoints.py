@@ -1,0 +1,36 @@
+"""Exercise 11.1: the reference passes its grader; the stub and the classic stride mistake fail."""
+import pytest
+import torch
+
+from exercises import ex11_checkpoints as ex11
+from exercises.grading import GradingError
+from minimegatron.mpu.layers import shard_weight
+
+
+def reference_reshard(shards, dim, stride, new_tp):
+    blocks = zip(*(s.chunk(stride, dim) for s in shards))  # block i: every rank's piece i
+    full = torch.cat([torch.cat(pieces, dim) for pieces in blocks], dim)
+    return [shard_weight(full, dim, r, new_tp, stride) for r in range(new_tp)]
+
+
+def test_reference_passes():
+    assert ex11.grade_reshard(reference_reshard).startswith("✓")
+
+
+def test_untouched_stub_fails():
+    with pytest.raises(GradingError, match="Exercise 11.1 is not implemented"):
+        ex11.grade_reshard(ex11.reshard)
+
+
+def test_ignoring_the_stride_is_explained():
+    def no_stride(shards, dim, stride, new_tp):  # concatenate, then cut in new_tp contiguous slices
+        return list(torch.cat(shards, dim).chunk(new_tp, dim))
+
+    with pytest.raises(GradingError, match=r"case 'SwiGLU \[gate; up\] stride 2, TP 2 -> 1'.*new rank 0's "
+                                           r"shard: wrong values.*a shard is 2 pieces"):
+        ex11.grade_reshard(no_stride)
+
+
+def test_wrong_number_of_shards_is_named():
+    with pytest.raises(GradingError, match="got 1 shards, expected a list of new_tp = 2"):
+        ex11.grade_reshard(lambda shards, dim, stride, new_tp: [torch.cat(shards, dim)])
