@@ -1,0 +1,198 @@
+"""Exercise 08: activation recomputation — a checkpoint by hand, and the paper's memory formula.
+
+08.1  checkpointed_forward(layer, hidden) — run ``layer(hidden)`` so that autograd keeps ONLY
+      ``hidden`` for backward, and the layer runs again in backward to rebuild what it needs
+      (full recomputation, Korthikanti et al. 2022 §5; Chen et al. 2016). Fill in
+      ``CheckpointFunction``:
+
+          forward(ctx, run_function, hidden)
+              autograd records nothing inside a Function's forward, so ``run_function(hidden)``
+              here keeps no activations; keep the input (``ctx.save_for_backward``), the function,
+              and torch's RNG state (``torch.get_rng_state()``) — dropout must draw the same masks
+              when the layer runs again.
+          backward(ctx, grad_output)
+              restore the RNG state (inside ``torch.random.fork_rng()``, so that the training run's
+              own RNG stream is left alone), re-run the function with autograd ON on a detached copy
+              of the input that requires grad, then ``torch.autograd.backward(output, grad_output)``:
+              the parameters' ``.grad`` fill up right there; return the input's gradient (and None
+              for ``run_function``).
+
+      This is what ``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)`` does; the package
+      uses the newer non-reentrant form (``minimegatron.layers.attention.checkpoint``), the reference
+      this is graded against.
+
+08.2  korthikanti_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none") — activation
+      bytes per transformer layer from Korthikanti et al. 2022 (16-bit activations, with dropout):
+      no parallelism, tensor parallelism (t), tensor + sequence parallelism, and selective
+      ("selective") or full ("full") recomputation — the formulas are in notebook 05 §1 and notebook 08 §5.
+
+Grade with:  grade_checkpointed_forward(checkpointed_forward)     grade_korthikanti_bytes(korthikanti_bytes)
+08.1 runs a GPT layer (dropout 0, then dropout 0.1) on one process: same output, the saved bytes
+counted by ``minimegatron.measure.SavedActivationCounter`` must be the input's alone, and every
+gradient (input, each parameter) must equal the uncheckpointed layer's. 08.2 checks a grid of sizes
+against ``minimegatron.measure.korthikanti_activation_bytes``.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from exercises.grading import GradingError, assert_close, passed
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Your code (08.1): keep the input (and the RNG state); recompute in backward."""
+
+    @staticmethod
+    def forward(ctx, run_function: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
+                ) -> torch.Tensor:
+        raise NotImplementedError("Exercise 08.1: implement the forward — save hidden "
+                                  "(ctx.save_for_backward), the function and torch.get_rng_state(), "
+                                  "then return run_function(hidden)")
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        raise NotImplementedError("Exercise 08.1: implement the backward — restore the RNG state, re-run "
+                                  "the function with grad enabled on hidden.detach().requires_grad_(), "
+                                  "torch.autograd.backward(output, grad_output), return (None, hidden.grad)")
+
+
+def checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Your code (08.1) is CheckpointFunction; this only calls it."""
+    return CheckpointFunction.apply(layer, hidden)
+
+
+def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
+                      recompute: str = "none") -> float:
+    """Your code (08.2): bytes of activations one layer keeps (Korthikanti et al. 2022, 16-bit)."""
+    raise NotImplementedError("Exercise 08.2: return the paper's activation bytes per layer — "
+                              "s·b·h·(34 + 5·a·s/h) without parallelism, then the TP, SP, selective "
+                              "and full-recompute variants")
+
+
+# --- grading -----------------------------------------------------------------------------------------
+
+S, B, H, HEADS = 16, 2, 32, 4
+
+
+def package_checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The package's full recomputation (non-reentrant torch.utils.checkpoint + RNG replay)."""
+    from minimegatron.layers.attention import checkpoint
+    return checkpoint(layer, hidden)
+
+
+def _call(where: str, fn: Callable, *args: Any) -> Any:
+    """Run student code; turn its exceptions into GradingErrors a student can act on."""
+    try:
+        return fn(*args)
+    except GradingError:
+        raise
+    except NotImplementedError as err:
+        if "Exercise" in str(err):
+            raise GradingError(f"not implemented yet: {err}") from None
+        raise GradingError(f"{where}: your code raised:\n{traceback.format_exc()}") from None
+    except Exception:  # noqa: BLE001 — any failure of the candidate is reported with its traceback
+        raise GradingError(f"{where}: your code raised:\n{traceback.format_exc()}") from None
+
+
+def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]:
+    """A seeded GPT layer: output, floating-point bytes saved in forward, every gradient."""
+    from minimegatron.config import gpt_config
+    from minimegatron.layers import ParallelTransformerLayer
+    from minimegatron.measure import SavedActivationCounter
+
+    config = gpt_config(hidden_size=H, num_attention_heads=HEADS, num_layers=1, dropout=dropout)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layer = ParallelTransformerLayer(config).train()
+        g = torch.Generator().manual_seed(1)
+        hidden = torch.randn(S, B, H, generator=g).requires_grad_()
+        cotangent = torch.randn(S, B, H, generator=g)
+        torch.manual_seed(2)  # the dropout masks
+        with SavedActivationCounter(layer, layers={}) as acts:
+            y = _call(where, fn, layer, hidden)
+        torch.manual_seed(3)  # in training the RNG moves on before backward (other layers draw)
+        res = {"output": y.detach().clone() if isinstance(y, torch.Tensor) else y,
+               "saved": sum(r.bytes for r in acts.records if r.dtype.is_floating_point),
+               "table": acts.table(), "input_bytes": hidden.numel() * hidden.element_size(),
+               "connected": isinstance(y, torch.Tensor) and y.requires_grad}
+        if res["connected"] and y.shape == cotangent.shape:
+            _call(where + ", backward", lambda: (y * cotangent).sum().backward())
+        res["grads"] = {"hidden": hidden.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return res
+
+
+def grade_checkpointed_forward(candidate: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> str:
+    """08.1: same output and gradients as the layer itself, and only the input kept for backward."""
+    for dropout in (0.0, 0.1):
+        where = f"Exercise 08.1 (GPT layer, dropout={dropout})"
+        got = _checkpoint_case(candidate, dropout, where)
+        expected = _checkpoint_case(package_checkpointed_forward, dropout, where + " [reference]")
+        assert_close(f"{where}, forward output (the layer's own output)", got["output"],
+                     expected["output"], rtol=1e-5, atol=1e-6)
+        if not got["connected"]:
+            raise GradingError(f"{where}: the output does not require grad — call "
+                               "CheckpointFunction.apply(layer, hidden), not .forward, and do not detach")
+        if got["saved"] > got["input_bytes"]:
+            raise GradingError(f"{where}: your forward kept {got['saved']:,} B for backward; a "
+                               f"checkpointed layer keeps only its input, {got['input_bytes']:,} B. Run the "
+                               "layer inside the Function's forward (autograd records nothing there). "
+                               f"What was kept:\n{got['table']}")
+        if got["saved"] < got["input_bytes"]:
+            raise GradingError(f"{where}: autograd saw {got['saved']:,} B saved, expected the input's "
+                               f"{got['input_bytes']:,} B — keep it with ctx.save_for_backward(hidden) "
+                               "(a tensor hidden in a ctx attribute escapes autograd's checks and memory "
+                               "tools)")
+        hint = ("the recomputed forward drew different dropout masks: save torch.get_rng_state() in "
+                "forward and restore it (torch.set_rng_state inside torch.random.fork_rng()) before "
+                "re-running the layer" if dropout else
+                "re-run the layer with torch.enable_grad() on hidden.detach().requires_grad_(), call "
+                "torch.autograd.backward(output, grad_output), return hidden's gradient")
+        for name, g_exp in expected["grads"].items():
+            g_got = got["grads"][name]
+            if g_got is None:
+                raise GradingError(f"{where}: no gradient reached {name} — {hint}")
+            assert_close(f"{where}, gradient of {name} ({hint})", g_got, g_exp, rtol=1e-5, atol=1e-6)
+    return passed("Exercise 08.1: the checkpointed layer keeps only its input and gives the same output "
+                  "and gradients, dropout included")
+
+
+def grade_korthikanti_bytes(candidate: Callable[..., float]) -> str:
+    """08.2: the paper's bytes per layer for a grid of sizes, parallel layouts and recompute modes."""
+    from minimegatron.measure import korthikanti_activation_bytes
+
+    sizes = [(2048, 1, 12288, 96), (1024, 4, 4096, 32), (512, 2, 1024, 16)]  # (s, b, h, a)
+    hints = {"plain": "no parallelism: s·b·h·(34 + 5·a·s/h)",
+             "tp": "tensor parallel: the 10·s·b·h of the norm inputs, QKV/fc1 inputs and dropout masks "
+                   "stays replicated; only 24·s·b·h and the attention term 5·a·s²·b divide by t",
+             "sp": "with sequence parallelism the replicated 10·s·b·h is split along the sequence too: "
+                   "everything divides by t — s·b·h/t·(34 + 5·a·s/h); at t = 1 nothing changes",
+             "selective": "selective recompute drops only the 5·a·s/h term (softmax output, its dropout "
+                          "mask and dropout output); the 34 (or 10 + 24/t) stays",
+             "full": "full recompute keeps only the layer input, 2·s·b·h bytes in 16-bit (/t when the "
+                     "input is sequence-parallel, t > 1)"}
+    order = [("none", False, "plain"), ("none", False, "tp"), ("none", True, "sp"),
+             ("selective", False, "selective"), ("selective", True, "selective"),
+             ("full", False, "full"), ("full", True, "full")]
+    for recompute, sp, kind in order:
+        for s, b, h, a in sizes:
+            for t in ((1,) if kind == "plain" else (2, 4, 8) if kind == "tp" else (1, 2, 4, 8)):
+                args = dict(s=s, b=b, h=h, a=a, t=t, sequence_parallel=sp, recompute=recompute)
+                shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+                got = _call(f"Exercise 08.2 korthikanti_bytes({shown})", candidate, s, b, h, a, t, sp,
+                            recompute)
+                expected = korthikanti_activation_bytes(s, b, h, a, t, sp, recompute)
+                try:
+                    value = float(got)
+                except (TypeError, ValueError):
+                    raise GradingError(f"Exercise 08.2 korthikanti_bytes({shown}): expected a number of "
+                                       f"bytes, got {got!r}") from None
+                if abs(value - expected) > 1e-9 * expected:
+                    raise GradingError(f"Exercise 08.2 korthikanti_bytes({shown}): got {value:,.0f} B, "
+                                       f"expected {expected:,.0f} B ({expected / 2**20:,.1f} MiB) — "
+                                       f"{hints[kind]}")
+    return passed("Exercise 08.2: the activation formula matches Korthikanti et al. for TP, SP, "
+                  "selective and full recomputation")

@@ -1,0 +1,32 @@
+"""Numbers that match the papers: measure what the code does, next to the formula it should obey.
+
+=====================  ==========================================  =====================================
+what                   measured with                               formula
+=====================  ==========================================  =====================================
+communication          :class:`CommCounter` (every c10d op)        :func:`tp_layer_comm`, ring bytes
+activation memory      :class:`SavedActivationCounter`             :func:`layer_activation_bytes` (ours),
+                       (saved-tensor hooks, per layer)             :func:`korthikanti_activation_bytes`
+pipeline bubble        :class:`PipelineTimeline` (DeepSpeed)       :func:`pipeline_bubble_fraction`
+optimizer memory       :func:`optimizer_state_bytes` (ZeRO-1)      :func:`zero1_optimizer_state_bytes`,
+                                                                   :func:`zero1_bytes_per_parameter`
+=====================  ==========================================  =====================================
+
+Importing this package imports torch only (DeepSpeed and matplotlib are imported where used).
+"""
+from minimegatron.measure.activation_formulas import (korthikanti_activation_bytes,
+                                                      layer_activation_bytes, layer_activation_terms)
+from minimegatron.measure.activations import SavedActivationCounter, SavedTensor
+from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_comm_table,
+                                       ring_wire_bytes, tp_layer_comm)
+from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
+                                         zero1_bytes_per_parameter, zero1_optimizer_state_bytes)
+from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTimeline, idle_intervals,
+                                           measured_bubble_fraction, pipeline_bubble_fraction,
+                                           plot_timeline)
+
+__all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
+           "tp_layer_comm", "SavedActivationCounter", "SavedTensor", "korthikanti_activation_bytes",
+           "layer_activation_bytes", "layer_activation_terms", "FixedTimeLayer", "PipeEvent", "PipelineTimeline",
+           "idle_intervals", "measured_bubble_fraction", "pipeline_bubble_fraction", "plot_timeline",
+           "adam_state_bytes", "model_state_bytes", "optimizer_state_bytes", "zero1_bytes_per_parameter",
+           "zero1_optimizer_state_bytes"]
