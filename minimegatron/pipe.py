@@ -58,7 +58,7 @@ from minimegatron.mpu.state import ParallelState
 
 __all__ = ["init_deepspeed_comm", "LanguageModelPipe", "GPTModelPipe", "LLaMAModelPipe", "EmbeddingPipe",
            "TransformerLayerPipe", "LMHeadPipe", "VocabParallelLoss", "load_model_state_dict",
-           "model_state_dict"]
+           "model_state_dict", "model_key"]
 
 TIED_KEY = "embed"
 
@@ -290,7 +290,7 @@ class LLaMAModelPipe(LanguageModelPipe):
 
 
 # ---- plain model <-> pipeline state_dict names -----------------------------------------------------
-def _model_key(pipe: LanguageModelPipe, key: str) -> str:
+def model_key(pipe: LanguageModelPipe, key: str) -> str:
     """'3.mlp.dense_h_to_4h.weight' -> 'layers.2.mlp.dense_h_to_4h.weight', and so on."""
     head, rest = key.split(".", 1)
     if head == "tied_modules":
@@ -305,13 +305,20 @@ def _model_key(pipe: LanguageModelPipe, key: str) -> str:
     return "lm_head." + rest
 
 
-def model_state_dict(pipe: LanguageModelPipe) -> dict[str, torch.Tensor]:
-    """This stage's weights under the plain model's names (a subset of ``GPTModel.state_dict()``)."""
+_model_key = model_key
+
+
+def model_state_dict(pipe: LanguageModelPipe, keep_vars: bool = False, tied_copies: bool = False
+                     ) -> dict[str, torch.Tensor]:
+    """This stage's weights under the plain model's names (a subset of ``GPTModel.state_dict()``).
+
+    The last stage's copy of a tied weight is left out (stage 0 owns it) unless ``tied_copies``;
+    ``keep_vars`` returns the Parameters themselves (with their tensor-parallel attributes)."""
     out = {}
-    for key, value in pipe.state_dict().items():
-        if key.startswith("tied_modules.") and not pipe.state.is_first_stage:
-            continue  # the last stage's copy of the tied weight: stage 0 owns it
-        out[_model_key(pipe, key)] = value
+    for key, value in pipe.state_dict(keep_vars=keep_vars).items():
+        if key.startswith("tied_modules.") and not pipe.state.is_first_stage and not tied_copies:
+            continue
+        out[model_key(pipe, key)] = value
     return out
 
 

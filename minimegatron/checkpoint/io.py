@@ -10,6 +10,9 @@ Layout (Megatron's: one directory per iteration and a ``latest`` pointer)::
         metadata.json         step, model class, the TP/PP/DP it was saved from, tensor shapes, user data
       iter_0000200/ ...
 
+A training checkpoint (:mod:`minimegatron.training.checkpointing`) is the same directory plus
+``optimizer.safetensors``, ``trainer.json`` and ``rng.safetensors``: everything here still applies.
+
 Why full weights: a full tensor is TP-independent, so "save at TP=2, load at TP=1 (or 4)" is just
 "each rank keeps its slice" (:mod:`minimegatron.checkpoint.reshape`). The price is one all-gather per
 tensor at save time and one rank writing everything — fine up to a few billion parameters.
@@ -43,7 +46,8 @@ from minimegatron.config import ModelConfig
 from minimegatron.mpu.state import ParallelState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "load_config",
-           "checkpoint_dir", "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
+           "checkpoint_dir", "find_checkpoint", "write_iteration", "weights_metadata", "iteration_name",
+           "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
 
 WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, LATEST_NAME = (
     "model.safetensors", "config.json", "metadata.json", "latest")
@@ -95,8 +99,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 # ---- paths -----------------------------------------------------------------------------------------
 
-def _iter_name(step: int) -> str:
+def iteration_name(step: int) -> str:
+    """``iter_0000200``: the directory of the checkpoint taken after ``step`` optimizer steps."""
     return f"iter_{step:07d}"
+
+
+_iter_name = iteration_name
 
 
 def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
@@ -121,11 +129,25 @@ def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Pat
     return path
 
 
+def find_checkpoint(directory: str | os.PathLike, step: int | None = None) -> Path | None:
+    """The iteration directory to resume from: ``step``'s, else ``latest``'s; None if the directory
+    holds no checkpoint at all (a first run with ``--load`` = ``--save``)."""
+    root = Path(directory)
+    if step is None and not (root / LATEST_NAME).is_file() and not (root / WEIGHTS_NAME).is_file():
+        return None
+    return checkpoint_dir(root, step)
+
+
 # ---- save ------------------------------------------------------------------------------------------
 
-def _write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], config: ModelConfig,
-                      metadata: dict[str, Any]) -> Path:
-    """Write one iteration directory atomically and move ``latest`` to it (single writer rank)."""
+def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], config: ModelConfig,
+                    metadata: dict[str, Any], extra_files: dict[str, Any] | None = None) -> Path:
+    """Write one iteration directory atomically and move ``latest`` to it (single writer rank).
+
+    ``extra_files``: more files for the same directory, committed with the weights — a name ending in
+    ``.safetensors`` maps to a dict of tensors, any other name to a JSON-serialisable object.
+    """
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by an earlier interrupted save
         shutil.rmtree(stale, ignore_errors=True)
@@ -136,6 +158,13 @@ def _write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], c
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         _fsync_file(tmp / WEIGHTS_NAME)
+        for name, content in (extra_files or {}).items():
+            if name.endswith(".safetensors"):
+                save_file({k: v.detach().cpu().contiguous() for k, v in content.items()},
+                          str(tmp / name), metadata={"format": "pt", "producer": FORMAT})
+                _fsync_file(tmp / name)
+            else:
+                _write_json(tmp / name, content)
         _write_json(tmp / CONFIG_NAME, config.to_dict())
         _write_json(tmp / METADATA_NAME, metadata)
         _fsync_dir(tmp)
@@ -152,6 +181,20 @@ def _write_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], c
         raise
     _atomic_write_text(root / LATEST_NAME, final.name + "\n")  # the commit point
     return final
+
+
+_write_checkpoint = write_iteration
+
+
+def weights_metadata(step: int, model_class: str, saved_from: dict[str, Any],
+                     tensors: dict[str, torch.Tensor], user: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """The ``metadata.json`` of a checkpoint: format, step, model class, layout, tensor shapes."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+            "model_class": model_class, "torch_version": torch.__version__, "saved_from": saved_from,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                        for k, v in tensors.items()},
+            "user": user or {}}
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: int = 0,
@@ -177,13 +220,9 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: 
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     path = Path(directory) / _iter_name(step)
     if is_writer():
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
-                "model_class": type(model).__name__, "torch_version": torch.__version__,
-                "saved_from": {"tp": state.tp, "pp": state.pp, "dp": state.dp},
-                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                            for k, v in tensors.items()},
-                "user": metadata or {}}
-        path = _write_checkpoint(Path(directory), step, tensors, config, meta)
+        meta = weights_metadata(step, type(model).__name__,
+                                {"tp": state.tp, "pp": state.pp, "dp": state.dp}, tensors, metadata)
+        path = write_iteration(Path(directory), step, tensors, config, meta)
     barrier()  # nobody returns before the checkpoint is committed
     return path
 

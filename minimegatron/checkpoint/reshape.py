@@ -29,8 +29,9 @@ from minimegatron.config import ModelConfig
 from minimegatron.mpu.layers import ParallelLMHead, VocabParallelEmbedding, gather_weight, shard_weight
 from minimegatron.mpu.state import ParallelState
 
-__all__ = ["CheckpointError", "full_state_dict", "is_writer", "barrier", "load_full_state_dict", "expected_full_shapes",
-           "check_config_matches", "model_config", "parallel_state_of", "IGNORED_CONFIG_FIELDS"]
+__all__ = ["CheckpointError", "full_state_dict", "is_writer", "barrier", "load_full_state_dict",
+           "expected_full_shapes", "check_config_matches", "model_config", "parallel_state_of",
+           "IGNORED_CONFIG_FIELDS", "vocab_rows", "full_shape", "gather_full_tensor", "shard_full_tensor"]
 
 # Fields that do not change the weights nor the function they compute; they may differ on load.
 IGNORED_CONFIG_FIELDS = ("name", "dropout", "init_std", "max_seq_len", "make_vocab_size_divisible_by",
@@ -58,8 +59,9 @@ def parallel_state_of(model: nn.Module) -> ParallelState:
     state = state or ParallelState()
     if state.pp > 1:
         raise CheckpointError(f"model lives on pipeline stage {state.pp_rank} of {state.pp}: this "
-                              "saves/loads whole (non-pipelined) models; for GPTModelPipe use DeepSpeed's "
-                              "engine.save_checkpoint, or convert with pp=1")
+                              "saves/loads whole (non-pipelined) models; a pipeline run saves with "
+                              "train(..., save=DIR) (minimegatron.training.checkpointing gathers the "
+                              "stages) and load_model(DIR) rebuilds the whole model")
     return state
 
 
@@ -74,7 +76,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _vocab_rows(model: nn.Module) -> dict[str, int]:
+def vocab_rows(model: nn.Module) -> dict[str, int]:
     """Names of vocab-parallel weights -> their true (unpadded) number of rows."""
     rows = {}
     for prefix, module in model.named_modules():
@@ -90,34 +92,60 @@ def _is_tp(t: torch.Tensor) -> bool:
     return bool(getattr(t, "tensor_model_parallel", False))
 
 
+def full_shape(like: torch.Tensor, tp: int, rows: int | None = None) -> tuple[int, ...]:
+    """The full, unpadded shape of the tensor whose TP-``tp`` shard is ``like`` (no communication)."""
+    shape = list(like.shape)
+    if _is_tp(like):
+        shape[like.partition_dim] *= tp
+    if rows is not None:
+        shape[0] = rows
+    return tuple(shape)
+
+
+@torch.no_grad()
+def gather_full_tensor(value: torch.Tensor, like: torch.Tensor, state: ParallelState,
+                       rows: int | None = None) -> torch.Tensor:
+    """This rank's ``value``, sharded like the parameter ``like`` -> the full tensor, ``rows`` true
+    vocab rows kept (padding dropped). Collective over TP when ``like`` is tensor-parallel.
+
+    ``value`` may be the parameter itself or anything of its shape (an Adam moment, a master copy).
+    """
+    x = value.detach()
+    if _is_tp(like):
+        x = gather_weight(x, like.partition_dim, state, like.partition_stride)  # (…, n, …) all ranks
+    if rows is not None:
+        x = x[:rows]  # (V_pad, h) -> (V, h): padding rows are not part of the model
+    return x.clone()
+
+
+def shard_full_tensor(full: torch.Tensor, like: torch.Tensor, state: ParallelState,
+                      rows: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`gather_full_tensor`: pad ``full`` with zero vocab rows for this TP size (when
+    ``rows`` is given) and keep this rank's shard, the shape of ``like``. No communication."""
+    x = full
+    if rows is not None:
+        pad_rows = like.shape[0] * (state.tp if _is_tp(like) else 1) - x.shape[0]
+        x = torch.cat([x, x.new_zeros(pad_rows, *x.shape[1:])])  # (V, h) -> (V_pad, h), zero rows
+    if _is_tp(like):
+        x = shard_weight(x, like.partition_dim, state.tp_rank, state.tp, like.partition_stride)
+    return x
+
+
 def expected_full_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Name -> full, unpadded shape of every entry of ``model.state_dict()`` (no communication)."""
     tp = parallel_state_of(model).tp
-    vocab = _vocab_rows(model)
-    shapes = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        shape = list(t.shape)
-        if _is_tp(t):
-            shape[t.partition_dim] *= tp
-        if name in vocab:
-            shape[0] = vocab[name]
-        shapes[name] = tuple(shape)
-    return shapes
+    vocab = vocab_rows(model)
+    return {name: full_shape(t, tp, vocab.get(name)) for name, t in model.state_dict(keep_vars=True).items()}
 
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every ``state_dict`` entry as a full tensor, vocab padding removed. Collective over TP."""
     state = parallel_state_of(model)
-    vocab = _vocab_rows(model)
+    vocab = vocab_rows(model)
     full = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        x = t.detach()
-        if _is_tp(t):
-            x = gather_weight(x, t.partition_dim, state, t.partition_stride)  # (…, n, …) all ranks
-        if name in vocab:
-            x = x[: vocab[name]]  # (V_pad, h) -> (V, h): padding rows are not part of the model
-        full[name] = x.clone()
+        full[name] = gather_full_tensor(t, t, state, vocab.get(name))
     return full
 
 
@@ -152,14 +180,9 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], strict
             "the weights do not fit this model:\n  " + "\n  ".join(problems) + "\nThe checkpoint was "
             "made for another configuration: build the model from the checkpoint's own config "
             "(minimegatron.checkpoint.load_config(path)) or pick the matching checkpoint.")
-    vocab = _vocab_rows(model)
+    vocab = vocab_rows(model)
     for name, p in params.items():
-        x = full[name]
-        if name in vocab:
-            pad_rows = p.shape[0] * (state.tp if _is_tp(p) else 1) - x.shape[0]
-            x = torch.cat([x, x.new_zeros(pad_rows, *x.shape[1:])])  # (V, h) -> (V_pad, h), zero rows
-        if _is_tp(p):
-            x = shard_weight(x, p.partition_dim, state.tp_rank, state.tp, p.partition_stride)
+        x = shard_full_tensor(full[name], p, state, vocab.get(name))
         p.copy_(x.to(dtype=p.dtype, device=p.device))
 
 

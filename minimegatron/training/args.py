@@ -8,18 +8,24 @@ pipeline schedule interleaves::
     global_batch_size = micro_batch_size · num_micro_batches · dp
 
 :func:`validate` raises a ``ValueError`` naming the problem and the fix for every combination that
-cannot work (in the parent process, before ``launch`` forks a single rank).
+cannot work (in the parent process, before ``launch`` forks a single rank) — including ``load``
+pointing at a checkpoint of another model (:func:`check_resume` names the fields and the flags).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 from minimegatron.config import ModelConfig, gpt_config, llama_config
 
 MODELS = ("gpt", "llama")
+MODEL_CLASS = {"gpt": "GPTModel", "llama": "LLaMAModel"}  # the plain model each trains
+CLI_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                    "ffn_hidden_size")  # the ModelConfig fields the command line sets
 DTYPES = ("fp32", "bf16")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -60,6 +66,10 @@ class TrainConfig:
     split: str = "949,50,1"
     seed: int = 1234
     out_dir: str | None = None      # loss log (jsonl) + loss curve (png) go here when set
+    save: str | None = None         # checkpoint directory: iter_XXXXXXX/ + latest (see checkpointing.py)
+    save_interval: int = 0          # save every N steps (0: only at the end); always at the end
+    load: str | None = None         # resume from this directory's latest checkpoint (none there: start)
+    load_step: int | None = None    # ... or from its checkpoint of this step
     progress: bool = True           # tqdm bar on rank 0
     timeout: float = 600.0          # seconds for launch() on simulated ranks
 
@@ -71,6 +81,14 @@ class TrainConfig:
     def num_micro_batches(self) -> int:
         """Micro-batches per step on each data-parallel replica (gradient-accumulation steps)."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (a Dataset given as data is recorded by its class name)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("model_config", "valid_data")}
+        if not isinstance(self.data, str):
+            out["data"] = type(self.data).__name__
+        return out
 
     def to_model_config(self) -> ModelConfig:
         if self.model_config is not None:
@@ -136,11 +154,64 @@ def validate(cfg: TrainConfig) -> ModelConfig:
     elif cfg.data != "random" and not all(os.path.exists(cfg.data + ext) for ext in (".bin", ".idx")):
         _fail(f"data={cfg.data!r}: neither 'random' nor the prefix of an indexed dataset "
               f"({cfg.data}.bin/.idx not found); build one with python -m minimegatron.data.preprocess")
+    if cfg.save_interval < 0 or (cfg.save_interval and not cfg.save):
+        _fail(f"save_interval={cfg.save_interval} needs a directory to save to (--save DIR) and must be "
+              ">= 0 (0: save only at the end)")
+    if cfg.load_step is not None and (not cfg.load or cfg.load_step < 0):
+        _fail(f"load_step={cfg.load_step} needs --load DIR and must be >= 0")
+    if cfg.load:
+        check_resume(cfg, model)  # the checkpoint there (if any) holds this model
     env_world = os.environ.get("WORLD_SIZE")
     if "RANK" in os.environ and env_world is not None and int(env_world) != cfg.world_size:
         _fail(f"the launcher started WORLD_SIZE={env_world} ranks but tp·pp·dp = {cfg.tp}·{cfg.pp}·"
               f"{cfg.dp} = {cfg.world_size}; change --dp (or tp/pp) so that the product matches")
     return model
+
+
+def check_resume(cfg: TrainConfig, model: ModelConfig) -> None:
+    """Raise CheckpointError if ``cfg.load`` holds a checkpoint of another model (what differs, and
+    the flags that fix it). Part of :func:`validate`: runs before any rank starts."""
+    from minimegatron.checkpoint.io import METADATA_NAME, find_checkpoint, load_config
+    from minimegatron.checkpoint.reshape import IGNORED_CONFIG_FIELDS, CheckpointError
+
+    path = find_checkpoint(cfg.load, cfg.load_step)
+    if path is None:
+        return
+    saved = load_config(path).to_dict()
+    with open(path / METADATA_NAME) as fh:
+        saved_class = json.load(fh).get("model_class")
+    mine = model.to_dict()
+    diff = [k for k in sorted(saved) if k not in IGNORED_CONFIG_FIELDS and saved[k] != mine.get(k)]
+    lines = [f"{k}: {saved[k]!r} in the checkpoint, {mine.get(k)!r} in this run" for k in diff]
+    if saved_class != MODEL_CLASS[cfg.model]:
+        lines.insert(0, f"model: {saved_class} in the checkpoint, {MODEL_CLASS[cfg.model]} in this run")
+    if not lines:
+        return
+    raise CheckpointError(f"--load {cfg.load}: {path.name} holds a different model than this run:\n  "
+                          + "\n  ".join(lines) + f"\nFix: {_resume_fix(cfg, saved, saved_class, path)}, or "
+                          "point --load at a checkpoint of this model, or leave --load out to start from "
+                          "scratch.")
+
+
+def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> str:
+    """The command-line flags that rebuild the saved model (or, failing that, the Python way)."""
+    from minimegatron.checkpoint.reshape import IGNORED_CONFIG_FIELDS
+
+    flags = {k: saved[k] for k in CLI_MODEL_FIELDS[:4] if saved[k] != getattr(cfg, k)}
+    family = {v: k for k, v in MODEL_CLASS.items()}.get(saved_class, cfg.model)
+    try:
+        trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
+        flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:] if trial[k] != saved[k]})  # not derived
+        trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
+    except ValueError:  # these flags alone make no valid model
+        trial = {}
+    if cfg.model_config is None and all(trial.get(k) == v for k, v in saved.items()
+                                        if k not in IGNORED_CONFIG_FIELDS):
+        words = ([f"--model {family}"] if family != cfg.model else []) + [
+            f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
+        return f"train with the checkpoint's model ({' '.join(words)})"
+    return ("build this run's model from the checkpoint: TrainConfig(model_config="
+            f"minimegatron.checkpoint.load_config({str(path)!r}))")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
     p.add_argument("--out-dir", dest="out_dir", default=None,
                    help="where to write train_log.jsonl and loss.png (default runs/<model>_tp_pp_dp)")
+    p.add_argument("--save", default=None, help="checkpoint directory (iter_XXXXXXX/ + latest): full "
+                   "weights + optimizer state, loadable at any tp/pp/dp; saved at the end")
+    p.add_argument("--save-interval", dest="save_interval", type=int, default=d.save_interval,
+                   help="also save every N steps")
+    p.add_argument("--load", default=None, help="resume from this checkpoint directory (its latest "
+                   "checkpoint; none there: start from scratch); may equal --save")
+    p.add_argument("--load-step", dest="load_step", type=int, default=None,
+                   help="resume from the checkpoint of this step instead of the latest")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--timeout", type=float, default=d.timeout)
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,

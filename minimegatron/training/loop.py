@@ -2,6 +2,8 @@
 
 ``train(cfg)`` checks the configuration, starts ``tp · pp · dp`` ranks (forked gloo ranks on a laptop,
 or the ranks of a ``torchrun`` / ``deepspeed`` launch) and returns rank 0's :class:`History`.
+``save=DIR`` writes a checkpoint every ``save_interval`` steps and at the end, ``load=DIR`` resumes
+from one (saved at any layout; see :mod:`minimegatron.training.checkpointing`).
 ``train_on_rank(cfg)`` is the body each rank runs; call it yourself inside ``launch`` to reach the
 engine (``on_step(engine, step, history)`` runs after every step, e.g. to save a checkpoint).
 
@@ -21,7 +23,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -31,6 +33,7 @@ from minimegatron.device import mark_step, synchronize
 from minimegatron.launch import launch
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 from minimegatron.training.args import TrainConfig, validate
+from minimegatron.training.checkpointing import load_training_checkpoint, save_training_checkpoint
 from minimegatron.training.data import SyntheticDataset, build_datasets, step_batches
 from minimegatron.training.engine import build_engine, deepspeed_config
 
@@ -124,16 +127,17 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
         state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel)
     model_parallel_seed(cfg.seed, state)
     engine, model = build_engine(cfg, model_config, state)
+    if cfg.load:  # weights, optimizer, schedule, RNG: continues at engine.global_steps
+        load_training_checkpoint(engine, model, cfg, state, cfg.load, cfg.load_step)
     if on_start is not None:
         on_start(engine, model)
     train_data, valid_data = build_datasets(cfg, model_config.vocab_size)
-    plain = replace(cfg, model_config=None, valid_data=None,
-                    data=cfg.data if isinstance(cfg.data, str) else type(cfg.data).__name__)
-    history = History(config={**asdict(plain), "model_config": model_config.to_dict()})
+    history = History(config={**cfg.to_dict(), "model_config": model_config.to_dict()})
     if isinstance(train_data, SyntheticDataset):
         history.best_possible_loss = train_data.entropy
     resumed = engine.global_steps > 0
-    writer = _LogWriter(cfg, history, append=resumed) if state.rank == 0 and cfg.out_dir else None
+    writer = (_LogWriter(cfg, history, resume_at=engine.global_steps if resumed else None)
+              if state.rank == 0 and cfg.out_dir else None)
     steps = range(engine.global_steps, cfg.steps)  # a loaded checkpoint resumes mid-run
     if cfg.progress and state.rank == 0:
         from tqdm.auto import tqdm
@@ -163,6 +167,8 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
             history.eval_loss.append(eval_loss)
             if writer:
                 writer.write(step=step, eval_loss=eval_loss)
+        if cfg.save and (step + 1 == cfg.steps or cfg.save_interval and (step + 1) % cfg.save_interval == 0):
+            save_training_checkpoint(engine, model, cfg, state, cfg.save, step + 1)
         if hasattr(steps, "set_postfix"):
             steps.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if on_step is not None:
@@ -175,12 +181,18 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
 class _LogWriter:
     """Rank 0's files: config.json, train_log.jsonl (one JSON object per line), loss.png at the end."""
 
-    def __init__(self, cfg: TrainConfig, history: History, append: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, history: History, resume_at: int | None = None) -> None:
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.dir, self.history = cfg.out_dir, history
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
             json.dump({"train": history.config, "deepspeed": deepspeed_config(cfg)}, fh, indent=2)
-        self.log = open(os.path.join(cfg.out_dir, "train_log.jsonl"), "a" if append else "w")
+        path = os.path.join(cfg.out_dir, "train_log.jsonl")
+        kept = []
+        if resume_at is not None and os.path.exists(path):  # keep the records before the resumed step
+            with open(path) as fh:
+                kept = [line for line in fh if line.strip() and json.loads(line)["step"] < resume_at]
+        self.log = open(path, "w")
+        self.log.writelines(kept)
 
     def write(self, **record: Any) -> None:
         self.log.write(json.dumps(record) + "\n")

@@ -1,0 +1,279 @@
+"""Training checkpoints: one layout-independent directory per save; resume exactly, at any layout.
+
+    train(cfg, save="ckpt", save_interval=100)    # ckpt/iter_0000100/, iter_0000200/, …, ckpt/latest
+    train(cfg, load="ckpt")                       # resume: the losses of a run that never stopped
+    model = minimegatron.checkpoint.load_model("ckpt")   # a plain GPTModel / LLaMAModel, any TP
+    minimegatron.checkpoint.to_hf(model, save_directory="hf")
+
+A checkpoint is a :mod:`minimegatron.checkpoint` directory (so everything there works on it) plus
+what an exact resume needs::
+
+    iter_0000200/               after 200 optimizer steps
+      model.safetensors         FULL weights: TP shards and PP stages gathered, vocab padding removed
+      config.json, metadata.json  the ModelConfig; model class, step, layout it was saved from
+      optimizer.safetensors     FULL fp32 AdamW state by parameter name: exp_avg/<name>,
+                                exp_avg_sq/<name> and, for bf16 runs, master/<name> (the fp32 weights)
+      trainer.json              step, samples consumed, Adam's t, the TrainConfig, the layout
+      rng.safetensors           every rank's generator states: rank<r>/cpu, rank<r>/model-parallel-rng
+
+Saving is collective (every rank calls it)::
+
+    each tensor:  ZeRO-1: all-reduce the DP pieces of its moments  (optimizer_state.py)
+                  all-gather its TP shards -> full, drop vocab padding  (checkpoint.reshape)
+    each stage p: its (tp 0, dp 0) rank sends its full tensors to rank 0 (stage 0, tp 0, dp 0)
+    rank 0:       writes iter_…/ under a temporary name, fsyncs, renames, then rewrites ``latest``
+                  (checkpoint.io.write_iteration): a crash leaves the previous checkpoint intact
+
+Loading needs no communication: each rank reads only its stage's tensors by name (safetensors; no
+pickle anywhere, so a checkpoint cannot run code) and keeps its TP shard — of the weights, the fp32
+master and both moments, into wherever its optimizer keeps them (its ZeRO partition included). Then
+Adam's ``t``, the learning-rate schedule and the data position (step ``t`` reads global batch ``t``)
+continue from the saved step. So a checkpoint saved at TP2·PP2 resumes at DP2 + ZeRO-1 with the same
+losses. Only the random generators are per rank: they are restored when the layout is the same;
+at another layout they are reseeded from ``seed + step`` (a warning says so when dropout > 0).
+DeepSpeed's own ``engine.save_checkpoint`` is not used: its files are pickles of one layout
+(``torch.load(weights_only=False)`` in DeepSpeed 0.19).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+
+from minimegatron.checkpoint.io import (LATEST_NAME, WEIGHTS_NAME, find_checkpoint, iteration_name,
+                                        load_config, weights_metadata, write_iteration)
+from minimegatron.checkpoint.reshape import (CheckpointError, check_config_matches, full_shape,
+                                             gather_full_tensor, shard_full_tensor, vocab_rows)
+from minimegatron.mpu.state import ParallelState
+from minimegatron.training.args import MODEL_CLASS, TrainConfig
+from minimegatron.training.optimizer_state import MOMENTS, OptimizerState
+
+__all__ = ["save_training_checkpoint", "load_training_checkpoint", "OPTIMIZER_NAME", "TRAINER_NAME",
+           "RNG_NAME", "MODEL_CLASS"]
+
+OPTIMIZER_NAME, TRAINER_NAME, RNG_NAME = "optimizer.safetensors", "trainer.json", "rng.safetensors"
+
+
+# ---- this rank's tensors under the plain model's names -------------------------------------------
+def _is_pipe(model: nn.Module) -> bool:
+    return hasattr(model, "layer_range")  # a LanguageModelPipe (no deepspeed import needed here)
+
+
+def _local_tensors(model: nn.Module, tied_copies: bool = False) -> dict[str, torch.Tensor]:
+    """Plain name -> this rank's Parameter/buffer (with its TP attributes)."""
+    if _is_pipe(model):
+        from minimegatron.pipe import model_state_dict
+        return model_state_dict(model, keep_vars=True, tied_copies=tied_copies)
+    return model.state_dict(keep_vars=True)
+
+
+def _local_vocab_rows(model: nn.Module) -> dict[str, int]:
+    rows = vocab_rows(model)
+    if _is_pipe(model):
+        from minimegatron.pipe import model_key
+        return {model_key(model, k): v for k, v in rows.items()}
+    return rows
+
+
+def _optimized(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) and t.requires_grad
+
+
+# ---- moving full tensors to the writer ------------------------------------------------------------
+def _send(tensors: dict[str, torch.Tensor], dst: int, device: torch.device) -> None:
+    header = json.dumps([[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+                         for k, v in tensors.items()]).encode()
+    dist.send(torch.tensor([len(header)], device=device), dst)
+    dist.send(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device), dst)
+    for v in tensors.values():
+        dist.send(v.contiguous().to(device), dst)
+
+
+def _recv(src: int, device: torch.device) -> dict[str, torch.Tensor]:
+    size = torch.zeros(1, dtype=torch.long, device=device)
+    dist.recv(size, src)
+    header = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.recv(header, src)
+    out = {}
+    for name, shape, dtype in json.loads(header.cpu().numpy().tobytes()):
+        out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        dist.recv(out[name], src)
+    return out
+
+
+def _gather_to_writer(tensors: dict[str, torch.Tensor], state: ParallelState, device: torch.device
+                      ) -> dict[str, torch.Tensor] | None:
+    """Every stage's full tensors, in stage order, on global rank 0; None on every other rank."""
+    if state.tp_rank != 0 or state.dp_rank != 0:
+        return None  # its replica/shard twin on (tp 0, dp 0) has the same full tensors
+    if state.pp_rank > 0:
+        _send(tensors, 0, device)
+        return None
+    out = dict(tensors)
+    for stage in range(1, state.pp):
+        out.update(_recv(ParallelState.rank_of(0, 0, stage, state.tp, state.dp), device))
+    return out
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This rank's generators: the default one(s) and the tracker's model-parallel stream."""
+    from minimegatron.device import device_type
+    from minimegatron.mpu.random import get_rng_tracker
+
+    states = {"cpu": torch.get_rng_state()}
+    kind = device_type()
+    if kind != "cpu":
+        states[kind] = torch.get_device_module(kind).get_rng_state()
+    states.update(get_rng_tracker().get_states())
+    return states
+
+
+def _gather_rng(state: ParallelState, device: torch.device) -> dict[str, torch.Tensor]:
+    """rank<r>/<generator> for every rank (all ranks hold generators of the same sizes)."""
+    mine = _rng_states()
+    blob = torch.cat([v.reshape(-1).to(torch.uint8) for v in mine.values()]).to(device)  # (bytes,)
+    blobs = [torch.empty_like(blob) for _ in range(state.world_size)]
+    dist.all_gather(blobs, blob)
+    out = {}
+    for rank, b in enumerate(blobs):
+        for (name, v), piece in zip(mine.items(), b.cpu().split([v.numel() for v in mine.values()])):
+            out[f"rank{rank}/{name}"] = piece.clone()
+    return out
+
+
+# ---- save ------------------------------------------------------------------------------------------
+def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: ParallelState,
+                             directory: str | os.PathLike, step: int) -> Path:
+    """Save the run after ``step`` optimizer steps as ``directory/iter_{step}``. Collective: every rank
+    calls it; rank 0 writes. If the write fails, every rank raises and ``latest`` is unchanged."""
+    optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
+    weights, moments = {}, {}
+    for name, t in _local_tensors(model).items():
+        weights[name] = gather_full_tensor(t, t, state, rows.get(name))
+        if _optimized(t):
+            for key in MOMENTS + (("master",) if t.dtype != torch.float32 else ()):
+                moments[f"{key}/{name}"] = gather_full_tensor(optimizer.get(t, key), t, state, rows.get(name))
+    device = next(model.parameters()).device
+    weights = _gather_to_writer(weights, state, device)
+    moments = _gather_to_writer(moments, state, device)
+    rng = _gather_rng(state, device)
+    error: BaseException | None = None
+    if state.rank == 0:
+        layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp}
+        trainer = {"step": step, "consumed_samples": step * cfg.global_batch_size,
+                   "optimizer_step": optimizer.step_count(), "next_lr": engine.get_lr()[0],
+                   "layout": {**layout, "zero_stage": cfg.zero_stage, "dtype": cfg.dtype,
+                              "sequence_parallel": cfg.sequence_parallel},
+                   "world_size": state.world_size, "train_config": cfg.to_dict()}
+        meta = weights_metadata(step, MODEL_CLASS[cfg.model], layout, weights)
+        try:
+            write_iteration(Path(directory), step, weights, model.config, meta,
+                            {OPTIMIZER_NAME: moments, TRAINER_NAME: trainer, RNG_NAME: rng})
+        except BaseException as err:  # noqa: BLE001 - told to every rank, then re-raised
+            error = err
+    ok = torch.tensor([error is None], dtype=torch.uint8, device=device)
+    dist.broadcast(ok, 0)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise CheckpointError(f"rank 0 failed to write the checkpoint of step {step} to {directory} (its "
+                              f"traceback says why); '{LATEST_NAME}' still names the previous one")
+    return Path(directory) / iteration_name(step)
+
+
+# ---- load ------------------------------------------------------------------------------------------
+def _read(fh, name: str, like: torch.Tensor, state: ParallelState, rows: int | None, where: Path
+          ) -> torch.Tensor:
+    """Tensor ``name`` of an open safetensors file, checked against ``like``'s full shape, as this
+    rank's shard."""
+    if name not in fh.keys():
+        raise CheckpointError(f"{where} has no tensor '{name}': the checkpoint is of another model or "
+                              "incomplete; pick a checkpoint saved by this model")
+    want = full_shape(like, state.tp, rows)
+    got = tuple(fh.get_slice(name).get_shape())
+    if got != want:
+        raise CheckpointError(f"'{name}': {where} has full shape {got}, this model expects {want}; "
+                              "train with the checkpoint's model sizes")
+    return shard_full_tensor(fh.get_tensor(name), like, state, rows).to(like.device)
+
+
+@torch.no_grad()
+def load_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: ParallelState,
+                             directory: str | os.PathLike, step: int | None = None) -> int:
+    """Load ``directory``'s latest (or ``step``'s) checkpoint into this rank's engine, saved at any
+    layout; returns the step training continues from (0: there was none, or weights only)."""
+    path = find_checkpoint(directory, step)
+    if path is None:
+        if state.rank == 0:
+            print(f"no checkpoint in {directory}: training from scratch", flush=True)
+        return 0
+    check_config_matches(load_config(path), model.config, where=str(path))
+    optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
+    local = _local_tensors(model, tied_copies=True)
+    has_optimizer = (path / OPTIMIZER_NAME).is_file() and (path / TRAINER_NAME).is_file()
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+        for name, t in local.items():
+            t.copy_(_read(fh, name, t, state, rows.get(name), path))
+    params = {n: t for n, t in local.items() if _optimized(t)}
+    masters = {n: t.float() for n, t in params.items()}  # fp32 master = the weights, unless saved
+    if has_optimizer:
+        with safe_open(str(path / OPTIMIZER_NAME), framework="pt") as fh:
+            for name, t in params.items():
+                if f"master/{name}" in fh.keys():  # a bf16 run's fp32 weights
+                    masters[name] = _read(fh, f"master/{name}", t, state, rows.get(name), path)
+                for key in MOMENTS:
+                    optimizer.set(t, key, _read(fh, f"{key}/{name}", t, state, rows.get(name), path))
+    for name, t in params.items():
+        optimizer.set(t, "master", masters[name])  # the copy the optimizer steps (ZeRO, bf16)
+    if not has_optimizer:
+        if state.rank == 0:
+            print(f"{path} holds weights only: starting at step 0 with a fresh optimizer", flush=True)
+        return 0
+    with open(path / TRAINER_NAME) as fh:
+        trainer = json.load(fh)
+    resumed = int(trainer["step"])
+    optimizer.set_step_count(int(trainer["optimizer_step"]))
+    _restore_schedule(engine, resumed, cfg)
+    _restore_rng(path, trainer, cfg, state, resumed)
+    return resumed
+
+
+def _restore_schedule(engine, step: int, cfg: TrainConfig) -> None:
+    """The engine's counters and the LR schedule continue at ``step`` (this run's schedule)."""
+    engine.global_steps = step
+    engine.global_samples = step * cfg.global_batch_size
+    engine.micro_steps = step * cfg.num_micro_batches
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # sets every param group's lr to lr(step)
+
+
+def _restore_rng(path: Path, trainer: dict, cfg: TrainConfig, state: ParallelState, step: int) -> None:
+    from minimegatron.device import device_type
+    from minimegatron.mpu.random import get_rng_tracker, model_parallel_seed
+
+    saved = trainer["layout"]
+    if (saved["tp"], saved["pp"], saved["dp"]) == (state.tp, state.pp, state.dp) and \
+            (path / RNG_NAME).is_file():
+        with safe_open(str(path / RNG_NAME), framework="pt") as fh:
+            states = {k.split("/", 1)[1]: fh.get_tensor(k) for k in fh.keys()
+                      if k.startswith(f"rank{state.rank}/")}
+        torch.set_rng_state(states.pop("cpu"))
+        kind = device_type()
+        if kind in states:
+            torch.get_device_module(kind).set_rng_state(states.pop(kind))
+        get_rng_tracker().set_states(states)
+        return
+    model_parallel_seed(cfg.seed + step, state)
+    if cfg.dropout > 0 and state.rank == 0:
+        warnings.warn(f"resuming at tp={state.tp} pp={state.pp} dp={state.dp} from a checkpoint saved at "
+                      f"tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}: the per-rank random generators "
+                      f"cannot carry over, dropout masks are new draws (seeded {cfg.seed} + {step})")
