@@ -25,6 +25,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import socket
 import tempfile
@@ -99,6 +100,7 @@ def _rank_main(rank, world_size, listen_fd, port, backend, threads, fn, args, kw
                stack_file) -> None:
     """Body of one forked rank: own session, stack dump on SIGUSR1, init, run, report, wait."""
     os.setsid()  # own process group: the parent can kill this rank *and* anything it started
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's cleanup handler
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     import faulthandler
@@ -149,14 +151,14 @@ def _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads) -> list
     port = sock.getsockname()[1]
     tmp = tempfile.mkdtemp(prefix="minimegatron-launch-")
     procs, conns = [], {}
+    previous_sigterm = _exit_cleanly_on_sigterm()
     try:
         for rank in range(world_size):
             recv_end, send_end = ctx.Pipe(duplex=False)
             stack_file = os.path.join(tmp, f"stack{rank}.txt")
             p = ctx.Process(target=_rank_main, daemon=True,
                             args=(rank, world_size, sock.fileno(), port, backend, threads, fn, args,
-                                  kwargs,
-                                  send_end, stack_file))
+                                  kwargs, send_end, stack_file))
             p.start()
             send_end.close()
             procs.append(p)
@@ -187,9 +189,26 @@ def _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads) -> list
         for c in conns:
             c.close()
         sock.close()
-        for f in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, f))
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _exit_cleanly_on_sigterm():
+    """While ranks run, turn SIGTERM (``timeout``, a CI cancel, a kernel shutdown) into SystemExit so
+    that the cleanup in ``finally`` kills the ranks and removes the temp dir. Returns the old handler
+    (None when not in the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return None  # the application handles SIGTERM itself: leave it alone
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+    return previous
 
 
 def _dump_stacks(procs, ranks: list[int], tmp: str) -> dict[int, str]:

@@ -146,3 +146,34 @@ def test_launcher_mode_joins_existing_world(monkeypatch):
 
     results = launch(inner, 2, timeout=60)
     assert results == [[0, 10], [0, 10]]
+
+
+def test_sigterm_to_the_parent_kills_ranks_and_removes_temp_files(tmp_path):
+    """`timeout`, a CI cancel or a kernel shutdown sends SIGTERM: ranks die, the temp dir goes."""
+    import signal
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, torch.distributed as dist\n"
+        "from minimegatron.launch import launch\n"
+        "def hang():\n"
+        "    time.sleep(300)\n"
+        "launch(hang, 2, timeout=300)\n")
+    tmpdir = tmp_path / "tmp"  # the child's TMPDIR: only its own temp dirs can appear there
+    tmpdir.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=os.getcwd(),
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+                                 "TMPDIR": str(tmpdir)})
+    deadline = time.monotonic() + 60
+    while not any(tmpdir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # wait until launch() is running
+    assert any(tmpdir.iterdir()), "launch() never started"
+    time.sleep(1.0)  # ranks are up and sleeping
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    left = [d.name for d in tmpdir.iterdir()]
+    assert not left, f"temp dirs left behind: {left}"
+    leftovers = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"ranks left running: {leftovers}"
