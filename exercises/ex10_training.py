@@ -1,0 +1,187 @@
+"""Exercise 10: where a rank sits in the 3D grid, and which samples it trains on.
+
+10.1  rank_coordinates(rank, tp, pp, dp) -> (tp_rank, dp_rank, pp_rank)
+
+      The world of tp·pp·dp ranks is a 3-D grid, tensor-parallel index fastest, then data, then
+      pipeline (DeepSpeed's PipeModelDataParallelTopology)::
+
+          rank = (pp_rank · dp + dp_rank) · tp + tp_rank
+
+      Invert it. Example: tp=2, pp=2, dp=2, rank 5 -> (1, 0, 1).
+
+10.2  rank_groups(rank, tp, pp, dp) -> {"tp": [...], "dp": [...], "pp": [...]}
+
+      The global ranks of the three groups ``rank`` belongs to, each sorted ascending: the ranks that
+      differ from it only in the tensor-parallel index ("tp"), only in the data-parallel index ("dp"),
+      only in the pipeline stage ("pp"). Example: tp=2, pp=2, dp=2, rank 5 ->
+      {"tp": [4, 5], "dp": [5, 7], "pp": [1, 5]}.
+
+10.3  replica_micro_batches(step, dp_rank, global_batch_size, micro_batch_size, dp) -> list[list[int]]
+
+      Optimizer step ``step`` consumes the global batch of samples
+      ``[step·G, (step+1)·G)`` (G = global_batch_size). Data-parallel replica ``d`` takes the d-th
+      contiguous G/dp of them and cuts them into micro-batches of ``micro_batch_size``, in order::
+
+          num_micro_batches = G / (micro_batch_size · dp)
+
+      Return one list of sample indices per micro-batch. Example: step 1, dp_rank 1, G=8,
+      micro_batch_size 2, dp 2 -> [[12, 13], [14, 15]].
+
+Grade with:  grade_rank_coordinates(rank_coordinates)   grade_rank_groups(rank_groups)
+             grade_replica_micro_batches(replica_micro_batches)
+The references are minimegatron.mpu.state (ParallelState, grid_groups) and
+minimegatron.training (TrainConfig.num_micro_batches, training.data.micro_batches).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+from exercises.grading import GradingError, passed, run_graded
+from minimegatron.mpu.state import ParallelState, grid_groups
+from minimegatron.training.args import TrainConfig
+from minimegatron.training.data import micro_batches
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (4, 2, 1), (2, 3, 2), (1, 4, 3),
+           (3, 1, 4), (2, 2, 4)]  # (tp, pp, dp)
+
+
+def rank_coordinates(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
+    """Your code (10.1): (tp_rank, dp_rank, pp_rank) of ``rank``."""
+    raise NotImplementedError("Exercise 10.1: invert rank = (pp_rank·dp + dp_rank)·tp + tp_rank "
+                              "-> return (tp_rank, dp_rank, pp_rank)")
+
+
+def rank_groups(rank: int, tp: int, pp: int, dp: int) -> dict[str, list[int]]:
+    """Your code (10.2): {"tp": [...], "dp": [...], "pp": [...]}, the sorted ranks of each group."""
+    raise NotImplementedError("Exercise 10.2: list the ranks that differ from `rank` only in the tp / "
+                              "dp / pp index -> {'tp': [...], 'dp': [...], 'pp': [...]}")
+
+
+def replica_micro_batches(step: int, dp_rank: int, global_batch_size: int, micro_batch_size: int,
+                          dp: int) -> list[list[int]]:
+    """Your code (10.3): the sample indices of each micro-batch replica ``dp_rank`` trains on."""
+    raise NotImplementedError("Exercise 10.3: replica d of step t reads samples t·G + d·G/dp + … in "
+                              "micro-batches of micro_batch_size -> a list of lists of indices")
+
+
+def _call(name: str, candidate: Callable, *args: Any) -> Any:
+    try:
+        return candidate(*args)
+    except NotImplementedError as err:
+        raise GradingError(f"{name} is not implemented yet: {err}") from None
+    except Exception:
+        raise GradingError(f"{name}{args}: your function raised\n{traceback.format_exc()}") from None
+
+
+def grade_rank_coordinates(candidate: Callable[[int, int, int, int], tuple[int, int, int]]) -> str:
+    """Every rank of every layout in LAYOUTS against ParallelState's tp_rank / dp_rank / pp_rank."""
+    checked = 0
+    for tp, pp, dp in LAYOUTS:
+        for rank in range(tp * pp * dp):
+            ref = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank)
+            expected = (ref.tp_rank, ref.dp_rank, ref.pp_rank)
+            got = _call("Exercise 10.1", candidate, rank, tp, pp, dp)
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
+                raise GradingError(f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) returned {got!r}; "
+                                   "expected a tuple of three ints (tp_rank, dp_rank, pp_rank)")
+            if tuple(int(g) for g in got) != expected:
+                names = [n for n, g, e in zip(("tp_rank", "dp_rank", "pp_rank"), got, expected) if g != e]
+                raise GradingError(
+                    f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) = {tuple(got)}, expected {expected}: "
+                    f"wrong {', '.join(names)}. Check: rank = (pp_rank·{dp} + dp_rank)·{tp} + tp_rank = "
+                    f"({expected[2]}·{dp} + {expected[1]})·{tp} + {expected[0]} = {rank}")
+            checked += 1
+    return passed(f"Exercise 10.1: coordinates of all {checked} ranks in {len(LAYOUTS)} layouts match "
+                  "ParallelState")
+
+
+def grade_rank_groups(candidate: Callable[[int, int, int, int], dict[str, list[int]]]) -> str:
+    """Every rank of every layout in LAYOUTS against the groups of ``grid_groups`` holding it."""
+    checked = 0
+    for tp, pp, dp in LAYOUTS:
+        groups = grid_groups(tp, pp, dp)
+        for rank in range(tp * pp * dp):
+            got = _call("Exercise 10.2", candidate, rank, tp, pp, dp)
+            if not isinstance(got, dict):
+                raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp}) returned a "
+                                   f"{type(got).__name__}; expected a dict with keys 'tp', 'dp', 'pp'")
+            for kind in ("tp", "dp", "pp"):
+                expected = sorted(next(g for g in groups[kind] if rank in g))
+                if kind not in got:
+                    raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp}) has no key "
+                                       f"{kind!r}; expected keys 'tp', 'dp', 'pp'")
+                value = [int(r) for r in got[kind]]
+                if value != expected:
+                    hint = " (sort the ranks ascending)" if sorted(value) == expected else ""
+                    raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp})[{kind!r}] = {value}, "
+                                       f"expected {expected}{hint}: the {kind.upper()} group holds the "
+                                       f"ranks that differ from rank {rank} only in their {kind}_rank")
+            checked += 1
+    _check_groups_on_real_ranks(candidate, tp=2, pp=2, dp=2)
+    return passed(f"Exercise 10.2: the TP, DP and PP groups of all {checked} ranks in {len(LAYOUTS)} "
+                  "layouts match minimegatron.mpu.state.grid_groups, and the process groups of 8 real ranks")
+
+
+def _check_groups_on_real_ranks(candidate: Callable, tp: int, pp: int, dp: int) -> None:
+    """On tp·pp·dp launched ranks: the candidate's groups are the process groups each rank really joins."""
+    import torch.distributed as dist
+
+    from minimegatron.mpu.state import initialize_model_parallel
+
+    def on_rank() -> None:
+        state = initialize_model_parallel(tp, pp)
+        got = candidate(dist.get_rank(), tp, pp, dp)
+        for kind in ("tp", "dp", "pp"):
+            members = sorted(dist.get_process_group_ranks(getattr(state, f"{kind}_group")))
+            if [int(r) for r in got[kind]] != members:
+                raise GradingError(f"rank {dist.get_rank()} joined the {kind.upper()} process group "
+                                   f"{members}, your rank_groups says {list(got[kind])}")
+
+    run_graded(on_rank, tp * pp * dp, timeout=120)
+
+
+class _Indices:
+    """A dataset whose item i is {"tokens": [i], "labels": [i]}: it shows which samples were read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return {"tokens": torch.tensor([i]), "labels": torch.tensor([i])}
+
+
+def grade_replica_micro_batches(candidate: Callable[..., list[list[int]]]) -> str:
+    """Against the trainer's own reader (``training.data.micro_batches`` on an index dataset)."""
+    cases = [(8, 2, 1), (8, 2, 2), (16, 2, 2), (32, 8, 1), (24, 2, 3), (16, 4, 4), (12, 1, 2)]  # G, b, dp
+    checked = 0
+    for g, b, dp in cases:
+        cfg = TrainConfig(global_batch_size=g, micro_batch_size=b, dp=dp)
+        data = _Indices(10 * g)
+        for step in (0, 1, 3):
+            for d in range(dp):
+                expected = [t[:, 0].tolist() for t, _ in micro_batches(data, step * g, cfg, d)]
+                got = _call("Exercise 10.3", candidate, step, d, g, b, dp)
+                where = (f"replica_micro_batches(step={step}, dp_rank={d}, global_batch_size={g}, "
+                         f"micro_batch_size={b}, dp={dp})")
+                try:
+                    got = [[int(i) for i in mb] for mb in got]
+                except TypeError:
+                    raise GradingError(f"{where} returned {got!r}; expected a list of lists of ints") from None
+                if len(got) != len(expected):
+                    raise GradingError(f"{where}: {len(got)} micro-batches, expected {len(expected)} = "
+                                       f"G / (micro_batch_size · dp) = {g} / ({b} · {dp}) "
+                                       f"(TrainConfig.num_micro_batches = {cfg.num_micro_batches})")
+                for m, (gm, em) in enumerate(zip(got, expected)):
+                    if gm != em:
+                        raise GradingError(f"{where}: micro-batch {m} is {gm}, expected {em} (replica {d} "
+                                           f"reads samples {expected[0][0]}..{expected[-1][-1]} of the "
+                                           f"global batch {step * g}..{step * g + g - 1})")
+                checked += 1
+    return passed(f"Exercise 10.3: the micro-batches of {checked} (step, replica) pairs match the "
+                  "trainer's data reader")
