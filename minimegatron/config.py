@@ -35,6 +35,15 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _is_int(v: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a size to us)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class ModelConfig:
     """Sizes plus the GPT/LLaMA switches. ``ffn_hidden_size=None`` derives it from the activation."""
@@ -76,7 +85,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
                      "max_seq_len", "ffn_hidden_size", "multiple_of", "make_vocab_size_divisible_by"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, f"ModelConfig.{name} must be a positive int, got {v!r}")
+            _check(_is_int(v) and v > 0, f"ModelConfig.{name} must be a positive int, got {v!r}")
         _check(self.norm in ("layernorm", "rmsnorm"),
                f"ModelConfig.norm={self.norm!r}: use 'layernorm' (GPT) or 'rmsnorm' (LLaMA)")
         _check(self.activation in ("gelu", "swiglu"),
@@ -87,13 +96,22 @@ class ModelConfig:
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                f"{self.num_attention_heads}; choose sizes so that head_dim = hidden/heads is an int")
-        _check(0 < self.num_kv_heads <= self.num_attention_heads
+        _check(_is_int(self.num_kv_heads) and 0 < self.num_kv_heads <= self.num_attention_heads
                and self.num_attention_heads % self.num_kv_heads == 0,
                f"num_kv_heads={self.num_kv_heads} must divide num_attention_heads="
                f"{self.num_attention_heads} (1 = MQA, heads = MHA, a divisor in between = GQA)")
         _check(self.position_embedding != "rope" or self.head_dim % 2 == 0,
                f"rotary embeddings rotate pairs of dims: head_dim={self.head_dim} must be even")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        _check(_is_real(self.norm_eps) and self.norm_eps > 0,
+               f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0: it keeps the norm's 1/sqrt(var + eps) "
+               "finite (GPT-2 and LLaMA use 1e-5, LLaMA-2/3 1e-6 or 1e-5)")
+        _check(_is_real(self.rope_theta) and self.rope_theta > 0,
+               f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0: RoPE's frequencies are "
+               "theta^(-2i/d) (LLaMA uses 10000, LLaMA-3 500000)")
+        _check(_is_real(self.init_std) and self.init_std >= 0,
+               f"ModelConfig.init_std={self.init_std!r} must be >= 0: it is the standard deviation of "
+               "the normal init N(0, std²) (Megatron's default 0.02)")
 
     @property
     def head_dim(self) -> int:
@@ -160,7 +178,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
+            _check(_is_int(v) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
         if self.dp is None and self.world_size is None:
             self.dp = 1
         if self.world_size is None:
@@ -170,7 +188,7 @@ class ParallelConfig:
                    f"world size {self.world_size} is not divisible by tp·pp = {self.tp}·{self.pp}; "
                    "choose sizes whose product divides the number of ranks")
             self.dp = self.world_size // (self.tp * self.pp)
-        _check(isinstance(self.dp, int) and self.dp >= 1, f"ParallelConfig.dp must be >= 1, got {self.dp!r}")
+        _check(_is_int(self.dp) and self.dp >= 1, f"ParallelConfig.dp must be >= 1, got {self.dp!r}")
         _check(self.world_size == self.tp * self.pp * self.dp,
                f"world size {self.world_size} != tp·pp·dp = {self.tp}·{self.pp}·{self.dp} = "
                f"{self.tp * self.pp * self.dp}; launch tp·pp·dp ranks or change the sizes")

@@ -127,9 +127,10 @@ def _check(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> to
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     total = input_ids.size(1) + max_new_tokens
-    if model.config.position_embedding == "learned" and total > model.config.max_seq_len:
+    if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({input_ids.size(1)}) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds max_seq_len={model.config.max_seq_len} of the learned position table; "
+                         f"exceeds max_seq_len={model.config.max_seq_len} (the longest sequence the "
+                         "model takes); "
                          "generate fewer tokens or shorten the prompt")
     return input_ids.long()
 

@@ -82,3 +82,23 @@ def test_parallel_config():
         ParallelConfig(tp=2, pp=2, world_size=6)
     with pytest.raises(ValueError, match="ParallelConfig.tp must be an int >= 1"):
         ParallelConfig(tp=0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("norm_eps", 0.0, r"norm_eps=0.0 must be > 0"),
+    ("norm_eps", -1e-5, r"norm_eps=-1e-05 must be > 0"),
+    ("rope_theta", 0.0, r"rope_theta=0.0 must be > 0"),
+    ("rope_theta", -10000.0, r"rope_theta=-10000.0 must be > 0"),
+    ("init_std", -0.02, r"init_std=-0.02 must be >= 0"),
+    ("vocab_size", True, r"vocab_size must be a positive int, got True"),
+    ("num_kv_heads", True, r"num_kv_heads=True must divide"),
+])
+def test_bad_numeric_fields_are_rejected(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        llama_config(**{field: value})
+    assert llama_config(init_std=0.0).init_std == 0.0  # zero init is allowed (e.g. to study it)
+
+
+def test_parallel_sizes_reject_bools():
+    with pytest.raises(ValueError, match=r"ParallelConfig.tp must be an int >= 1, got True"):
+        ParallelConfig(tp=True)

@@ -138,7 +138,8 @@ def test_sequence_longer_than_the_position_table_raises():
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match=r"position 16 is beyond the learned position table"):
         model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[3, 16]]))
-    LLaMAModel(tiny_llama(max_seq_len=16))(torch.zeros(1, 17, dtype=torch.long))  # RoPE has no table
+    with pytest.raises(ValueError, match=r"exceeds the model's rope positions, max_seq_len=16"):
+        LLaMAModel(tiny_llama(max_seq_len=16))(torch.zeros(1, 17, dtype=torch.long))  # no table, same limit
 
 
 def test_bad_shapes_and_modes_raise():

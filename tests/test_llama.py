@@ -74,6 +74,50 @@ def test_tp2_matches_hugging_face_and_tp1_gradients(reference, sequence_parallel
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+# heads=8 over tp=4: kv=2 takes the replicated path (two ranks share a kv head), kv=4 the split one
+TP4_CASES = {"gqa8-kv2": tiny_llama(num_attention_heads=8, num_kv_heads=2),
+             "gqa8-kv4": tiny_llama(num_attention_heads=8, num_kv_heads=4, rope_theta=500000.0)}
+
+
+def _tp4(cases, ids, labels):
+    from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
+    out, plain = {}, initialize_model_parallel(4)
+    for sp in (False, True):
+        state = dataclasses.replace(plain, sequence_parallel=sp)
+        for name, (config, full) in cases.items():
+            model = LLaMAModel(config, state)
+            load_full(model, full)
+            loss = model(ids, labels)
+            loss.backward()
+            allreduce_sequence_parallel_gradients(model, state)
+            with torch.no_grad():
+                logits = model(ids)
+            out[name, sp] = logits, loss.detach(), full_grads(model)
+    return out
+
+
+def test_tp4_matches_hugging_face_and_tp1_gradients_for_split_and_replicated_kv_heads():
+    ids, labels = _batch()
+    cases, expected = {}, {}
+    for name, config in TP4_CASES.items():
+        hf = hf_llama(config)
+        full = llama_from_hf(hf)
+        model = LLaMAModel(config)
+        load_full(model, full)
+        loss = model(ids, labels)
+        loss.backward()
+        with torch.no_grad():
+            expected[name] = hf(ids).logits, loss.detach(), full_grads(model)
+        cases[name] = config, full
+    for results in launch(_tp4, 4, cases, ids, labels, timeout=120):  # one launch: both cases, ± SP
+        for (name, sp), (logits, loss, grads) in results.items():
+            hf_logits, tp1_loss, tp1_grads = expected[name]
+            torch.testing.assert_close(logits, hf_logits, **TOL, msg=lambda m: f"{name} sp={sp}: {m}")
+            torch.testing.assert_close(loss, tp1_loss, **TOL)
+            for key, g in tp1_grads.items():
+                torch.testing.assert_close(grads[key], g, rtol=1e-5, atol=1e-6, msg=f"{name} sp={sp} {key}")
+
+
 def _decode(model, ids, prefill):
     """Prefill ``prefill`` tokens, then feed the rest one at a time; logits of every position."""
     cache = KVCache(model.config.num_layers)

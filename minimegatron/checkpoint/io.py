@@ -21,7 +21,11 @@ Atomicity. A save writes a whole new directory ``.tmp-iter_…`` next to the oth
 file and the directory, renames it into place with ``os.replace`` and only then rewrites ``latest``
 (again through a temp file + ``fsync`` + ``os.replace``). A crash or a kill at any moment leaves
 ``latest`` naming a complete checkpoint: the previous one until the very last rename, the new one
-after it. Half-written ``.tmp-*`` directories are ignored (and cleaned up by the next save).
+after it. Half-written ``.tmp-*`` directories are ignored, and the next save deletes those older than
+``STALE_TMP_SECONDS`` (younger ones may belong to a save still running in another process).
+Re-saving a step moves the old directory aside (``.tmp-old-iter_…``) before renaming the new one in;
+a crash between the two renames leaves ``latest`` naming a missing directory, so readers fall back to
+the moved-aside copy and the next save renames it back.
 
 Safety. Only safetensors and JSON are read: no pickle, so loading a checkpoint cannot execute code.
 """
@@ -30,7 +34,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -47,12 +53,13 @@ from minimegatron.mpu.state import ParallelState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "load_config",
            "checkpoint_dir", "find_checkpoint", "write_iteration", "weights_metadata", "iteration_name",
-           "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
+           "atomic_write_text", "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
 
 WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, LATEST_NAME = (
     "model.safetensors", "config.json", "metadata.json", "latest")
 FORMAT = "minimegatron-checkpoint"
 FORMAT_VERSION = 1
+STALE_TMP_SECONDS = 600.0  # a .tmp-* directory untouched this long is debris of a dead save
 
 
 # ---- atomic file primitives -----------------------------------------------------------------------
@@ -97,6 +104,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+atomic_write_text = _atomic_write_text  # public: the training log reuses it
+
+
 # ---- paths -----------------------------------------------------------------------------------------
 
 def iteration_name(step: int) -> str:
@@ -114,6 +124,8 @@ def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Pat
         return root  # pointed straight at an iteration directory
     if step is not None:
         path = root / _iter_name(step)
+        if not path.exists():  # moved aside by a re-save that died (see _clean_up)
+            path = _moved_aside(root, path.name) or path
         if not (path / WEIGHTS_NAME).is_file():
             found = sorted(p.name for p in root.glob("iter_*")) if root.is_dir() else []
             raise CheckpointError(f"no checkpoint for step {step} at {path}; found {found or 'none'}")
@@ -123,6 +135,8 @@ def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Pat
         raise CheckpointError(f"{root} holds no checkpoint (no '{LATEST_NAME}' file and no "
                               f"{WEIGHTS_NAME}); save one with save_checkpoint(model, '{root}') first")
     path = root / latest.read_text().strip()
+    if not path.exists():  # a re-save of this step died between its two renames: the old copy
+        path = _moved_aside(root, path.name) or path  # is complete beside it (the next save renames it back)
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{latest} names {path.name}, which has no {WEIGHTS_NAME}: the "
                               "directory was modified by hand; point 'latest' at a complete iter_* dir")
@@ -140,6 +154,54 @@ def find_checkpoint(directory: str | os.PathLike, step: int | None = None) -> Pa
 
 # ---- save ------------------------------------------------------------------------------------------
 
+def _moved_aside(root: Path, name: str) -> Path | None:
+    """The complete old copy of ``name`` that a re-save moved aside (``.tmp-old-{name}-…``), if any."""
+    for aside in sorted(root.glob(f".tmp-old-{name}-*")):
+        if (aside / WEIGHTS_NAME).is_file() and (aside / METADATA_NAME).is_file():
+            return aside
+    return None
+
+
+def _last_touched(path: Path) -> float:
+    """The newest mtime of a directory and the files in it (a large file being written keeps it fresh)."""
+    try:
+        return max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir()])
+    except OSError:  # vanished meanwhile (another save finished): not ours to delete
+        return float("inf")
+
+
+def _clean_up(root: Path) -> None:
+    """Before a save: rename back an iteration a crashed re-save left moved aside, then delete
+    ``.tmp-*`` debris older than ``STALE_TMP_SECONDS`` (a younger one may be a save in progress)."""
+    for aside in sorted(root.glob(".tmp-old-iter_*")):
+        name = aside.name[len(".tmp-old-"):].rsplit("-", 1)[0]  # iter_XXXXXXX
+        if not (root / name).exists() and (aside / WEIGHTS_NAME).is_file():
+            os.replace(aside, root / name)
+    now = time.time()
+    for stale in root.glob(".tmp-*"):
+        if stale.is_dir() and (not _writer_alive(stale) or now - _last_touched(stale) > STALE_TMP_SECONDS):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _tmp_name(name: str) -> str:
+    """``.tmp-iter_…-{random}-{host}.{pid}``: the writer is in the name, so its debris is recognised."""
+    return f".tmp-{name}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}.{os.getpid()}"
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """False only when ``tmp`` was written by a process of this host that no longer runs."""
+    host, _, pid = tmp.name.split("-", 3)[-1].rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's (shared filesystem) or an old name: age decides
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        pass
+    return True
+
+
 def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], config: ModelConfig,
                     metadata: dict[str, Any], extra_files: dict[str, Any] | None = None) -> Path:
     """Write one iteration directory atomically and move ``latest`` to it (single writer rank).
@@ -149,10 +211,9 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by an earlier interrupted save
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_up(root)  # debris of an earlier interrupted save
     final = root / _iter_name(step)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp, trash = root / _tmp_name(final.name), None
     tmp.mkdir()
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -170,14 +231,15 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step: move the old one aside first
             trash = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
+            os.replace(final, trash)  # a kill right after this is recovered by _clean_up/checkpoint_dir
+        os.replace(tmp, final)
+        if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and trash.exists() and not final.exists():
+            os.replace(trash, final)  # put the old checkpoint back where latest expects it
         raise
     _atomic_write_text(root / LATEST_NAME, final.name + "\n")  # the commit point
     return final

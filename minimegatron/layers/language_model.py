@@ -118,22 +118,33 @@ class LanguageModel(ParallelTransformer):
         """ids (b, s) -> logits (b, s, vocab_size), or the mean loss () when ``labels`` (b, s) given."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq) token ids, got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}: "
+                            "convert them with input_ids.long() (token ids index the embedding table)")
         b, s = input_ids.shape
         offset = 0 if kv_cache is None else kv_cache.offset
         limit = self.config.max_seq_len
-        if self.embedding.position_embeddings is not None and offset + s > limit:
-            raise ValueError(f"sequence length {offset + s} (cached {offset} + new {s}) exceeds the "
-                             f"learned position table, max_seq_len={limit}: shorten the input or build "
-                             f"the model with max_seq_len >= {offset + s}")
+        if offset + s > limit:  # every position kind: the learned table ends there, RoPE/ALiBi were
+            what = ("the learned position table" if self.embedding.position_embeddings is not None
+                    else f"the model's {self.config.position_embedding} positions")  # never checked past it
+            raise ValueError(f"sequence length {offset + s} (cached {offset} + new {s}) exceeds {what}, "
+                             f"max_seq_len={limit}: shorten the input or build the model with "
+                             f"max_seq_len >= {offset + s}")
         if self.embedding.sequence_parallel and s % self.state.tp:
             raise ValueError(f"sequence parallelism splits the sequence over {self.state.tp} ranks: "
                              f"seq length {s} must be a multiple of {self.state.tp}")
         if position_ids is None:
             position_ids = torch.arange(offset, offset + s, device=input_ids.device).expand(b, s)
+        elif position_ids.shape not in ((b, s), (1, s)):
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids "
+                             f"shape {(b, s)}: pass one position per token, (batch, seq) or (1, seq)")
+        else:
+            position_ids = position_ids.expand(b, s)  # (b, s)
         hidden = self.embedding(input_ids, position_ids)  # (s[/tp], b, h)
         rotary = None if self.rotary is None else self.rotary(position_ids, hidden.dtype)
         hidden = super().forward(hidden, rotary, kv_cache)  # (s[/tp], b, h)
-        logits = self.lm_head(hidden)  # (s, b, V_pad/tp)
+        tied = self.embedding.word_embeddings.weight if self.config.tie_embeddings else None
+        logits = self.lm_head(hidden, weight=tied)  # (s, b, V_pad/tp): the embedding's current weight
         if labels is None:
             logits = gather_from_tensor_model_parallel_region(logits, self.state)  # (s, b, V_pad)
             return logits[..., :self.config.vocab_size].transpose(0, 1).contiguous()  # (b, s, V)
@@ -143,6 +154,14 @@ class LanguageModel(ParallelTransformer):
         losses = vocab_parallel_cross_entropy(logits, labels, self.state,
                                               vocab_size=self.config.vocab_size)  # (s, b)
         return losses.sum() / (labels != -100).sum().clamp(min=1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, then re-tie: ``assign=True`` replaces the embedding's Parameter, and the
+        head's borrowed reference must follow it (forward passes the current one anyway)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.config.tie_embeddings:
+            object.__setattr__(self.lm_head, "weight", self.embedding.word_embeddings.weight)
+        return result
 
     def num_parameters(self, include_padding: bool = False) -> int:
         """Parameters of the whole model (all TP ranks), without the vocab padding rows by default."""

@@ -201,13 +201,12 @@ class VocabParallelEmbedding(nn.Module):
     gradient lands in its own rows only.
     """
 
-    check_token_ids = True  # set False to skip the host sync of the id-range check
-
     def __init__(self, num_embeddings: int, embedding_dim: int, *, state: ParallelState,
                  make_vocab_size_divisible_by: int = 128, init_method: InitMethod | None = None,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, check_token_ids: bool = True) -> None:
         super().__init__()
         self.state, self.num_embeddings, self.embedding_dim = state, num_embeddings, embedding_dim
+        self.check_token_ids = check_token_ids  # False: skip the id-range check (a host sync)
         self.padded_vocab_size = pad_vocab_size(num_embeddings, make_vocab_size_divisible_by, state.tp)
         self.vocab_start_index, self.vocab_end_index = vocab_range(self.padded_vocab_size,
                                                                    state.tp_rank, state.tp)
@@ -237,7 +236,10 @@ class ParallelLMHead(nn.Module):
     """Vocab-parallel output projection: logits shard ``h·W_iᵀ`` of shape (…, V_pad/tp), no gather.
 
     Same padding and row split as :class:`VocabParallelEmbedding`, so ``weight=embedding.weight`` ties
-    them (the tied weight is borrowed, not registered: ``state_dict`` has no ``lm_head.weight``). Feed
+    them (the tied weight is borrowed, not registered: ``state_dict`` has no ``lm_head.weight``).
+    A borrowed reference goes stale when the owner's Parameter is *replaced* (``load_state_dict(...,
+    assign=True)``), so an owner that holds both should pass its current weight at call time:
+    ``head(hidden, weight=embedding.weight)`` (LanguageModel does). Feed
     the shard straight to ``vocab_parallel_cross_entropy``. The input goes through f (or the SP
     all-gather), whose backward sums ∂L/∂h over the vocab slices.
     """
@@ -264,12 +266,17 @@ class ParallelLMHead(nn.Module):
                                  "hidden size, make_vocab_size_divisible_by and state")
             object.__setattr__(self, "weight", weight)  # borrowed: not a parameter of this module
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, h) -> (…, V_pad/tp) with ``weight`` (the tied embedding's, (V_pad/tp, h)) or our own."""
+        weight = self.weight if weight is None else weight
+        if weight.shape != self.weight.shape:
+            raise ValueError(f"LM head weight has shape {tuple(weight.shape)}, expected "
+                             f"{tuple(self.weight.shape)} (V_pad/tp, h): pass the tied embedding's weight")
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.state)  # (s/tp, b, h) -> (s, b, h)
         else:
             hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
-        return F.linear(hidden, self.weight)  # (…, V_pad/tp)
+        return F.linear(hidden, weight)  # (…, V_pad/tp)
 
     def extra_repr(self) -> str:
         return (f"vocab={self.vocab_size} (padded {self.padded_vocab_size}), h={self.hidden_size}, "

@@ -21,6 +21,10 @@ reduce-scatter along the sequence dim, and the identity of ``f`` by an all-gathe
 * ``ḡ``  = :func:`reduce_scatter_to_sequence_parallel_region` — forward reduce-scatter dim 0
   ``(s,b,h) partial sums → (s/tp,b,h)``; backward all-gather dim 0.
 
+Careful with the letters: the SP paper reuses ``g``/``ḡ`` for its own pair, and SP's ``g`` is an
+*all-gather* that stands where TP's ``f`` stood (before the column-parallel layer), not TP's
+all-reduce ``g``; SP's ``ḡ`` (reduce-scatter) is what stands where TP's ``g`` stood.
+
 An all-reduce *is* a reduce-scatter followed by an all-gather, so SP moves the same bytes as plain TP
 while the norms and dropouts between the two run on ``s/tp`` tokens only.
 
@@ -239,13 +243,25 @@ def allreduce_sequence_parallel_gradients(module: torch.nn.Module, state: Parall
     """
     if state.tp == 1:
         return
-    grads = [p.grad for p in module.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat all-reduce per dtype
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])  # (Σ numel,)
+    params = [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
+    for dtype in sorted({p.dtype for p in params}, key=str):  # one flat all-reduce per dtype
+        same = [p for p in params if p.dtype == dtype]
+        # A param without a grad on this rank (unused here, or grads set to None) still takes its
+        # place as zeros, so every rank sends a flat of the same size; one presence flag per param
+        # rides along, so a rank missing a grad that another rank has gets the sum, not nothing.
+        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+                          for p in same]
+                         + [same[0].new_tensor([float(q.grad is not None) for q in same])])  # (Σ numel + n,)
         dist.all_reduce(flat, group=state.tp_group)
+        present = None
         offset = 0
-        for g in same:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for i, p in enumerate(same):
+            reduced = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is not None:
+                p.grad.copy_(reduced)
+                continue
+            if present is None:  # only ranks missing a grad read the flags (a host sync)
+                present = flat[-len(same):].tolist()
+            if present[i] > 0:
+                p.grad = reduced.clone()

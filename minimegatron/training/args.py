@@ -104,14 +104,74 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a size
+
+
+def _token_range(path: str, dtype: str, chunk: int) -> tuple[int, int]:
+    """(min, max) token id of a .bin, memoised per file version: forked ranks inherit the parent's."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _TOKEN_RANGES:
+        import numpy as np
+
+        tokens = np.memmap(path, mode="r", dtype=np.dtype(dtype))  # (num_tokens,)
+        lo, hi = None, None
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            lo = int(part.min()) if lo is None else min(lo, int(part.min()))
+            hi = int(part.max()) if hi is None else max(hi, int(part.max()))
+        _TOKEN_RANGES[key] = (lo, hi)
+    return _TOKEN_RANGES[key]
+
+
+_TOKEN_RANGES: dict[tuple[str, int, int], tuple[int, int]] = {}  # a cache, not a setting
+
+
+def check_token_range(prefix: str, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Raise if the indexed dataset at ``prefix`` holds a token id outside [0, vocab_size).
+
+    Scans the memory-mapped .bin in chunks (skipped when the token dtype cannot hold such an id),
+    so a tokenizer/model vocab mismatch fails here instead of inside the embedding on every rank."""
+    import numpy as np
+
+    from minimegatron.data.indexed_dataset import IndexedDataset, data_file_path
+
+    dataset = IndexedDataset(prefix)  # checks that .bin and .idx belong together
+    info = np.iinfo(dataset.dtype)
+    if dataset.num_tokens == 0 or (info.min >= 0 and info.max < vocab_size):
+        return
+    lo, hi = _token_range(str(data_file_path(prefix)), dataset.dtype.str, chunk)
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        _fail(f"data={prefix!r} holds token id {bad} but the model's vocab_size={vocab_size} (ids must "
+              f"lie in [0, {vocab_size})): train with --vocab-size {max(hi + 1, vocab_size)} or more "
+              "(the tokenizer's vocab size), or re-tokenize the corpus with the model's tokenizer")
+
+
 def validate(cfg: TrainConfig) -> ModelConfig:
     """Raise ValueError for any layout/argument that cannot work; return the ModelConfig to build."""
     if cfg.model not in MODELS:
         _fail(f"model={cfg.model!r}: choose one of {MODELS}")
-    for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "steps", "seq_len"):
+    for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "steps", "seq_len",
+                 "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters"):
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            _fail(f"{name} must be a positive int, got {v!r}")
+        if not _is_int(v) or v < 1:
+            _fail(f"{name} must be a positive int, got {v!r} ({type(v).__name__})")
+    for name in ("warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed",
+                 "num_kv_heads", "ffn_hidden_size", "load_step"):
+        v = getattr(cfg, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            _fail(f"{name} must be >= 0 (an int), got {v!r} ({type(v).__name__})")
+    if cfg.model_config is not None:
+        if not isinstance(cfg.model_config, ModelConfig):
+            _fail(f"model_config must be a minimegatron.config.ModelConfig, got "
+                  f"{type(cfg.model_config).__name__}")
+        family = cfg.model_config.name
+        if family in MODELS and family != cfg.model:
+            _fail(f"model={cfg.model!r} but model_config is a {family} config ({family}_config(...)): "
+                  f"{MODEL_CLASS[cfg.model]} cannot be built from it; set model={family!r}, or build the "
+                  f"config with {cfg.model}_config(...)")
     per_step = cfg.micro_batch_size * cfg.dp
     if cfg.global_batch_size % per_step:
         _fail(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size·dp = "
@@ -154,6 +214,8 @@ def validate(cfg: TrainConfig) -> ModelConfig:
     elif cfg.data != "random" and not all(os.path.exists(cfg.data + ext) for ext in (".bin", ".idx")):
         _fail(f"data={cfg.data!r}: neither 'random' nor the prefix of an indexed dataset "
               f"({cfg.data}.bin/.idx not found); build one with python -m minimegatron.data.preprocess")
+    elif cfg.data != "random":
+        check_token_range(cfg.data, model.vocab_size)
     if cfg.save_interval < 0 or (cfg.save_interval and not cfg.save):
         _fail(f"save_interval={cfg.save_interval} needs a directory to save to (--save DIR) and must be "
               ">= 0 (0: save only at the end)")

@@ -24,11 +24,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from minimegatron.checkpoint.io import atomic_write_text
 from minimegatron.device import mark_step, synchronize
 from minimegatron.launch import launch
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
@@ -184,15 +186,17 @@ class _LogWriter:
     def __init__(self, cfg: TrainConfig, history: History, resume_at: int | None = None) -> None:
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.dir, self.history = cfg.out_dir, history
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
-            json.dump({"train": history.config, "deepspeed": deepspeed_config(cfg)}, fh, indent=2)
-        path = os.path.join(cfg.out_dir, "train_log.jsonl")
+        atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(
+            {"train": history.config, "deepspeed": deepspeed_config(cfg)}, indent=2))
+        path = Path(cfg.out_dir) / "train_log.jsonl"
         kept = []
-        if resume_at is not None and os.path.exists(path):  # keep the records before the resumed step
+        if resume_at is not None and path.exists():  # keep the records before the resumed step
             with open(path) as fh:
                 kept = [line for line in fh if line.strip() and json.loads(line)["step"] < resume_at]
-        self.log = open(path, "w")
-        self.log.writelines(kept)
+        # never truncate in place: a kill between truncating and rewriting would lose the kept
+        # records; the new content replaces the old in one rename, then new records are appended
+        atomic_write_text(path, "".join(kept))
+        self.log = open(path, "a")
 
     def write(self, **record: Any) -> None:
         self.log.write(json.dumps(record) + "\n")

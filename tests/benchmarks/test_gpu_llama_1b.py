@@ -21,7 +21,6 @@ def test_1b_config_is_about_a_billion_parameters():
 
 
 def test_tiny_benchmark_runs_on_cpu(capsys):
-    pytest.importorskip("minimegatron.llama", reason="LLaMAModel not written yet")
     [row] = bench.main(["--tiny", "--steps", "2"])
     cfg = bench.tiny_config()
     h, L, kv = cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads * cfg.head_dim

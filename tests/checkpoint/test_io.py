@@ -5,6 +5,8 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +181,77 @@ def test_missing_checkpoints_and_bad_arguments(tmp_path):
         save_checkpoint(llama(), tmp_path, step=-1)
     with pytest.raises(TypeError, match="no ModelConfig"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_crash_between_the_two_renames_of_a_resave_is_recovered(tmp_path, monkeypatch):
+    """Re-saving step 1 moves the old iter_0000001 aside, then renames the new one in. Dying between
+    the two leaves `latest` naming a missing directory: readers use the moved-aside copy, the next
+    save renames it back."""
+    old = llama(seed=1)
+    save_checkpoint(old, tmp_path, step=1)
+    expected = logits(old)
+    real_replace = os.replace
+
+    def dies_on_the_second_rename(src, dst):
+        if Path(src).name.startswith(".tmp-iter_") and Path(dst).name == "iter_0000001":
+            os._exit(9)  # killed: no exception handler runs
+        return real_replace(src, dst)
+
+    def resave():
+        monkeypatch.setattr(os, "replace", dies_on_the_second_rename)
+        save_checkpoint(llama(seed=2), tmp_path, step=1)
+
+    child = mp.get_context("fork").Process(target=resave)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    assert not (tmp_path / "iter_0000001").exists()  # the window the fix covers
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
+    fresh = llama(seed=3)
+    assert load_checkpoint(fresh, tmp_path)["step"] == 1  # falls back to the moved-aside copy
+    torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=0)
+    save_checkpoint(fresh, tmp_path, step=2)  # the next save renames it back, then cleans up
+    assert (tmp_path / "iter_0000001" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+    back = llama(seed=4)
+    load_checkpoint(back, tmp_path, step=1)
+    torch.testing.assert_close(logits(back), expected, rtol=0, atol=0)
+
+
+def test_an_exception_between_the_renames_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    old = llama(seed=1)
+    save_checkpoint(old, tmp_path, step=1)
+    real_replace = os.replace
+
+    def fails_on_the_second_rename(src, dst):
+        if Path(src).name.startswith(".tmp-iter_") and Path(dst).name == "iter_0000001":
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_on_the_second_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(llama(seed=2), tmp_path, step=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (tmp_path / "iter_0000001" / "model.safetensors").is_file() and not list(tmp_path.glob(".tmp-*"))
+    fresh = llama(seed=3)
+    load_checkpoint(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh), logits(old), rtol=0, atol=0)
+
+
+def test_a_save_only_deletes_temp_directories_that_are_stale(tmp_path):
+    """A `.tmp-*` of a save still running (here: this very process, just started) must survive another
+    save into the same directory; one untouched for longer than STALE_TMP_SECONDS is debris."""
+    save_checkpoint(llama(seed=1), tmp_path, step=1)
+    running = tmp_path / ckpt_io._tmp_name("iter_0000005")  # written by a live process: us
+    running.mkdir()
+    (running / "model.safetensors").write_bytes(b"being written")
+    foreign = tmp_path / ".tmp-iter_0000006-0123abcd-other-host.1"  # another machine's, fresh
+    foreign.mkdir()
+    old = tmp_path / ".tmp-iter_0000007-0123abcd-other-host.1"  # another machine's, long untouched
+    old.mkdir()
+    (old / "x").write_bytes(b"")
+    ancient = time.time() - ckpt_io.STALE_TMP_SECONDS - 60
+    for path in (old, old / "x"):
+        os.utime(path, (ancient, ancient))
+    save_checkpoint(llama(seed=2), tmp_path, step=2)
+    assert running.is_dir() and foreign.is_dir() and not old.exists()

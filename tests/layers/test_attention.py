@@ -30,7 +30,10 @@ CASES = {  # name: (config, attention_type)
     "alibi-8-heads": (_config(heads=8, alibi=True, bias=False), "self"),
     "cross": (_config(), "cross"),
     "cross-mqa": (_config(kv=1), "cross"),
+    "gqa-8-kv2": (_config(heads=8, kv=2), "self"),  # at tp=4: kv heads replicated (2 ranks per kv head)
+    "gqa-8-kv4": (_config(heads=8, kv=4, bias=False), "self"),  # at tp=4: one kv head per rank (split)
 }
+TP4_CASES = ["mha", "mqa", "gqa-8-kv2", "gqa-8-kv4", "alibi-8-heads", "cross-mqa"]
 
 
 def dense_attention(x, weights, config, attention_type, enc=None):
@@ -148,6 +151,19 @@ def test_tp2_matches_dense_reference_with_and_without_sequence_parallel(dense):
     for rank, results in enumerate(launch(_tp2_all_cases, 2, timeout=60)):
         for (name, sp), got in results.items():
             _compare(got, dense[name], chunk=(rank, 2) if sp else None)
+
+
+def _tp4_cases():
+    state = initialize_model_parallel(4)
+    return {(name, sp): _run(name, dataclasses.replace(state, sequence_parallel=sp))[:4]
+            for sp in (False, True) for name in TP4_CASES}
+
+
+def test_tp4_matches_dense_reference_with_and_without_sequence_parallel(dense):
+    """One launch of 4 ranks: kv heads split (MHA, 8 heads / 4 kv) and replicated (MQA, 8 heads / 2 kv)."""
+    for rank, results in enumerate(launch(_tp4_cases, 4, timeout=120)):
+        for (name, sp), got in results.items():
+            _compare(got, dense[name], chunk=(rank, 4) if sp else None)
 
 
 def test_mqa_at_tp2_replicates_the_key_value_weights():

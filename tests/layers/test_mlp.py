@@ -89,6 +89,19 @@ def test_tp2_matches_the_dense_mlp_and_swiglu_shards_hold_matching_gate_and_up_r
         torch.testing.assert_close(results[("swiglu", False)][3], torch.cat([gate[rows], up[rows]]))
 
 
+def _tp4():
+    state = initialize_model_parallel(4)
+    return {(name, sp): _run(name, dataclasses.replace(state, sequence_parallel=sp))
+            for name in CONFIGS for sp in (False, True)}
+
+
+def test_tp4_matches_the_dense_mlp_with_and_without_sequence_parallel():
+    dense = {name: _dense(name) for name in CONFIGS}
+    for rank, results in enumerate(launch(_tp4, 4, timeout=120)):
+        for (name, sp), got in results.items():
+            _check(got, dense[name], rank, 4, sp)
+
+
 def test_ffn_not_divisible_by_tp_raises():
     with pytest.raises(ValueError, match="ffn_hidden_size=96 is not divisible by tensor-parallel size 5"):
         ParallelMLP(llama_config(hidden_size=H, num_attention_heads=4, multiple_of=32), ParallelState(tp=5))

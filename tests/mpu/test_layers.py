@@ -263,3 +263,26 @@ def test_megatron_param_attributes():
     assert row.bias.tensor_model_parallel is False and row.bias.sequence_parallel is True
     emb = VocabParallelEmbedding(10, 4, state=st, make_vocab_size_divisible_by=4, dtype=torch.float64)
     assert emb.padded_vocab_size == 16 and emb.weight.dtype == torch.float64
+
+
+def test_lm_head_uses_the_weight_passed_at_call_time():
+    """An owner whose embedding Parameter was replaced passes the current one: the head must use it."""
+    emb = VocabParallelEmbedding(V, H, state=DENSE, make_vocab_size_divisible_by=8)
+    head = ParallelLMHead(V, H, state=DENSE, make_vocab_size_divisible_by=8, weight=emb.weight)
+    hidden = torch.randn(3, H)
+    close(head(hidden), hidden @ emb.weight.T, "borrowed weight")
+    other = torch.randn_like(emb.weight)
+    close(head(hidden, weight=other), hidden @ other.T, "weight passed at call time")
+    with pytest.raises(ValueError, match=r"shape \(4, 12\), expected \(56, 12\)"):
+        head(hidden, weight=torch.zeros(4, H))
+
+
+def test_token_id_check_is_a_per_instance_constructor_switch():
+    checked = VocabParallelEmbedding(V, H, state=DENSE)
+    unchecked = VocabParallelEmbedding(V, H, state=DENSE, check_token_ids=False)
+    assert "check_token_ids" not in vars(VocabParallelEmbedding)  # no class-wide (hidden global) switch
+    assert checked.check_token_ids and not unchecked.check_token_ids
+    bad = torch.tensor([[1, V]])
+    with pytest.raises(ValueError, match=f"token id {V} is outside the vocabulary"):
+        checked(bad)
+    assert unchecked(bad).shape == (1, 2, H)  # the caller vouched for its ids: no host sync

@@ -134,3 +134,26 @@ def test_divide_names_sizes_and_fix():
     assert m.divide(12, 4) == 3
     with pytest.raises(ValueError, match=r"hidden=10 is not divisible by tensor-parallel size 4.*multiple of 4"):
         m.divide(10, 4, "hidden")
+
+
+def _sp_grads_some_missing():
+    """Rank 0 has grads for both marked params, rank 1 only for ``b`` (``a`` unused there)."""
+    state = initialize_model_parallel(2)
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(5))
+    c = nn.Parameter(torch.zeros(2))  # marked, but no rank has a grad for it
+    for p in (a, b, c):
+        p.sequence_parallel = True
+    module = nn.ParameterList([a, b, c])
+    r = state.tp_rank
+    if r == 0:
+        a.grad = torch.arange(3.0) + 1
+    b.grad = torch.full((5,), 10.0 * (r + 1))
+    m.allreduce_sequence_parallel_gradients(module, state)
+    return a.grad, b.grad, c.grad
+
+
+def test_sequence_parallel_grad_allreduce_with_a_grad_missing_on_one_rank():
+    for a, b, c in launch(_sp_grads_some_missing, 2, timeout=30):
+        close(a, torch.arange(3.0) + 1, "grad present on rank 0 only")
+        close(b, torch.full((5,), 30.0), "grad on both ranks")
+        assert c is None  # no rank had one: stays None (the optimizer skips it)

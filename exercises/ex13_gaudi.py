@@ -1,0 +1,88 @@
+"""Exercise 13: what a training run's numbers mean on an accelerator.
+
+13.1  model_flops_utilization — MFU from a log line.
+
+A run logs the tokens/s of ALL its cards. MFU (Chowdhery et al. 2022, PaLM, appendix B) is the FLOP/s
+the model needs at that speed divided by one card's peak::
+
+    flops_per_token = 6·N  (+ 12·L·h·s when ``attention``)      N = weights that multiply activations
+    MFU             = flops_per_token · (tokens/s of ONE card) / (peak FLOP/s of one card)
+
+``peak_tflops`` is given in TFLOP/s (10¹² FLOP/s). Return MFU as a fraction (0.42, not 42).
+Example: 8 Gaudi 2 cards (432 TFLOP/s each) at 160 000 tokens/s in all, N = 1e9, no attention term:
+6e9 · 20 000 / 432e12 ≈ 0.278.
+
+Grade it with:  grade_model_flops_utilization(model_flops_utilization)
+The reference is the benchmark's formula (benchmarks/gpu_llama_1b.py: ``training_flops_per_token`` and
+``mfu``); the grader tries several runs and names the first one your function gets wrong.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from typing import Callable
+
+from exercises.grading import GradingError, passed
+
+
+def model_flops_utilization(tokens_per_s: float, num_cards: int, n_params: float, num_layers: int,
+                            hidden_size: int, seq_len: int, peak_tflops: float,
+                            attention: bool = True) -> float:
+    """Your code: MFU (a fraction) of a run that trains ``tokens_per_s`` tokens/s on ``num_cards`` cards."""
+    # Hint: first the FLOPs per token, then the tokens/s of one card, then mind the units of the peak.
+    raise NotImplementedError("Exercise 13.1: return (6N [+ 12·L·h·s]) · tokens/s per card / peak FLOP/s")
+
+
+# --- grading -----------------------------------------------------------------------------------------
+
+def _one_b_matmul_params() -> tuple[int, int, int]:
+    """(N, L, h) of the 0.9B LLaMA of notebook 13: every weight but the input embedding table."""
+    from benchmarks.gpu_llama_1b import llama_1b_config
+
+    cfg = llama_1b_config()
+    h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size
+    kv = cfg.num_kv_heads * cfg.head_dim
+    n = L * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h) + h + cfg.vocab_size * h  # + the LM head
+    return n, L, h
+
+
+def _cases() -> list[tuple[str, tuple, bool]]:
+    n, L, h = _one_b_matmul_params()
+    return [  # (what, (tokens/s, cards, N, L, h, s, peak TFLOP/s), attention)
+        ("the log line: 0.9B LLaMA on 8 Gaudi 2", (160000, 8, n, L, h, 2048, 432), True),
+        ("the log line without the attention term", (160000, 8, n, L, h, 2048, 432), False),
+        ("GPT-2 small on one H100 SXM", (3000, 1, 124e6, 12, 768, 1024, 989), True),
+        ("a 7B model on 64 Gaudi 3", (1.5e6, 64, 7e9, 32, 4096, 4096, 1835), True),
+        ("one card, a peak that is not a round number", (12345.6, 1, 3.3e8, 24, 1024, 512, 756.5), True),
+    ]
+
+
+def grade_model_flops_utilization(candidate: Callable[..., float]) -> str:
+    """Compare ``candidate`` with the benchmark's formula on several runs; GradingError on the first miss."""
+    from benchmarks.gpu_llama_1b import mfu, training_flops_per_token
+
+    for what, (tps, cards, n, layers, hidden, seq, peak), attention in _cases():
+        expected = mfu(tps / cards, training_flops_per_token(n, layers, hidden, seq, attention), peak * 1e12)
+        args = f"tokens_per_s={tps}, num_cards={cards}, n_params={n:.4g}, num_layers={layers}, " \
+               f"hidden_size={hidden}, seq_len={seq}, peak_tflops={peak}, attention={attention}"
+        try:
+            got = candidate(tps, cards, n, layers, hidden, seq, peak, attention=attention)
+        except NotImplementedError as err:
+            raise GradingError(f"Exercise 13.1 is not implemented yet: {err}") from None
+        except Exception:
+            raise GradingError(f"your code raised for {what} ({args}):\n{traceback.format_exc()}") from None
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            raise GradingError(f"{what}: expected a float (MFU as a fraction), got {type(got).__name__} "
+                               f"{got!r} (did you forget to return it?)")
+        if not math.isclose(got, expected, rel_tol=1e-9):
+            hint = ""
+            if math.isclose(got, expected * cards, rel_tol=1e-9) and cards > 1:
+                hint = " — that is the all-cards number: divide tokens/s by num_cards"
+            elif math.isclose(got, expected * 100, rel_tol=1e-9):
+                hint = " — that is a percentage: return a fraction"
+            elif attention and math.isclose(got, mfu(tps / cards, 6.0 * n, peak * 1e12), rel_tol=1e-9):
+                hint = " — the attention term 12·L·h·s is missing"
+            raise GradingError(f"{what} ({args}): got {got:.6g}, expected {expected:.6g}{hint}")
+    log_line = candidate(*_cases()[0][1], attention=True)
+    return passed(f"Exercise 13.1: model_flops_utilization matches the benchmark's formula on "
+                  f"{len(_cases())} runs; the log line's MFU is {log_line:.1%}")
