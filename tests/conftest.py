@@ -12,3 +12,7 @@ if ROOT not in sys.path:  # `exercises` and `benchmarks` are importable from the
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Loaded once here, inherited by every forked rank: entering a TorchDispatchMode (the comm counter)
+# or building an optimizer imports torch's compiler stack, seconds per rank otherwise.
+import torch._dynamo  # noqa: E402,F401

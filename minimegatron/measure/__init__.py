@@ -26,7 +26,8 @@ from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTi
 
 __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
            "tp_layer_comm", "SavedActivationCounter", "SavedTensor", "korthikanti_activation_bytes",
-           "layer_activation_bytes", "layer_activation_terms", "FixedTimeLayer", "PipeEvent", "PipelineTimeline",
+           "layer_activation_bytes", "layer_activation_terms", "FixedTimeLayer", "PipeEvent",
+           "PipelineTimeline",
            "idle_intervals", "measured_bubble_fraction", "pipeline_bubble_fraction", "plot_timeline",
            "adam_state_bytes", "model_state_bytes", "optimizer_state_bytes", "zero1_bytes_per_parameter",
            "zero1_optimizer_state_bytes"]

@@ -20,7 +20,8 @@ Rules, so that the count is the memory actually held:
 * **recomputation**: ``torch.utils.checkpoint`` (non-reentrant) stores its inputs with a
   ``save_for_backward`` we see, and runs the wrapped forward under hooks of its own, which we don't
   — exactly what it keeps: the inputs, not the inner activations. While counting, a checkpoint that
-  wraps a whole layer (full recompute) charges its inputs to that layer.
+  wraps a whole layer (full recompute) charges its inputs to that layer. (Tensors passed inside a
+  tuple, like RoPE's ``(cos, sin)``, are kept alive by reference, not saved: they are not seen.)
 
 Only the forward should run inside the counter (the count is what waits for backward).
 """

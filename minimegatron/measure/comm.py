@@ -41,10 +41,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch._dynamo  # noqa: F401  (a dispatch mode imports it: once here, forked ranks inherit it)
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -244,7 +245,8 @@ def format_comm_table(rows: dict) -> str:
 # ---- the formula ----------------------------------------------------------------------------------
 
 def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel: bool = False,
-                  bytes_per_element: int = 4, by_phase: bool = False) -> dict:
+                  bytes_per_element: int = 4, by_phase: bool = False,
+                  separate_kv: bool = False) -> dict:
     """Collectives of one transformer layer's forward + backward under tensor parallelism.
 
     Megatron (Shoeybi et al. 2019, §3): attention and MLP each sit between an ``f`` and a ``g``, so a
@@ -259,6 +261,11 @@ def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel:
         TP+SP:  4 × all-gather(s·b·h) + 4 × reduce-scatter(s·b·h)
                                                           wire/rank = 8 · (t-1)/t · s·b·h·e  (the same)
 
+    ``separate_kv``: GQA/MQA attention projects with two column-parallel layers (``query``,
+    ``key_value``) instead of the fused ``query_key_value``: each has its own ``f``, so the input
+    gradient takes one more all-reduce backward (under SP: one more all-gather forward and
+    reduce-scatter backward).
+
     (The all-reduce of the sequence-parallel norm gradients, ``allreduce_sequence_parallel_gradients``,
     runs once per step over all layers, not per layer, and is not counted here.) Returns
     ``{op: OpTotal}`` comparable with :meth:`CommCounter.totals` (``{(phase, op): ...}`` with
@@ -267,12 +274,14 @@ def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel:
     if tp == 1:
         return {}
     n = seq * batch * hidden
+    f = 3 if separate_kv else 2  # column-parallel entries (f): QKV [or query + key_value], fc1
     if sequence_parallel:
-        per_phase = {"all_gather": 2, "reduce_scatter": 2}
+        phases = {"forward": {"all_gather": f, "reduce_scatter": 2},
+                  "backward": {"all_gather": 2, "reduce_scatter": f}}
     else:
-        per_phase = {"all_reduce": 2}
+        phases = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": f}}
     out: dict = {}
-    for phase in ("forward", "backward"):
+    for phase, per_phase in phases.items():
         for op, count in per_phase.items():
             one = OpTotal(1, n * bytes_per_element, ring_wire_bytes(op, n, bytes_per_element, tp))
             key = (phase, op) if by_phase else op

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction", "measured_bubble_fraction",
+__all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction",
+           "measured_bubble_fraction",
            "idle_intervals", "plot_timeline"]
 
 # engine method -> event kind
@@ -239,10 +240,11 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
         for a, b in idle_intervals(chosen, rank):
             ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, color=COLORS["idle"], height=0.8)
         for e in chosen:
-            if e.rank != rank or e.start > t1 or (e.kind not in COMPUTE and not show_comm):
+            if e.rank != rank or e.start >= t1 or (e.kind not in COMPUTE and not show_comm):
                 continue
             h = 0.8 if e.kind in COMPUTE else 0.3
-            ax.barh(y, e.duration * 1e3, left=(e.start - t0) * 1e3, color=COLORS.get(e.kind, "k"),
+            width = min(e.end, t1) - e.start  # the step ends with the last backward: clip the rest
+            ax.barh(y, width * 1e3, left=(e.start - t0) * 1e3, color=COLORS.get(e.kind, "k"),
                     height=h, edgecolor="white" if e.kind in COMPUTE else None, linewidth=0.5)
             if e.kind in COMPUTE:
                 ax.text((e.start - t0 + e.duration / 2) * 1e3, y, f"{e.kind[0].upper()}{e.micro_batch}",
@@ -250,9 +252,11 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
     ax.set_yticks(range(len(ranks)))
     ax.set_yticklabels([f"stage {s} (rank {r})" for s, r in reversed(ranks)])
     ax.set_xlabel("time (ms)")
-    kinds = [k for k in ("forward", "backward", "send", "recv", "idle") if show_comm or k in COMPUTE + ("idle",)]
-    ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds], loc="upper right", fontsize=7,
-              ncol=len(kinds))
-    ax.set_title(title or f"pipeline timeline: measured bubble "
-                          f"{measured_bubble_fraction(chosen):.1%}")
+    present = {e.kind for e in chosen if e.start < t1}
+    kinds = [k for k in ("forward", "backward", "send", "recv", "load", "optimizer", "reduce_grads")
+             if k in present and (show_comm or k in COMPUTE)] + ["idle"]
+    ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds], loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), fontsize=7, ncol=len(kinds), frameon=False)
+    ax.set_title(title or f"pipeline timeline: measured bubble {measured_bubble_fraction(chosen):.1%}",
+                 pad=18)
     return ax

@@ -243,6 +243,7 @@ def preload() -> None:
     import minimegatron.pipe  # noqa: F401
     try:  # ZeRO's optimizer check imports this module, which builds torch.compile'd functions
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
     except ImportError:  # older DeepSpeed
         pass
 

@@ -68,7 +68,8 @@ def test_paper_formula_identities():
     plain = korthikanti_activation_bytes(s, b, h, a)
     assert korthikanti_activation_bytes(s, b, h, a, t, sequence_parallel=True) == pytest.approx(plain / t)
     assert korthikanti_activation_bytes(s, b, h, a, t, True, "selective") == pytest.approx(34 * s * b * h / t)
-    assert korthikanti_activation_bytes(s, b, h, a, t) == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert korthikanti_activation_bytes(s, b, h, a, t) == pytest.approx(
+        s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
     assert korthikanti_activation_bytes(s, b, h, a, t, recompute="full") == 2 * s * b * h
 
 

@@ -17,7 +17,9 @@ def _layer_comm(tp):
 
     out = {}
     for name, cfg in (("gpt", gpt_config(hidden_size=32, num_attention_heads=4, vocab_size=64)),
-                      ("llama", llama_config(hidden_size=32, num_attention_heads=4, vocab_size=64))):
+                      ("llama", llama_config(hidden_size=32, num_attention_heads=4, vocab_size=64)),
+                      ("llama-gqa", llama_config(hidden_size=32, num_attention_heads=8, num_kv_heads=tp,
+                                                 vocab_size=64))):
         for sp in (False, True):
             state = initialize_model_parallel(tp, 1, sequence_parallel=sp)
             torch.manual_seed(0)
@@ -40,7 +42,8 @@ def test_transformer_layer_bytes_equal_the_formula(tp):
     measured = launch(_layer_comm, tp, tp, timeout=120)
     for rank_result in measured:
         for (name, sp), totals in rank_result.items():
-            expected = tp_layer_comm(S, B, 32, tp, sequence_parallel=sp, by_phase=True)
+            expected = tp_layer_comm(S, B, 32, tp, sequence_parallel=sp, by_phase=True,
+                                     separate_kv=name == "llama-gqa")
             assert totals == expected, f"{name} sp={sp} tp={tp}: {totals} != {expected}"
     # the point of sequence parallelism: the same bytes on the wire as the all-reduces
     plain, sp = (sum(tp_layer_comm(S, B, 32, tp, s).values(), OpTotal()) for s in (False, True))

@@ -10,6 +10,17 @@ from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, op
 CFG = gpt_config(hidden_size=32, num_attention_heads=4, num_layers=2, vocab_size=100, max_seq_len=16)
 
 
+def _preload_deepspeed():
+    """Import DeepSpeed and torch._dynamo in this (parent) process before the ranks fork.
+
+    ``deepspeed.initialize`` imports its Muon optimizer, whose ``@torch.compile`` pulls in
+    torch._dynamo (``torch.optim``'s constructor does too): ~2 s of CPU per rank. Imported once here,
+    every forked rank inherits it.
+    """
+    import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
 def _zero1_step():
     import deepspeed
 
@@ -33,6 +44,7 @@ def _zero1_step():
 
 @pytest.mark.parametrize("dp", [2, 4])
 def test_zero1_optimizer_state_per_rank_equals_the_formula(dp):
+    _preload_deepspeed()
     results = launch(_zero1_step, dp, timeout=120)
     for measured, numel, param_bytes in results:
         assert measured == zero1_optimizer_state_bytes(numel, dp)

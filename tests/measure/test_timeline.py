@@ -13,6 +13,17 @@ from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTi
 T_F, T_B = 0.08, 0.16
 
 
+def _preload_deepspeed():
+    """Import DeepSpeed and torch._dynamo in this (parent) process before the ranks fork.
+
+    ``deepspeed.initialize`` imports its Muon optimizer, whose ``@torch.compile`` pulls in
+    torch._dynamo (``torch.optim``'s constructor does too): ~2 s of CPU per rank. Imported once here,
+    every forked rank inherits it.
+    """
+    import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
 def _record(stages, micro_batches):
     import deepspeed
     from deepspeed.pipe import PipelineModule
@@ -41,11 +52,13 @@ def _record(stages, micro_batches):
 
 @pytest.mark.parametrize("stages, micro_batches", [(2, [1, 4, 8]), (4, [2, 4, 8])])
 def test_measured_bubble_matches_the_formula(stages, micro_batches):
+    _preload_deepspeed()
     per_rank = launch(_record, stages, stages, micro_batches, timeout=120)
     for m in micro_batches:
         events = [e for rank in per_rank for e in rank[m]]
         measured, theory = measured_bubble_fraction(events), pipeline_bubble_fraction(stages, m)
-        assert abs(measured - theory) < 0.05, f"p={stages} m={m}: measured {measured:.3f}, theory {theory:.3f}"
+        assert abs(measured - theory) < 0.05, (
+            f"p={stages} m={m}: measured {measured:.3f}, theory {theory:.3f}")
         forwards = [e for e in events if e.kind == "forward"]
         assert len(forwards) == stages * m and {e.micro_batch for e in forwards} == set(range(m))
         assert {e.stage for e in events} == set(range(stages))
@@ -63,7 +76,8 @@ def _toy_events():
 
 def test_bubble_arithmetic_and_plot():
     events = _toy_events()
-    assert measured_bubble_fraction(events, per_stage=True) == {0: pytest.approx(1 / 3), 1: pytest.approx(1 / 3)}
+    assert measured_bubble_fraction(events, per_stage=True) == {0: pytest.approx(1 / 3),
+                                                                 1: pytest.approx(1 / 3)}
     assert pipeline_bubble_fraction(2, 2) == pytest.approx(1 / 3)
     assert idle_intervals(events, rank=0) == [(2.0, 3.0), (4.0, 5.0)]
     import matplotlib
