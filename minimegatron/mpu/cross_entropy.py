@@ -34,37 +34,40 @@ def _all_reduce_(x: torch.Tensor, state: ParallelState, op=dist.ReduceOp.SUM) ->
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """One (…, V/tp) fp32 buffer: shifted logits → exp → softmax in place (saved for backward)."""
 
     @staticmethod
     def forward(ctx, logits, target, state, vocab_size, ignore_index):
         in_dtype = logits.dtype
-        logits = logits.float()  # (…, V/tp), fp32 math
         part = logits.size(-1)
         start, end = state.tp_rank * part, (state.tp_rank + 1) * part
-        if vocab_size < end:  # this shard has padding columns: they must never get probability
-            cols = torch.arange(start, end, device=logits.device)  # (V/tp,) global column ids
-            logits = logits.masked_fill(cols >= vocab_size, float("-inf"))
+        logits = logits.float()  # (…, V/tp), fp32 math (no copy when already fp32)
+        first_pad = max(vocab_size - start, 0)  # local column where padding starts (if vocab_size < end)
 
-        # 1. the global max over the whole vocabulary
-        logits_max = logits.max(dim=-1).values  # (…)
+        # 1. the global max over the whole vocabulary (padding columns excluded)
+        real = logits if vocab_size >= end else logits[..., :first_pad]  # (…, real cols of this shard)
+        logits_max = (real.max(dim=-1).values if real.size(-1)
+                      else logits.new_full(logits.shape[:-1], -torch.inf))  # (…)
         _all_reduce_(logits_max, state, dist.ReduceOp.MAX)
-        logits = logits - logits_max.unsqueeze(-1)  # (…, V/tp), every entry ≤ 0
+        shifted = logits - logits_max.unsqueeze(-1)  # (…, V/tp), every real entry ≤ 0
+        if vocab_size < end:  # padding columns must never get probability
+            shifted[..., first_pad:] = float("-inf")
 
         # 2. the target's logit, from the one rank that owns it
         outside = (target < start) | (target >= end)  # (…) targets (and ignore_index) owned elsewhere
         local_target = (target - start).masked_fill(outside, 0)  # (…) column in this shard
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # (…)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # (…)
         target_logit = target_logit.masked_fill(outside, 0.0)
         _all_reduce_(target_logit, state)
 
-        # 3. the normaliser Σ exp over the whole vocabulary
-        exp_logits = logits.exp()  # (…, V/tp); padded columns give exp(−inf) = 0
+        # 3. the normaliser Σ exp over the whole vocabulary, then softmax — in place in `shifted`
+        exp_logits = shifted.exp_()  # (…, V/tp); padded columns give exp(−inf) = 0
         sum_exp = exp_logits.sum(dim=-1)  # (…)
         _all_reduce_(sum_exp, state)
 
         ignored = target == ignore_index
         loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)  # (…)
-        softmax = exp_logits / sum_exp.unsqueeze(-1)  # (…, V/tp)
+        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))  # (…, V/tp)
         ctx.save_for_backward(softmax, local_target, outside, ignored)
         ctx.in_dtype = in_dtype
         return loss
@@ -72,11 +75,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_target, outside, ignored = ctx.saved_tensors
-        grad = softmax.clone()  # (…, V/tp): softmax − one_hot(target), the one_hot on its owner only
-        owns = (~outside).to(grad.dtype).unsqueeze(-1)  # (…, 1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -owns)
         scale = grad_loss.float().masked_fill(ignored, 0.0).unsqueeze(-1)  # (…, 1)
-        return (grad * scale).to(ctx.in_dtype), None, None, None, None
+        grad = softmax * scale  # (…, V/tp), a new tensor: softmax stays intact for a second backward
+        owns = (~outside).to(grad.dtype).unsqueeze(-1)  # (…, 1): one_hot(target) lives on its owner
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -owns * scale)  # softmax − one_hot
+        return grad.to(ctx.in_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,

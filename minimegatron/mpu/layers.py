@@ -221,6 +221,8 @@ class VocabParallelEmbedding(nn.Module):
                 raise ValueError(f"token id {hi if hi >= self.num_embeddings else lo} is outside the "
                                  f"vocabulary [0, {self.num_embeddings}); check that the tokenizer's "
                                  f"vocab size matches the model's vocab_size={self.num_embeddings}")
+        if self.state.tp == 1:  # one rank holds the whole table: a plain lookup
+            return F.embedding(input_ids, self.weight)  # (b, s, h)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)  # (b, s)
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)  # (b, s)
         out = F.embedding(local_ids, self.weight)  # (b, s, h): rows of this rank's slice
