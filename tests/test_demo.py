@@ -187,6 +187,7 @@ def test_out_must_be_a_directory(tmp_path, capsys):
 
 
 def test_module_entry_point_reports_errors():
+    """`python -m minimegatron.demo` (minimegatron/demo/__main__.py) exits 2 with the reason."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "minimegatron.demo", "--quick", "--tp", "3"],

@@ -7,6 +7,7 @@ import torch
 
 from minimegatron.config import gpt_config, llama_config
 from minimegatron.gpt import GPTModel
+from minimegatron.layers.language_model import LanguageModel
 from minimegatron.llama import KVCache, LLaMAModel
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=16,
@@ -75,3 +76,11 @@ def test_every_position_kind_stops_at_max_seq_len(positions):
         model(torch.zeros(1, 12, dtype=torch.long), kv_cache=cache)
         with pytest.raises(ValueError, match=r"sequence length 17 \(cached 12 \+ new 5\)"):
             model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+def test_gpt_and_llama_are_one_language_model_with_two_configs():
+    """The porting story: the two classes add no layers of their own, only their flavour's config."""
+    gpt, llama = GPTModel(gpt_config(**SMALL)), LLaMAModel(llama_config(**SMALL))
+    assert type(gpt).__mro__[1] is LanguageModel and type(llama).__mro__[1] is LanguageModel
+    as_base = LanguageModel(llama.config)
+    assert as_base.state_dict().keys() == llama.state_dict().keys()

@@ -21,6 +21,7 @@ from minimegatron.launch import RankError, launch  # noqa: E402
 from minimegatron.mpu.state import initialize_model_parallel  # noqa: E402
 from minimegatron.training import TrainConfig, parse_args, train, validate  # noqa: E402
 from minimegatron.training.data import SyntheticDataset  # noqa: E402
+from minimegatron.training.optimizer_state import MOMENTS  # noqa: E402
 
 TINY = dict(steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, seq_len=16,
             micro_batch_size=2, global_batch_size=8, lr=3e-3, warmup_steps=2, clip_grad=1.0,
@@ -132,7 +133,7 @@ def test_what_is_on_disk(saved):
         assert {k.split("/")[0] for k in fh.keys()} == {"rank0", "rank1", "rank2", "rank3"}
     assert weights["embedding.word_embeddings.weight"] == (128, 32)  # whole: unpadded, TP gathered
     assert "layers.1.mlp.dense_h_to_4h.weight" in weights  # from the second pipeline stage
-    assert moments == {f"{k}/{n}": s for n, s in weights.items() for k in ("exp_avg", "exp_avg_sq")}
+    assert moments == {f"{k}/{n}": s for n, s in weights.items() for k in MOMENTS}
     trainer = json.load(open(os.path.join(path, "trainer.json")))
     assert trainer["step"] == 2 and trainer["optimizer_step"] == 2 and trainer["consumed_samples"] == 16
     assert trainer["layout"] == dict(tp=2, pp=2, dp=1, zero_stage=0, dtype="fp32", sequence_parallel=False)
