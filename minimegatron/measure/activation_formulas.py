@@ -21,9 +21,10 @@ else 1. What each op keeps (checked one by one with :class:`SavedActivationCount
 
     norms (×2)     LayerNorm: input s·b·h/u + mean, rstd 2·s·b/u
                    RMSNorm:   input s·b·h/u + normalised x s·b·h/u + rstd s·b/u   (γ·x needs x̂)
-    QKV input      s·b·h — the norm output; under SP the *all-gathered* (s, b, h) that F.linear
-                   keeps (Megatron keeps the s/t shard and gathers again in backward: its "/t");
-                   GQA's separate ``query`` and ``key_value`` gather twice under SP: 2·s·b·h
+    QKV input      s·b·h/u — the norm output; under SP the column layer keeps only its (s/t, b, h)
+                   shard and all-gathers it again in backward for ∂L/∂W, as Megatron does (the
+                   paper's "/t"); GQA's separate ``query`` and ``key_value`` both save that same
+                   shard tensor: one storage, counted once
     attention      SDPA (flash) keeps q, k, v, output, logsumexp (b, a/t, s):
                      MHA: the fused QKV output 3·s·b·h/t (v is a view of it: the whole buffer
                           stays), [RoPE: rotated q and k, 2·s·b·h/t], output s·b·h/t, lse a·s·b/t
@@ -31,7 +32,7 @@ else 1. What each op keeps (checked one by one with :class:`SavedActivationCount
                    math (ALiBi): contiguous q, k, v copies 3·s·b·h/t, softmax output a·s²·b/t,
                           the output reshaped to (s, b, h/t) for ``dense`` s·b·h/t
                    (the flash output is laid out (s, b, n, d) already: ``dense``'s input is a view)
-    MLP            fc1 input s·b·h (all-gathered under SP)
+    MLP            fc1 input s·b·h/u (the shard under SP, re-gathered in backward)
                    GeLU: GeLU input s·b·f/t + fc2 input s·b·f/t
                    SwiGLU: fc1 output [gate | up] 2·s·b·f/t + silu(gate) s·b·f/t + fc2 input s·b·f/t
     selective      ``core_attention`` is checkpointed: it keeps its inputs (q, k, v as above, before
@@ -106,7 +107,7 @@ def layer_activation_terms(config: ModelConfig, seq: int, batch: int, tp: int = 
     else:
         terms["normalised x (before γ)"] = 2 * sbh / u
         terms["norm statistics (rstd)"] = 2 * sb / u
-    terms["QKV input" + (" (all-gathered)" if sp else "")] = (2 if sp and not fused else 1) * sbh
+    terms["QKV input"] = sbh / u  # under SP: the (s/t, b, h) shard, gathered again in backward
 
     if recompute == "selective":  # checkpoint(core_attention, q, k, v): its inputs + its output
         if fused:
@@ -134,7 +135,7 @@ def layer_activation_terms(config: ModelConfig, seq: int, batch: int, tp: int = 
         terms["attention output (dense input)"] = sbh / t
         terms["logsumexp"] = a * sb / t
 
-    terms["fc1 input" + (" (all-gathered)" if sp else "")] = sbh
+    terms["fc1 input"] = sbh / u
     sbf = seq * batch * f
     if config.activation == "gelu":
         terms["GeLU input"] = sbf / t

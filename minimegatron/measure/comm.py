@@ -34,7 +34,9 @@ all-reduce, the gathered output of an all-gather, the input of a reduce-scatter,
     send / recv                                                   n · e
 
 So an all-reduce costs the same on the wire as a reduce-scatter plus an all-gather: sequence
-parallelism moves the same volume as plain tensor parallelism.
+parallelism's conjugate pairs move the same volume as plain tensor parallelism (plus, like Megatron,
+one backward all-gather per column-parallel layer to re-gather the input shard it kept instead of the
+full input: see :func:`tp_layer_comm`).
 """
 from __future__ import annotations
 
@@ -256,15 +258,20 @@ def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel:
         TP:     4 × all-reduce(s·b·h)                     wire/rank = 4 · 2(t-1)/t · s·b·h·e
 
     Sequence parallelism (Korthikanti et al. 2022, §4.2.2) turns each ``g`` into a reduce-scatter
-    (backward: all-gather) and each ``f`` into an all-gather (backward: reduce-scatter)::
+    (backward: all-gather) and each ``f`` into an all-gather (backward: reduce-scatter). Like
+    Megatron, a column-parallel layer under SP keeps only its (s/t, b, h) input shard for backward and
+    all-gathers it *again* there to form ∂L/∂W = (∂L/∂Y)ᵀ·X — it trades one all-gather per column
+    layer for ``(t-1)/t · s·b·h`` elements of activation memory::
 
-        TP+SP:  4 × all-gather(s·b·h) + 4 × reduce-scatter(s·b·h)
-                                                          wire/rank = 8 · (t-1)/t · s·b·h·e  (the same)
+        TP+SP:  4 × all-gather(s·b·h) + 4 × reduce-scatter(s·b·h)      the conjugate pairs
+                                                          wire/rank = 8 · (t-1)/t · s·b·h·e  (= TP)
+              + 2 × all-gather(s·b·h) backward            the re-gathers of the QKV and fc1 inputs
+                                                          wire/rank + 2 · (t-1)/t · s·b·h·e
 
     ``separate_kv``: GQA/MQA attention projects with two column-parallel layers (``query``,
     ``key_value``) instead of the fused ``query_key_value``: each has its own ``f``, so the input
-    gradient takes one more all-reduce backward (under SP: one more all-gather forward and
-    reduce-scatter backward).
+    gradient takes one more all-reduce backward (under SP: one more all-gather forward, and one more
+    reduce-scatter and re-gather all-gather backward).
 
     (The all-reduce of the sequence-parallel norm gradients, ``allreduce_sequence_parallel_gradients``,
     runs once per step over all layers, not per layer, and is not counted here.) Returns
@@ -276,8 +283,8 @@ def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel:
     n = seq * batch * hidden
     f = 3 if separate_kv else 2  # column-parallel entries (f): QKV [or query + key_value], fc1
     if sequence_parallel:
-        phases = {"forward": {"all_gather": f, "reduce_scatter": 2},
-                  "backward": {"all_gather": 2, "reduce_scatter": f}}
+        phases = {"forward": {"all_gather": f, "reduce_scatter": 2},  # + f re-gathers backward:
+                  "backward": {"all_gather": 2 + f, "reduce_scatter": f}}
     else:
         phases = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": f}}
     out: dict = {}

@@ -13,6 +13,10 @@ A linear layer computes ``Y = X·A + b`` with ``A = Wᵀ`` of shape (in, out); t
 Column then Row (the MLP, attention) needs exactly one all-reduce forward and one backward: the
 column output ``Y_i`` is exactly the row layer's input slice ``X_i``.
 
+Under sequence parallelism the column layer's input arrives as the (s/tp, b, h) shard and is
+all-gathered first; :class:`_LinearWithSequenceParallelGather` keeps only the shard for backward and
+gathers it again there (Korthikanti et al. 2022, §4.2.2), as Megatron does.
+
 Initialisation rule: every layer draws its FULL (unpadded) master weight on the CPU from torch's
 default generator, then keeps its shard. So after ``torch.manual_seed(s)`` on every rank, a TP=k
 layer holds exactly the shards of the TP=1 layer built with seed s (independent of k).
@@ -26,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimegatron.mpu.mappings import (_gather_first_dim, copy_to_tensor_model_parallel_region,
-                                       gather_from_sequence_parallel_region,
+from minimegatron.mpu.mappings import (_gather_first_dim, _reduce_scatter_first_dim,
+                                       copy_to_tensor_model_parallel_region,
                                        gather_from_tensor_model_parallel_region,
                                        reduce_from_tensor_model_parallel_region,
                                        reduce_scatter_to_sequence_parallel_region,
@@ -37,6 +41,7 @@ from minimegatron.mpu.state import ParallelState
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
+           "linear_with_sequence_parallel_gather",
            "shard_weight", "gather_weight", "init_normal", "pad_vocab_size", "vocab_range"]
 
 
@@ -102,12 +107,58 @@ def _replicated_zeros(n: int, dtype, device, sequence_parallel: bool = False) ->
     return param
 
 
+class _LinearWithSequenceParallelGather(torch.autograd.Function):
+    """``Y = all-gather(x)·Wᵀ + b`` for an (s/tp, b, in) shard ``x``, keeping only the shard.
+
+    Forward: all-gather dim 0 ``(s/tp, b, in) -> X (s, b, in)``, then ``X·Wᵀ + b`` (out/tp columns).
+    Backward: all-gather the saved shard *again* to rebuild ``X``, then
+    ``∂L/∂W = (∂L/∂Y)ᵀ·X``, ``∂L/∂b = Σ_{s,b} ∂L/∂Y`` and ``∂L/∂x = reduce-scatter(∂L/∂Y·W)`` dim 0
+    (every rank's column slice contributed to the whole ∂L/∂X; this rank keeps its s/tp rows).
+
+    Memory: ``F.linear`` on the gathered ``X`` would keep all ``s·b·in`` elements for the weight
+    gradient; this keeps ``s·b·in/tp`` — that is what turns the QKV and fc1 inputs into ``sbh/t`` in
+    Korthikanti et al. 2022 (§4.2.2). Price: one more all-gather per column layer in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state):
+        ctx.state, ctx.has_bias = state, bias is not None
+        ctx.save_for_backward(x, weight)  # the (s/tp, b, in) shard, not the gathered input
+        full = _gather_first_dim(x, state)  # (s/tp, b, in) -> (s, b, in)
+        return F.linear(full, weight, bias)  # (s, b, out/tp); full is freed on return
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        dtype = grad.dtype  # under autocast the matmuls ran in grad's dtype; cast results back
+        if need_x:
+            grad_full = grad.matmul(weight.to(dtype))  # (s, b, in): this rank's partial ∂L/∂X
+            grad_x = _reduce_scatter_first_dim(grad_full, ctx.state).to(x.dtype)  # (s/tp, b, in)
+        if need_w:
+            full = _gather_first_dim(x, ctx.state).to(dtype)  # (s, b, in): the re-gather
+            grad_w = (grad.flatten(0, -2).t() @ full.flatten(0, -2)).to(weight.dtype)  # (out/tp, in)
+        if ctx.has_bias and need_b:
+            grad_b = grad.flatten(0, -2).sum(0)  # (out/tp,)
+        return grad_x, grad_w, grad_b, None
+
+
+def linear_with_sequence_parallel_gather(x: torch.Tensor, weight: torch.Tensor,
+                                         bias: torch.Tensor | None, state: ParallelState) -> torch.Tensor:
+    """(s/tp, b, in) -> (s, b, out/tp), saving only the shard; ``F.linear`` at tp == 1."""
+    if state.tp == 1:
+        return F.linear(x, weight, bias)
+    return _LinearWithSequenceParallelGather.apply(x, weight, bias, state)
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X·A + b``, ``A = [A_1 … A_p]`` split by output columns; rank i holds W_i (out/p, in).
 
     Forward: f (identity) — or under sequence parallelism the all-gather of the (s/tp, b, in) input —
     then ``X·A_i + b_i``; with ``gather_output`` the slices are all-gathered to (…, out).
-    Backward: all-reduce of ∂L/∂X (or reduce-scatter to (s/tp, b, in) under SP).
+    Backward: all-reduce of ∂L/∂X (or reduce-scatter to (s/tp, b, in) under SP, where only the
+    shard is kept and re-gathered for ∂L/∂W: :class:`_LinearWithSequenceParallelGather`).
     """
 
     def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
@@ -125,11 +176,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias = _parallel_param((output_size,), 0, state, nn.init.zeros_, dtype, device, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.state)  # (s/tp, b, in) -> (s, b, in)
+        if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, out/tp), keeps the shard only
+            y = linear_with_sequence_parallel_gather(x, self.weight, self.bias, self.state)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.state)  # (…, in), f
-        y = F.linear(x, self.weight, self.bias)  # (…, out/tp)
+            y = F.linear(x, self.weight, self.bias)  # (…, out/tp)
         if not self.gather_output:
             return y
         y = gather_from_tensor_model_parallel_region(y, self.state)  # (…, out), rank-major
@@ -243,7 +294,8 @@ class ParallelLMHead(nn.Module):
     assign=True)``), so an owner that holds both should pass its current weight at call time:
     ``head(hidden, weight=embedding.weight)`` (LanguageModel does). Feed
     the shard straight to ``vocab_parallel_cross_entropy``. The input goes through f (or the SP
-    all-gather), whose backward sums ∂L/∂h over the vocab slices.
+    all-gather, keeping only the (s/tp, b, h) shard for backward), whose backward sums ∂L/∂h over
+    the vocab slices.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, *, state: ParallelState,
@@ -274,10 +326,9 @@ class ParallelLMHead(nn.Module):
         if weight.shape != self.weight.shape:
             raise ValueError(f"LM head weight has shape {tuple(weight.shape)}, expected "
                              f"{tuple(self.weight.shape)} (V_pad/tp, h): pass the tied embedding's weight")
-        if self.sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(hidden, self.state)  # (s/tp, b, h) -> (s, b, h)
-        else:
-            hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
+        if self.sequence_parallel:  # (s/tp, b, h) -> (s, b, V_pad/tp), keeps the shard only
+            return linear_with_sequence_parallel_gather(hidden, weight, None, self.state)
+        hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
         return F.linear(hidden, weight)  # (…, V_pad/tp)
 
     def extra_repr(self) -> str:

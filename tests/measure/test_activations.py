@@ -73,15 +73,16 @@ def test_paper_formula_identities():
     assert korthikanti_activation_bytes(s, b, h, a, t, recompute="full") == 2 * s * b * h
 
 
-def test_sequence_parallel_shrinks_all_but_the_gathered_linear_inputs():
-    cfg = CONFIGS["gpt"]
-    plain = layer_activation_terms(cfg, S, B)
-    sp = {k.replace(" (all-gathered)", ""): v
-          for k, v in layer_activation_terms(cfg, S, B, tp=4, sequence_parallel=True).items()}
-    assert plain.keys() == sp.keys()
-    kept_whole = {k for k in plain if sp[k] == plain[k]}
-    assert kept_whole == {"QKV input", "fc1 input"}  # Megatron keeps their s/t shard (see docstring)
-    assert all(sp[k] * 4 == plain[k] for k in plain.keys() - kept_whole)
+def test_sequence_parallel_shrinks_every_term_by_t():
+    """Like Megatron, the column layers keep the (s/t, b, h) shard of their input, not the gathered
+    (s, b, h): every term of the TP+SP layer is the unsplit term over t, as the paper's sbh/t·(34 + …)."""
+    for name in ("gpt", "llama"):
+        plain = layer_activation_terms(CONFIGS[name], S, B)
+        sp = layer_activation_terms(CONFIGS[name], S, B, tp=4, sequence_parallel=True)
+        assert plain.keys() == sp.keys()
+        assert {k: 4 * v for k, v in sp.items()} == plain, name
+    gqa = layer_activation_terms(CONFIGS["llama-gqa"], S, B, tp=2, sequence_parallel=True)
+    assert gqa["QKV input"] == S * B * H / 2  # query and key_value save the same shard: once
 
 
 def test_bad_arguments_are_named():

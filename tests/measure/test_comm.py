@@ -45,9 +45,14 @@ def test_transformer_layer_bytes_equal_the_formula(tp):
             expected = tp_layer_comm(S, B, 32, tp, sequence_parallel=sp, by_phase=True,
                                      separate_kv=name == "llama-gqa")
             assert totals == expected, f"{name} sp={sp} tp={tp}: {totals} != {expected}"
-    # the point of sequence parallelism: the same bytes on the wire as the all-reduces
+    # the point of sequence parallelism: its RS/AG pairs move the same bytes as the all-reduces; on
+    # top, each column layer (QKV, fc1) re-gathers its kept input shard in backward, as Megatron does
     plain, sp = (sum(tp_layer_comm(S, B, 32, tp, s).values(), OpTotal()) for s in (False, True))
-    assert plain.wire_bytes == sp.wire_bytes == 4 * 2 * (tp - 1) * S * B * 32 * 4 // tp
+    one = (tp - 1) * S * B * 32 * 4 // tp  # wire bytes/rank of one all-gather of s·b·h fp32
+    assert plain.wire_bytes == 4 * 2 * one
+    assert sp.wire_bytes == plain.wire_bytes + 2 * one
+    backward = tp_layer_comm(S, B, 32, tp, True, by_phase=True)
+    assert backward["backward", "all_gather"].count == 2 + 2  # ḡ's backward + the two re-gathers
 
 
 def _all_kinds():

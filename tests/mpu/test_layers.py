@@ -148,6 +148,63 @@ def test_linear_layers_match_dense_tp_1_2_4():
         assert errors[2].startswith("RowParallelLinear input_size=10 is not divisible")
 
 
+def _sp_saved_input(world):
+    """Under SP the column layer and the LM head keep the (s/tp, b, h) shard of their input for
+    backward (re-gathered there), not the all-gathered (s, b, h) — and still match the dense layer."""
+    from minimegatron.measure.activations import SavedActivationCounter
+
+    st = initialize_model_parallel(world)
+    tp, r = st.tp, st.tp_rank
+    g = torch.Generator().manual_seed(11)
+    saved = {}
+    for stride in (1, 3):
+        torch.manual_seed(5)
+        master = ColumnParallelLinear(H, OUT, state=DENSE, stride=stride).weight.detach()
+        torch.manual_seed(5)
+        layer = ColumnParallelLinear(H, OUT, state=st, stride=stride, gather_output=False,
+                                     sequence_parallel=True)
+        bias = torch.randn(OUT, generator=g)
+        with torch.no_grad():
+            layer.bias.copy_(shard_weight(bias, 0, r, tp, stride))
+        x_full, c = torch.randn(S, B, H, generator=g), torch.randn(S, B, OUT, generator=g)
+        xd, wd, bd, yd = dense_linear(x_full, master, bias)
+        (yd * c).sum().backward()
+        x = leaf(x_full.chunk(tp, 0)[r])  # (s/tp, b, h)
+        with SavedActivationCounter(layer, layers={"column": layer}) as acts:
+            y = layer(x)  # (s, b, out/tp)
+        saved[f"column stride={stride}"] = [(rec.shape, rec.bytes) for rec in acts.records]
+        what = f"SP column tp={tp} stride={stride}"
+        close(y, shard_weight(yd, -1, r, tp, stride), f"{what}: output shard")
+        (y * shard_weight(c, -1, r, tp, stride)).sum().backward()
+        close(x.grad, xd.grad.chunk(tp, 0)[r], f"{what}: input grad")
+        close(gather_weight(layer.weight.grad, 0, st, stride), wd.grad, f"{what}: weight grad")
+        close(gather_weight(layer.bias.grad, 0, st, stride), bd.grad, f"{what}: bias grad")
+
+    torch.manual_seed(6)
+    head = ParallelLMHead(V, H, state=st, make_vocab_size_divisible_by=8, sequence_parallel=True)
+    master = gather_weight(head.weight, 0, st)  # (V_pad, h), the padding depends on tp
+    x_full = torch.randn(S, B, H, generator=g)
+    c = torch.randn(S, B, master.size(0), generator=g)
+    xd, wd = leaf(x_full), leaf(master)
+    ((xd @ wd.t()) * c).sum().backward()
+    x = leaf(x_full.chunk(tp, 0)[r])  # (s/tp, b, h)
+    with SavedActivationCounter(head, layers={"head": head}) as acts:
+        y = head(x)  # (s, b, V_pad/tp)
+    saved["lm head"] = [(rec.shape, rec.bytes) for rec in acts.records]
+    (y * shard_weight(c, -1, r, tp)).sum().backward()
+    close(x.grad, xd.grad.chunk(tp, 0)[r], f"SP LM head tp={tp}: input grad")
+    close(gather_weight(head.weight.grad, 0, st), wd.grad, f"SP LM head tp={tp}: weight grad")
+    return saved
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_column_saves_only_the_input_shard(world):
+    for saved in launch(_sp_saved_input, world, world, timeout=60):
+        for what, records in saved.items():
+            # one saved storage: this rank's (s/tp, b, h) fp32 shard; the weight is a parameter
+            assert records == [((S // world, B, H), S // world * B * H * 4)], f"{what}: {records}"
+
+
 def _vocab_cases():
     for tp in (1, 2, 4):
         st = initialize_model_parallel(tp)
