@@ -58,9 +58,9 @@ from torch import nn
 from minimegatron.config import ModelConfig
 from minimegatron import kernels
 from minimegatron.layers.positions import alibi_bias, alibi_slopes
-from minimegatron.mpu.layers import ColumnParallelLinear, RowParallelLinear, init_normal
-from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
-                                       gather_from_sequence_parallel_region)
+from minimegatron.mpu.layers import (ColumnParallelLinear, RowParallelLinear, init_normal,
+                                     linear_with_sequence_parallel_gather)
+from minimegatron.mpu.mappings import copy_to_tensor_model_parallel_region
 from minimegatron.mpu.random import get_rng_tracker
 from minimegatron.mpu.state import ParallelState
 
@@ -191,14 +191,15 @@ class ParallelAttention(nn.Module):
     # ---- projections ------------------------------------------------------------------------------
     def _replicated_key_value(self, source: torch.Tensor) -> torch.Tensor:
         """All kv heads from the full weight on every rank; ``f`` on the weight sums its gradients."""
-        if self.sequence_parallel and self.attention_type == "self":
-            source = gather_from_sequence_parallel_region(source, self.state)  # (s/tp,b,h) -> (s,b,h)
-        else:
-            source = copy_to_tensor_model_parallel_region(source, self.state)  # (s, b, h)
         weight = copy_to_tensor_model_parallel_region(self.key_value.weight, self.state)
         bias = self.key_value.bias
         bias = None if bias is None else copy_to_tensor_model_parallel_region(bias, self.state)
-        kv = F.linear(source, weight, bias)  # (s, b, 2·kv·d)
+        if self.sequence_parallel and self.attention_type == "self":
+            # all-gather (s/tp, b, h) -> (s, b, h); like the column layers, backward keeps the shard only
+            kv = linear_with_sequence_parallel_gather(source, weight, bias, self.state)  # (s,b,2·kv·d)
+        else:
+            source = copy_to_tensor_model_parallel_region(source, self.state)  # (s, b, h)
+            kv = F.linear(source, weight, bias)  # (s, b, 2·kv·d)
         k, v = kv.unflatten(-1, (2, -1, self.head_dim)).unbind(-3)  # (s, b, kv, d) each
         keep = slice(self.first_kv_head, self.first_kv_head + 1)  # the one kv head this rank reads
         return torch.cat([k[:, :, keep], v[:, :, keep]], dim=2).flatten(2)  # (s, b, 2·1·d)
