@@ -171,7 +171,7 @@ def _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads) -> list
             if remaining <= 0:
                 hung = sorted(pending.values())
                 raise LaunchTimeout(timeout, hung, _dump_stacks(procs, hung, tmp))
-            for conn in wait(list(pending), timeout=remaining):
+            for conn in wait(list(pending), timeout=min(remaining, 86400.0)):  # wait() takes int ms
                 rank = pending.pop(conn)
                 try:
                     status, value = pickle.loads(conn.recv_bytes())

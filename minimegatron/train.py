@@ -17,6 +17,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script (the deepspeed launcher does that)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from minimegatron.launch import LaunchTimeout  # noqa: E402
 from minimegatron.training import History, TrainConfig, parse_args, train  # noqa: E402
 
 __all__ = ["main", "train", "TrainConfig", "History"]
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> History:
         history = train(cfg)
     except ValueError as err:  # a configuration that cannot work: say why, no traceback
         sys.exit(f"error: {err}")
+    except LaunchTimeout as err:  # the whole run's deadline: show where the ranks were, then why
+        print(err, file=sys.stderr)
+        sys.exit(f"error: the run did not finish within --timeout {cfg.timeout:g} s; raise --timeout "
+                 "(or look for a hang)")
     if int(os.environ.get("RANK", 0)) == 0:
         print(history.summary())
         if cfg.out_dir:

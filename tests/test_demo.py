@@ -194,3 +194,34 @@ def test_module_entry_point_reports_errors():
                             capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert result.returncode == 2
     assert "error:" in result.stderr and "tensor-parallel size 3" in result.stderr
+
+
+def test_data_step_errors_are_reported_like_argparse(tmp_path, capsys):
+    """A vocabulary the tokenizer cannot build: exit 2 with the reason, no traceback."""
+    text = tmp_path / "small.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path / "out"), "--input", str(text), "--vocab-size", "100000"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m minimegatron.demo: error: ") and "Traceback" not in err
+
+
+def test_a_corpus_too_small_for_a_valid_split_stops_before_training(tmp_path, capsys):
+    corpus = tmp_path / "two.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 300}) + "\n"
+                              for i in range(2)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(out), "--input", str(corpus), "--vocab-size", "300", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert ("the valid split has no documents (2 documents in all, --split 95,5,0); use more text or "
+            "change --split") in capsys.readouterr().err
+    assert not (out / "gpt").exists()  # no model was trained
+
+
+def test_lr_help_names_both_defaults():
+    from minimegatron.demo.cli import DEFAULTS, QUICK, build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"default {DEFAULTS['lr']:g}; {QUICK['lr']:g} with --quick" in help_text

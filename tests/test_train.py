@@ -149,6 +149,15 @@ def test_cli_reports_bad_layouts_without_traceback(capsys):
         main(["--pp", "4", "--num-layers", "2"])
 
 
+def test_cli_reports_a_timeout_with_the_ranks_stacks(tmp_path, capsys):
+    """--timeout is one deadline for the whole run: past it, the ranks' stacks, then the flag to raise."""
+    with pytest.raises(SystemExit, match=r"error: the run did not finish within --timeout 0.01 s; "
+                                         r"raise --timeout \(or look for a hang\)"):
+        main(["--steps", "50", "--num-layers", "2", "--hidden-size", "32", "--vocab-size", "64",
+              "--seq-len", "16", "--no-progress", "--out-dir", str(tmp_path), "--timeout", "0.01"])
+    assert "did not finish within 0.01 s" in capsys.readouterr().err  # launch's message, stacks kept
+
+
 def test_learning_rate_schedule():
     lrs = [lr_at(t, 1.0, 0.1, 4, 20) for t in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup, first step already moves

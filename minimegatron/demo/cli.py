@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in sizes:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
                        help=f"default {DEFAULTS[name]} ({QUICK[name]} with --quick)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {DEFAULTS['lr']:g}; {QUICK['lr']:g} with --quick)")
     for name in ("tp", "pp", "dp"):
         p.add_argument("--" + name, type=int, default=getattr(DemoConfig, name),
                        help=f"{name} size (default {getattr(DemoConfig, name)}); ranks = tp·pp·dp")
@@ -160,6 +161,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     return cfg
 
 
+def _error(message: Any) -> None:
+    """Exit like argparse's own errors (status 2, "python -m minimegatron.demo: error: ...")."""
+    parser = build_parser()
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -182,13 +189,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
          f"simulated ranks: TP={cfg.tp} x PP={cfg.pp} x DP={cfg.dp})")
 
     _say(f"\n[1/5] data: corpus -> tokenizer -> {out}/data.bin/.idx")
-    corpus = open_demo_corpus(cfg)
-    shared = prepare_data(out, "tokenizer", corpus, cfg.vocab_size, "llama", cfg.seed, cfg.split,
-                          progress=cfg.progress)
-    data = {m: shared for m in cfg.models}
-    if cfg.gpt_tokenizer and "gpt" in cfg.models:
-        data["gpt"] = prepare_data(out, "tokenizer_gpt", corpus, cfg.vocab_size, "gpt", cfg.seed,
-                                   cfg.split, progress=cfg.progress)
+    try:  # a corpus or vocabulary the tokenizer cannot use: the reason, as argparse says it, no traceback
+        corpus = open_demo_corpus(cfg)
+        shared = prepare_data(out, "tokenizer", corpus, cfg.vocab_size, "llama", cfg.seed, cfg.split,
+                              progress=cfg.progress)
+        data = {m: shared for m in cfg.models}
+        if cfg.gpt_tokenizer and "gpt" in cfg.models:
+            data["gpt"] = prepare_data(out, "tokenizer_gpt", corpus, cfg.vocab_size, "gpt", cfg.seed,
+                                       cfg.split, progress=cfg.progress)
+    except (ValueError, OSError) as err:
+        _error(err)
+    from minimegatron.data.samples import split_documents
+
+    (v0, v1) = split_documents(shared.num_documents, cfg.split)[1]
+    if v1 == v0:  # every model evaluates on it: stop before any training, not inside a rank
+        _error(f"the valid split has no documents ({shared.num_documents} documents in all, --split "
+               f"{cfg.split}); use more text or change --split")
     for prepared in {id(d): d for d in data.values()}.values():
         _say(f"  {'reused (inputs unchanged)' if prepared.reused else 'built'} {prepared.tokenizer_file.name} "
              f"({prepared.flavour} flavour, {prepared.vocab_size} pieces) and {prepared.prefix.name}.bin/.idx: "

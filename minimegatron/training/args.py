@@ -71,7 +71,7 @@ class TrainConfig:
     load: str | None = None         # resume from this directory's latest checkpoint (none there: start)
     load_step: int | None = None    # ... or from its checkpoint of this step
     progress: bool = True           # tqdm bar on rank 0
-    timeout: float = 600.0          # seconds for launch() on simulated ranks
+    timeout: float = 0.0            # wall-clock limit of the whole run on simulated ranks (0: none)
 
     @property
     def world_size(self) -> int:
@@ -216,13 +216,27 @@ def validate(cfg: TrainConfig) -> ModelConfig:
               f"({cfg.data}.bin/.idx not found); build one with python -m minimegatron.data.preprocess")
     elif cfg.data != "random":
         check_token_range(cfg.data, model.vocab_size)
+        from minimegatron.data.indexed_dataset import IndexedDataset
+        from minimegatron.data.samples import split_documents
+        docs = IndexedDataset(cfg.data).num_documents if cfg.eval_interval else 0
+        if cfg.eval_interval and len(range(*split_documents(docs, cfg.split)[1])) == 0:
+            _fail(f"split={cfg.split!r} leaves the valid split of data={cfg.data!r} ({docs} documents) "
+                  f"empty, but eval_interval={cfg.eval_interval} evaluates on it: give valid a share "
+                  "(e.g. --split 949,50,1) or more documents, or set --eval-interval 0")
     if cfg.save_interval < 0 or (cfg.save_interval and not cfg.save):
         _fail(f"save_interval={cfg.save_interval} needs a directory to save to (--save DIR) and must be "
               ">= 0 (0: save only at the end)")
     if cfg.load_step is not None and (not cfg.load or cfg.load_step < 0):
         _fail(f"load_step={cfg.load_step} needs --load DIR and must be >= 0")
+    for name in ("save", "out_dir", "load"):
+        if getattr(cfg, name) and os.path.isfile(getattr(cfg, name)):
+            _fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} is a file; give a directory")
+    rerun = cfg.load and os.path.abspath(cfg.load) == os.path.abspath(cfg.save or "")  # 1st run: none yet
+    if cfg.load and not os.path.exists(cfg.load) and not rerun:
+        _fail(f"--load {cfg.load} does not exist: point it at a checkpoint directory, or leave it out to "
+              "start from scratch (--load equal to --save also starts there: a rerun resumes)")
     if cfg.load:
-        check_resume(cfg, model)  # the checkpoint there (if any) holds this model
+        check_resume(cfg, model)  # the checkpoint there (if any) holds this model, before --steps
     env_world = os.environ.get("WORLD_SIZE")
     if "RANK" in os.environ and env_world is not None and int(env_world) != cfg.world_size:
         _fail(f"the launcher started WORLD_SIZE={env_world} ranks but tp·pp·dp = {cfg.tp}·{cfg.pp}·"
@@ -235,24 +249,29 @@ def check_resume(cfg: TrainConfig, model: ModelConfig) -> None:
     the flags that fix it). Part of :func:`validate`: runs before any rank starts."""
     from minimegatron.checkpoint.io import METADATA_NAME, find_checkpoint, load_config
     from minimegatron.checkpoint.reshape import IGNORED_CONFIG_FIELDS, CheckpointError
+    from minimegatron.training.checkpointing import OPTIMIZER_NAME, TRAINER_NAME
 
     path = find_checkpoint(cfg.load, cfg.load_step)
     if path is None:
         return
     saved = load_config(path).to_dict()
-    with open(path / METADATA_NAME) as fh:
-        saved_class = json.load(fh).get("model_class")
+    saved_class = json.loads((path / METADATA_NAME).read_text()).get("model_class")
     mine = model.to_dict()
-    diff = [k for k in sorted(saved) if k not in IGNORED_CONFIG_FIELDS and saved[k] != mine.get(k)]
+    free = [k for k in IGNORED_CONFIG_FIELDS if k != "max_seq_len" or model.position_embedding != "learned"]
+    diff = [k for k in sorted(saved) if k not in free and saved[k] != mine.get(k)]  # learned: seq_len rows
     lines = [f"{k}: {saved[k]!r} in the checkpoint, {mine.get(k)!r} in this run" for k in diff]
     if saved_class != MODEL_CLASS[cfg.model]:
         lines.insert(0, f"model: {saved_class} in the checkpoint, {MODEL_CLASS[cfg.model]} in this run")
-    if not lines:
-        return
-    raise CheckpointError(f"--load {cfg.load}: {path.name} holds a different model than this run:\n  "
-                          + "\n  ".join(lines) + f"\nFix: {_resume_fix(cfg, saved, saved_class, path)}, or "
-                          "point --load at a checkpoint of this model, or leave --load out to start from "
-                          "scratch.")
+    if lines:
+        raise CheckpointError(f"--load {cfg.load}: {path.name} holds a different model than this run:\n  "
+                              + "\n  ".join(lines) + f"\nFix: {_resume_fix(cfg, saved, saved_class, path)}, "
+                              "or point --load at a checkpoint of this model, or leave --load out to start "
+                              "from scratch.")
+    if (path / TRAINER_NAME).is_file() and (path / OPTIMIZER_NAME).is_file():  # else: weights only, step 0
+        step = int(json.loads((path / TRAINER_NAME).read_text())["step"])
+        if step >= cfg.steps:  # --steps counts from 0: nothing would be trained
+            _fail(f"--load {cfg.load}: {path.name} is already at step {step} >= --steps {cfg.steps}; "
+                  f"--steps is the total, so raise it above {step}")
 
 
 def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> str:
@@ -260,6 +279,8 @@ def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> 
     from minimegatron.checkpoint.reshape import IGNORED_CONFIG_FIELDS
 
     flags = {k: saved[k] for k in CLI_MODEL_FIELDS[:4] if saved[k] != getattr(cfg, k)}
+    if saved.get("position_embedding") == "learned" and saved.get("max_seq_len") != cfg.seq_len:
+        flags["seq_len"] = saved["max_seq_len"]  # the learned position table's rows
     family = {v: k for k, v in MODEL_CLASS.items()}.get(saved_class, cfg.model)
     try:
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
@@ -297,8 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute)
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
-    p.add_argument("--data", default=d.data, help="'random' (a seeded synthetic language) or the prefix "
-                                                 "of an indexed dataset (PREFIX.bin / PREFIX.idx)")
+    p.add_argument("--data", default=d.data, help="'random' (synthetic) or an indexed dataset's PREFIX")
     p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
     p.add_argument("--out-dir", dest="out_dir", default=None,
                    help="where to write train_log.jsonl and loss.png (default runs/<model>_tp_pp_dp)")
@@ -311,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-step", dest="load_step", type=int, default=None,
                    help="resume from the checkpoint of this step instead of the latest")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--timeout", type=float, default=d.timeout)
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="wall-clock limit for the whole run on simulated ranks, seconds (0: none)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     return p
@@ -326,6 +347,4 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         ns["dp"] = max(1, world // (ns["tp"] * ns["pp"])) if world else 1
     if ns["out_dir"] is None:
         ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}_pp{ns['pp']}_dp{ns['dp']}")
-    known = {f.name for f in fields(TrainConfig)}
-    kwargs: dict[str, Any] = {k: v for k, v in ns.items() if k in known}
-    return TrainConfig(**kwargs)
+    return TrainConfig(**{k: v for k, v in ns.items() if k in {f.name for f in fields(TrainConfig)}})

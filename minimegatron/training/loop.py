@@ -228,6 +228,10 @@ def plot_history(history: History, ax=None):
     return fig
 
 
+NO_TIMEOUT = 20 * 24 * 3600.0  # seconds: --timeout 0 ("no limit") as launch() takes it; the
+# wait under launch() polls in int32 milliseconds, so anything past ~24.8 days overflows
+
+
 def _rank_entry(cfg: TrainConfig, on_step, on_start) -> History | None:
     history = train_on_rank(cfg, on_step=on_step, on_start=on_start)
     return history if dist.get_rank() == 0 else None
@@ -256,4 +260,5 @@ def train(cfg: TrainConfig | None = None, on_step: Callable[[Any, int, History],
     cfg = replace(cfg or TrainConfig(), **overrides)
     validate(cfg)  # fail here, before any rank starts
     preload()
-    return launch(_rank_entry, cfg.world_size, cfg, on_step, on_start, timeout=cfg.timeout)[0]
+    timeout = cfg.timeout or NO_TIMEOUT  # one deadline for the whole run (launch needs a number)
+    return launch(_rank_entry, cfg.world_size, cfg, on_step, on_start, timeout=timeout)[0]

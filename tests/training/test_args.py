@@ -50,3 +50,37 @@ def test_indexed_dataset_token_ids_must_fit_the_vocab(tmp_path):
     fits = _dataset(tmp_path / "narrow", [np.arange(60) % 128], np.uint8)  # uint8 ids are all < 256
     validate(TrainConfig(**{**TINY, "vocab_size": 256}, data=fits))  # skipped: the dtype cannot overflow
     validate(TrainConfig(**TINY, data=fits))
+
+
+def test_checkpoint_and_log_paths_must_be_directories(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for name, flag in (("save", "--save"), ("out_dir", "--out-dir"), ("load", "--load")):
+        with pytest.raises(ValueError, match=rf"{flag} {a_file} is a file; give a directory"):
+            validate(TrainConfig(**TINY, **{name: str(a_file)}))
+
+
+def test_load_must_exist_unless_it_is_the_save_directory(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    with pytest.raises(ValueError, match=rf"--load {missing} does not exist.*leave it out"):
+        validate(TrainConfig(**TINY, load=missing))
+    validate(TrainConfig(**TINY, load=missing, save=missing))  # first run of "rerun resumes": from scratch
+
+
+def test_evaluation_needs_a_nonempty_valid_split(tmp_path):
+    prefix = _dataset(tmp_path / "docs", [np.arange(40) % 100] * 20, np.uint16)
+    with pytest.raises(ValueError, match=r"split='100,0,0' leaves the valid split .* empty.*"
+                                         r"--eval-interval 0"):
+        validate(TrainConfig(**TINY, data=prefix, split="100,0,0", eval_interval=1))
+    validate(TrainConfig(**TINY, data=prefix, split="100,0,0", eval_interval=0))  # no evaluation: fine
+    validate(TrainConfig(**TINY, data=prefix, split="90,10,0", eval_interval=1))
+    two = _dataset(tmp_path / "two", [np.arange(40) % 100] * 2, np.uint16)  # 949,50,1 of 2 docs: 0 valid
+    with pytest.raises(ValueError, match=r"\(2 documents\) empty"):
+        validate(TrainConfig(**TINY, data=two, eval_interval=1))
+
+
+def test_timeout_defaults_to_no_limit():
+    from minimegatron.training.args import build_parser, parse_args
+
+    assert TrainConfig().timeout == 0 and parse_args([]).timeout == 0
+    assert "(0: none)" in build_parser().format_help()

@@ -203,7 +203,28 @@ def test_another_model_names_the_mismatch_and_the_fix(saved, tmp_path):
         train(TrainConfig(**{**TINY, "model": "gpt", "hidden_size": 64, "load": gpt_dir}), timeout=0.001)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 3 .*iter_0000002"):
         validate(TrainConfig(**{**TINY, "model": "gpt", "load": gpt_dir, "load_step": 3}))
-    validate(TrainConfig(**{**TINY, "load": str(tmp_path / "empty")}))  # nothing there yet: from scratch
+    empty = str(tmp_path / "empty")
+    validate(TrainConfig(**{**TINY, "load": empty, "save": empty}))  # nothing there yet: from scratch
+
+
+def test_learned_positions_need_the_checkpoints_seq_len(saved):
+    """GPT's position table has max_seq_len rows, so --seq-len must match; LLaMA's RoPE has no table."""
+    gpt_dir, llama_dir = saved["gpt-tp2-pp2"][1], saved["llama-dp2-zero1"][1]
+    with pytest.raises(CheckpointError, match=r"(?s)max_seq_len: 16 in the checkpoint, 32 in this run"
+                                              r".*Fix: train with the checkpoint's model \(--seq-len 16\)"):
+        validate(TrainConfig(**{**TINY, "model": "gpt", "seq_len": 32, "steps": 6, "load": gpt_dir}))
+    validate(TrainConfig(**{**TINY, "model": "llama", "seq_len": 32, "steps": 6, "load": llama_dir}))
+
+
+def test_resuming_needs_steps_beyond_the_checkpoint(saved):
+    """--steps is the run's total: a checkpoint at step 4 with --steps 4 would train nothing."""
+    gpt = {**TINY, "model": "gpt", "load": saved["gpt-tp2-pp2"][1]}
+    for steps in (3, 4):
+        with pytest.raises(ValueError, match=rf"iter_0000004 is already at step 4 >= --steps {steps}; "
+                                             r"--steps is the total, so raise it above 4"):
+            validate(TrainConfig(**{**gpt, "steps": steps}))
+    validate(TrainConfig(**{**gpt, "steps": 5}))
+    validate(TrainConfig(**{**gpt, "steps": 3, "load_step": 2}))  # the step-2 checkpoint: one step left
 
 
 @pytest.mark.parametrize("overrides,message", [
