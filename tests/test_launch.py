@@ -19,14 +19,14 @@ def _no_children_left(deadline_s: float = 5.0) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         # `ps` itself is our child while it runs; it is filtered by exiting before we look again
-        kids = [p for p in _children() if _is_alive_python(p)]
+        kids = [p for p in _children() if _is_running(p)]
         if not kids:
             return True
         time.sleep(0.1)
     return False
 
 
-def _is_alive_python(pid: int) -> bool:
+def _is_running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().split()
@@ -108,18 +108,25 @@ def test_back_to_back_launches_reuse_nothing_stale():
 
 
 def test_grandchildren_are_killed_too():
+    marker = f"{300 + os.getpid() % 1000}.5"  # a sleep length no other process uses
+
     def start_sleeper():
-        p = subprocess.Popen(["sleep", "300"])
+        p = subprocess.Popen(["sleep", marker])
         if dist.get_rank() == 1:
             raise RuntimeError("fail while a subprocess runs")
         dist.barrier()
         return p.pid
 
+    def running_sleepers() -> list[str]:
+        pids = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+        return [p for p in pids.stdout.split() if _is_running(int(p))]  # zombies are not running
+
     with pytest.raises(RankError):
         launch(start_sleeper, 2, timeout=30)
-    time.sleep(0.3)
-    sleepers = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
-    assert not sleepers, f"stray processes left: {sleepers}"
+    deadline = time.monotonic() + 5.0  # SIGKILL is delivered asynchronously; give a loaded machine time
+    while running_sleepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running_sleepers(), f"stray processes left: {running_sleepers()}"
 
 
 def test_bad_world_size_is_rejected_before_forking():
