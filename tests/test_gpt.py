@@ -9,8 +9,8 @@ from minimegatron.llama import LLaMAModel
 from minimegatron.mpu import ParallelState, initialize_model_parallel
 from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
 from minimegatron.mpu.random import model_parallel_seed
-from tests.layers.hf_reference import (VOCAB, full_grads, gpt2_from_hf, hf_gpt2, load_full, tiny_gpt,
-                                       tiny_llama)
+from tests.layers.hf_reference import (VOCAB, full_grads, gpt2_from_hf, hf_gpt2, load_full,
+                                       reference_run, tiny_gpt, tiny_llama)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -22,17 +22,7 @@ def _batch(b=2, s=16, seed=1):
 
 @pytest.fixture(scope="module")
 def reference():
-    config = tiny_gpt()
-    hf = hf_gpt2(config)
-    full = gpt2_from_hf(hf)
-    ids, labels = _batch()
-    with torch.no_grad():
-        hf_logits = hf(ids).logits
-    model = GPTModel(config)
-    load_full(model, full)
-    model(ids, labels).backward()
-    return dict(config=config, hf=hf, full=full, ids=ids, labels=labels, hf_logits=hf_logits,
-                model=model, grads=full_grads(model))
+    return reference_run(tiny_gpt(), hf_gpt2, gpt2_from_hf, GPTModel, *_batch())
 
 
 def test_tp1_matches_hugging_face_gpt2(reference):

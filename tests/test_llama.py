@@ -11,7 +11,8 @@ from minimegatron.gpt import GPTModel
 from minimegatron.layers import parameter_counts
 from minimegatron.llama import KVCache, LLaMAModel, count_parameters
 from minimegatron.mpu import initialize_model_parallel
-from tests.layers.hf_reference import VOCAB, full_grads, hf_llama, llama_from_hf, load_full, tiny_llama
+from tests.layers.hf_reference import (VOCAB, full_grads, hf_llama, llama_from_hf, load_full,
+                                       reference_run, tiny_llama)
 
 CASES = {"mha": tiny_llama(), "gqa": tiny_llama(num_kv_heads=2, rope_theta=500000.0)}
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -27,17 +28,7 @@ def _batch(b=2, s=16, seed=1):
 
 @pytest.fixture(scope="module", params=list(CASES))
 def reference(request):
-    config = CASES[request.param]
-    hf = hf_llama(config)
-    full = llama_from_hf(hf)
-    ids, labels = _batch()
-    with torch.no_grad():
-        hf_logits = hf(ids).logits
-    model = LLaMAModel(config)
-    load_full(model, full)
-    model(ids, labels).backward()
-    return dict(config=config, hf=hf, full=full, ids=ids, labels=labels, hf_logits=hf_logits,
-                model=model, grads=full_grads(model))
+    return reference_run(CASES[request.param], hf_llama, llama_from_hf, LLaMAModel, *_batch())
 
 
 def test_tp1_logits_and_loss_match_hugging_face(reference):

@@ -128,3 +128,17 @@ def full_grads(model: torch.nn.Module, vocab_size: int = VOCAB) -> dict[str, tor
             g = g[:vocab_size]
         out[name] = g
     return out
+
+
+def reference_run(config: ModelConfig, hf_builder, from_hf, model_cls, ids: torch.Tensor,
+                  labels: torch.Tensor) -> dict:
+    """HF model + its logits, and our TP=1 model with the same weights after one backward."""
+    hf = hf_builder(config)
+    full = from_hf(hf)
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
+    model = model_cls(config)
+    load_full(model, full)
+    model(ids, labels).backward()
+    return dict(config=config, hf=hf, full=full, ids=ids, labels=labels, hf_logits=hf_logits,
+                model=model, grads=full_grads(model))

@@ -21,6 +21,7 @@ from minimegatron.launch import RankError, launch  # noqa: E402
 from minimegatron.mpu.state import initialize_model_parallel  # noqa: E402
 from minimegatron.training import TrainConfig, parse_args, train, validate  # noqa: E402
 from minimegatron.training.data import SyntheticDataset  # noqa: E402
+from minimegatron.training.checkpointing import OPTIMIZER_NAME, RNG_NAME, TRAINER_NAME  # noqa: E402
 from minimegatron.training.optimizer_state import MOMENTS  # noqa: E402
 
 TINY = dict(steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, seq_len=16,
@@ -122,8 +123,10 @@ def test_what_is_on_disk(saved):
     _, directory = saved["gpt-tp2-pp2"]
     path = os.path.join(directory, "iter_0000002")
     assert open(os.path.join(directory, "latest")).read().strip() == "iter_0000004"
-    assert sorted(os.listdir(path)) == ["config.json", "metadata.json", "model.safetensors",
-                                        "optimizer.safetensors", "rng.safetensors", "trainer.json"]
+    assert sorted(os.listdir(path)) == sorted(["config.json", "metadata.json", "model.safetensors",
+                                               OPTIMIZER_NAME, RNG_NAME, TRAINER_NAME])
+    assert (OPTIMIZER_NAME, RNG_NAME, TRAINER_NAME) == ("optimizer.safetensors", "rng.safetensors",
+                                                        "trainer.json")  # no pickle files
     from safetensors import safe_open
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as fh:
         weights = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
