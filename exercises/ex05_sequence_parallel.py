@@ -42,12 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: F401  (you will need it)
 
 from exercises.grading import GradingError, assert_close, passed, run_graded
+from minimegatron.compat import all_gather_single, reduce_scatter_single  # noqa: F401
 from minimegatron.mpu.mappings import (gather_from_sequence_parallel_region,  # noqa: F401
                                        reduce_scatter_to_sequence_parallel_region)
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class GatherFromSequenceParallelRegion(torch.autograd.Function):

@@ -39,28 +39,17 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from minimegatron.compat import all_gather_single, reduce_scatter_single
+
 __all__ = ["ring_all_reduce", "all_reduce_via_reduce_scatter_all_gather", "reduce_scatter_tensor",
            "all_gather_into_tensor", "ring_bytes_per_rank", "plot_rank_data"]
 
 
-# ---------------------------------------------------------------------------------------------------
 # torch renamed the flat-tensor collectives in 2.13 (reduce_scatter_tensor -> reduce_scatter_single,
-# all_gather_into_tensor -> all_gather_single); the old names still work there, with a warning.
-# Wrapped once here so the rest of the package runs on torch 2.6 … 2.13 without warnings.
+# all_gather_into_tensor -> all_gather_single); minimegatron.compat wraps both names for torch 2.6+.
+reduce_scatter_tensor = reduce_scatter_single
+all_gather_into_tensor = all_gather_single
 
-def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
-    """``output`` (n/N,) ← chunk ``rank`` of the sum over ranks of ``input`` (n,). Gloo, NCCL, HCCL."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(output, input, group=group)
-
-
-def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
-    """``output`` (N·n,) ← every rank's ``input`` (n,) concatenated in rank order."""
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(output, input, group=group)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 def _rank_and_size(x: torch.Tensor, group, caller: str) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor):

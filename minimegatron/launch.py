@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from minimegatron.compat import tcp_store
+
 __all__ = ["launch", "RankError", "LaunchTimeout", "in_launcher"]
 
 
@@ -112,9 +114,8 @@ def _rank_main(rank, world_size, listen_fd, port, backend, threads, fn, args, kw
                               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
             # Rank 0 serves the rendezvous store on the socket the parent bound (inherited fd).
-            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=(rank == 0),
-                                  timeout=timedelta(seconds=60), wait_for_workers=False,
-                                  master_listen_fd=listen_fd if rank == 0 else None)
+            store = tcp_store("127.0.0.1", port, world_size, is_master=(rank == 0),
+                              timeout=timedelta(seconds=60), listen_fd=listen_fd)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
             result = fn(*args, **kwargs)
             payload = pickle.dumps(("ok", result))

@@ -45,6 +45,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
+from minimegatron.compat import check_deepspeed
 from minimegatron.config import ModelConfig, gpt_config, llama_config
 from minimegatron.device import device_type, dist_backend
 from minimegatron.layers.attention import checkpoint
@@ -80,6 +81,12 @@ class EmbeddingPipe(Embedding):
                                        weight=self.word_embeddings.weight,
                                        sequence_parallel=self.sequence_parallel)
                         if config.tie_embeddings else None)  # borrows the weight: no new parameter
+
+    @property
+    def tied_weight(self) -> nn.Parameter:
+        """The tied parameter, under one plain attribute name: DeepSpeed < 0.16 looks
+        ``TiedLayerSpec(tied_weight_attr=...)`` up with ``getattr``, not along dots (minimegatron.compat)."""
+        return self.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, s = input_ids.shape
@@ -212,12 +219,13 @@ class LanguageModelPipe(PipelineModule):
             raise ValueError(f"num_layers={config.num_layers} < pipeline stages pp={state.pp}: every "
                              "stage needs at least one transformer layer; use more layers or fewer stages")
         self.config, self.state = config, state
+        check_deepspeed()
         init_deepspeed_comm()
         order = _ModelOrder(init_seed)
         specs: list[_OrderedSpec] = []
         if config.tie_embeddings:
             specs.append(_TiedSpec(TIED_KEY, EmbeddingPipe, config, state,
-                                   tied_weight_attr=["word_embeddings.weight"]))
+                                   tied_weight_attr=["tied_weight"]))
         else:
             specs.append(_Spec(EmbeddingPipe, config, state))
         specs += [_Spec(TransformerLayerPipe, config, state, i, recompute)
@@ -231,7 +239,7 @@ class LanguageModelPipe(PipelineModule):
                 specs.append(_Spec(RMSNorm, config.hidden_size, config.norm_eps, sequence_parallel=sp))
         if config.tie_embeddings:
             specs.append(_TiedSpec(TIED_KEY, EmbeddingPipe, config, state, True, forward_fn=tied_lm_head,
-                                   tied_weight_attr=["word_embeddings.weight"]))
+                                   tied_weight_attr=["tied_weight"]))
         else:
             specs.append(_Spec(LMHeadPipe, config, state))
         for spec in specs:

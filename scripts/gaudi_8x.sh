@@ -8,7 +8,7 @@
 #   DRY_RUN=1 scripts/gaudi_8x.sh 1b          # print the command only
 #
 # Run it inside Habana's PyTorch container (its torch and DeepSpeed fork stay as they are):
-#   pip install --no-deps -e . && pip install sentencepiece safetensors matplotlib tqdm
+#   make install STACK=gaudi VENV_ARGS=--system-site-packages && . .venv-gaudi/bin/activate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

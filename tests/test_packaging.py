@@ -55,3 +55,22 @@ def test_import_is_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_gaudi_stack_installs_the_same_light_dependencies():
+    """`make install STACK=gaudi` installs the project --no-deps plus LIGHT_DEPS: pyproject's list
+    without torch and DeepSpeed (which stay Habana's), extras included."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [d for d in pyproject["dependencies"] if _name(d) not in ("torch", "deepspeed")]
+    for extra in ("notebooks", "dev"):
+        wanted += pyproject["optional-dependencies"][extra]
+    makefile = (ROOT / "Makefile").read_text()
+    block = re.search(r"^LIGHT_DEPS = (.*?)(?<!\\)\n", makefile, re.M | re.S).group(1)
+    listed = [w.strip('"') for w in block.replace("\\\n", " ").split()]
+    assert sorted(set(listed)) == sorted(set(wanted)), (listed, wanted)
+    assert "--no-deps" in makefile and "uninstall -q -y triton" in makefile
+
+
+def test_ci_runs_both_stacks():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test STACK=gaudi" in ci and re.search(r"^make test$", ci, re.M)

@@ -20,7 +20,8 @@ for ``m (t_f + t_b)``. The idle share of each stage is
 
     bubble = (p - 1) / (m + p - 1)
 
-Measured: the step's span runs from the first instruction (any stage) to the end of the last backward
+Measured: all ranks start the step together (a barrier before each ``train_batch`` while attached);
+the step's span runs from the first instruction (any stage) to the end of the last backward
 pass (the optimizer step after the flush is not part of the schedule's bubble); a stage's busy time is
 the sum of its forward and backward passes; bubble = mean over stages of ``1 - busy / span``. Send,
 receive and loading time counts as idle: that is time the stage is not computing.
@@ -36,6 +37,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction",
@@ -95,6 +97,11 @@ class PipelineTimeline:
         def counted_train_batch(engine, *args, **kwargs):
             self._step += 1
             self._counts = {}
+            # Every rank starts the step together. Without this, a rank that finished the previous
+            # step early (the last stage does) sits in recv until stage 0 starts: skew between steps,
+            # not the schedule's bubble (DeepSpeed 0.14 ends a step with no collective across stages).
+            if dist.is_initialized():
+                dist.barrier()
             return train_batch(engine, *args, **kwargs)
 
         eng.train_batch = MethodType(counted_train_batch, eng)

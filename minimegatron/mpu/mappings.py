@@ -35,18 +35,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from minimegatron.compat import all_gather_single as _all_gather_single
+from minimegatron.compat import reduce_scatter_single as _reduce_scatter_single
 from minimegatron.mpu.state import ParallelState
-
-
-def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    """torch >= 2.13 renamed all_gather_into_tensor; Gaudi images (torch 2.6) have only the old name.
-    Looked up at call time, so tools that wrap torch.distributed (measure.py, graders) see the call."""
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
-
-
-def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    """reduce_scatter_tensor under its new (>= 2.13) or old name, looked up at call time."""
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:

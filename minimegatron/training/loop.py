@@ -37,6 +37,7 @@ from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 from minimegatron.training.args import TrainConfig, validate
 from minimegatron.training.checkpointing import load_training_checkpoint, save_training_checkpoint
 from minimegatron.training.data import SyntheticDataset, build_datasets, step_batches
+from minimegatron.compat import preload_deepspeed
 from minimegatron.training.engine import build_engine, deepspeed_config
 
 
@@ -240,16 +241,8 @@ def _rank_entry(cfg: TrainConfig, on_step, on_start) -> History | None:
 def preload() -> None:
     """Import DeepSpeed (and torch's compiler stack, which its optimizers pull in) in this process,
     so forked ranks start with them loaded instead of importing them one by one (seconds each)."""
-    import deepspeed  # noqa: F401
-    import deepspeed.runtime.pipe.engine  # noqa: F401
-    import torch._dynamo  # noqa: F401
-
+    preload_deepspeed()
     import minimegatron.pipe  # noqa: F401
-    try:  # ZeRO's optimizer check imports this module, which builds torch.compile'd functions
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
-    except ImportError:  # older DeepSpeed
-        pass
 
 
 def train(cfg: TrainConfig | None = None, on_step: Callable[[Any, int, History], None] | None = None,

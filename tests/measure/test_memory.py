@@ -17,8 +17,9 @@ def _preload_deepspeed():
     torch._dynamo (``torch.optim``'s constructor does too): ~2 s of CPU per rank. Imported once here,
     every forked rank inherits it.
     """
-    import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
-    import torch._dynamo  # noqa: F401
+    from minimegatron.compat import preload_deepspeed
+
+    preload_deepspeed()
 
 
 def _zero1_step():
