@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import GradingError, assert_close, grader, passed, run_graded
 
 
 def ring_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -116,6 +116,7 @@ def _grade(candidate, exercise: str, forbidden: Sequence[str], allowed: str, wor
                   f"{len(CASES)} tensors each (odd sizes included)")
 
 
+@grader
 def grade_ring_all_reduce(candidate: Callable[..., torch.Tensor], world_sizes: Sequence[int] = (2, 4),
                           timeout: float = 30.0) -> str:
     """Run ``candidate(x)`` on real ranks for every case and world size; compare with dist.all_reduce.
@@ -125,6 +126,7 @@ def grade_ring_all_reduce(candidate: Callable[..., torch.Tensor], world_sizes: S
     return _grade(candidate, "Exercise 00.1", EVERY_COLLECTIVE, POINT_TO_POINT, world_sizes, timeout)
 
 
+@grader
 def grade_all_reduce_via_reduce_scatter_all_gather(candidate: Callable[..., torch.Tensor],
                                                    world_sizes: Sequence[int] = (2, 4),
                                                    timeout: float = 30.0) -> str:

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist  # noqa: F401  (you will need it)
 import torch.nn.functional as F
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
+                               run_graded)
 from minimegatron.mpu.layers import shard_weight
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
                                        gather_from_tensor_model_parallel_region,
@@ -106,7 +107,7 @@ def _run(fn: Callable, inputs: list[torch.Tensor], cotangent: torch.Tensor) -> d
         out["modified"] = True
         return out
     out["connected"] = y.requires_grad
-    if y.shape == cotangent.shape and y.requires_grad:
+    if y.shape == cotangent.shape and y.dtype == cotangent.dtype and y.requires_grad:
         (y * cotangent).sum().backward()
     out["grads"] = [None if t.grad is None else t.grad.clone() for t in leaves]
     return out
@@ -173,7 +174,8 @@ def reference_row_parallel_linear(x_shard, weight_shard, bias, state):
     return reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight_shard), state) + bias
 
 
-def grade_copy_to(candidate: Any, timeout: float = 60.0) -> str:
+@grader
+def grade_copy_to(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """01.1: f.apply(x, state) on 2 ranks; each rank's loss differs, so x.grad must be their sum."""
     return _grade("Exercise 01.1", candidate, copy_to_tensor_model_parallel_region, _replicated_x, ["x"],
                   {"forward": "f's forward is the identity",
@@ -181,7 +183,8 @@ def grade_copy_to(candidate: Any, timeout: float = 60.0) -> str:
                   timeout)
 
 
-def grade_reduce_from(candidate: Any, timeout: float = 60.0) -> str:
+@grader
+def grade_reduce_from(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """01.2: g.apply(x_r, state) on 2 ranks; the output must be Σ_r x_r, x_r.grad the replicated ∂L/∂y."""
     return _grade("Exercise 01.2", candidate, reduce_from_tensor_model_parallel_region, _per_rank_x, ["x"],
                   {"forward": "g's forward all-reduces (sums) the per-rank partial results",
@@ -189,7 +192,8 @@ def grade_reduce_from(candidate: Any, timeout: float = 60.0) -> str:
                   timeout)
 
 
-def grade_column_parallel_linear(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_column_parallel_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """01.3: the full output Y (…, out) on every rank, and gradients of x, W_i, b_i."""
     return _grade("Exercise 01.3", candidate, reference_column_parallel_linear, _column_inputs,
                   ["x", "weight_shard", "bias_shard"],
@@ -197,7 +201,8 @@ def grade_column_parallel_linear(candidate: Callable, timeout: float = 60.0) -> 
                    "backward": "x must enter through f so that its gradient is all-reduced"}, timeout)
 
 
-def grade_row_parallel_linear(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_row_parallel_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """01.4: Y = Σ_i X_i·W_iᵀ + b on every rank, and gradients of X_i, W_i and the bias."""
     return _grade("Exercise 01.4", candidate, reference_row_parallel_linear, _row_inputs,
                   ["x_shard", "weight_shard", "bias"],

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F  # noqa: F401  (you will need it)
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
+                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
 from minimegatron.config import gpt_config
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,  # noqa: F401
                                        reduce_from_tensor_model_parallel_region)
@@ -83,14 +84,16 @@ def _mlp_case(tp: int, candidate: Callable) -> dict[str, Any]:
         leaves = [t.clone().requires_grad_() for t in [x] + shards]
         y = fn(*leaves, state)
         res = {"output": y.detach().clone() if isinstance(y, torch.Tensor) else y}
-        if isinstance(y, torch.Tensor) and y.requires_grad and y.shape == cotangent.shape:
+        if isinstance(y, torch.Tensor) and y.requires_grad and y.shape == cotangent.shape \
+                and y.dtype == cotangent.dtype:
             (y * cotangent).sum().backward()
         res["grads"] = [None if t.grad is None else t.grad.clone() for t in leaves]
         out[who] = res
     return out
 
 
-def grade_parallel_mlp_forward(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_parallel_mlp_forward(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """02.1 on 1 rank, then 2: output on every rank, then the gradient of every input."""
     hints = {"x": "x must enter the TP region through f (copy_to_...): its backward all-reduces ∂L/∂x",
              "w1": "∂L/∂w1 needs the GeLU'(·) of your column output and ∂L/∂Y flowing back through g",
@@ -103,7 +106,8 @@ def grade_parallel_mlp_forward(candidate: Callable, timeout: float = 60.0) -> st
             got, expected = res["got"], res["expected"]
             where = f"Exercise 02.1 at tp={tp}, rank {rank}"
             output = got["output"]
-            if isinstance(output, torch.Tensor) and output.shape == expected["output"].shape:
+            if isinstance(output, torch.Tensor) and output.shape == expected["output"].shape \
+                    and output.dtype == expected["output"].dtype:
                 extra_bias = output - expected["output"]
                 constant = torch.allclose(extra_bias, extra_bias[:1, :1].expand_as(extra_bias), atol=1e-5)
                 if tp > 1 and constant and extra_bias.abs().max() > 1e-3:
@@ -121,8 +125,33 @@ def grade_parallel_mlp_forward(candidate: Callable, timeout: float = 60.0) -> st
                   "forward and backward")
 
 
-def grade_fused_qkv_rows(candidate: Callable[[int, int, int], torch.Tensor]) -> str:
-    """02.2 for several (h, tp): the rows each rank's stride-3 shard of [W_Q; W_K; W_V] holds."""
+@grader
+def grade_fused_qkv_rows(candidate: Callable[[int, int, int], torch.Tensor],
+                         timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """02.2 for several (h, tp): the rows each rank's stride-3 shard of [W_Q; W_K; W_V] holds.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    from minimegatron.layers.attention import ParallelAttention  # noqa: F401  (imported once, here)
+    return run_isolated(_grade_fused_qkv_rows, candidate, timeout=timeout, role="fused_qkv_rows")
+
+
+def _row_indices(where: str, candidate: Callable, h: int, rank: int, tp: int) -> torch.Tensor:
+    """The candidate's answer as a 1-D LongTensor, or a GradingError saying what it returned instead."""
+    got = call_candidate(where, candidate, h, rank, tp, exercise="Exercise 02.2")
+    if got is None or isinstance(got, (str, bytes, dict)):
+        raise GradingError(f"{where}: expected a 1-D LongTensor of row indices, got {kind_of(got)}")
+    try:
+        rows = torch.as_tensor(got)
+    except Exception:  # noqa: BLE001 - not a sequence of numbers
+        raise GradingError(f"{where}: expected a 1-D LongTensor of row indices, got {kind_of(got)}") from None
+    if rows.is_complex() or rows.dtype == torch.bool or \
+            (rows.is_floating_point() and not bool((rows == rows.round()).all())):
+        raise GradingError(f"{where}: expected integer row indices, got {kind_of(rows)}")
+    return rows.long()
+
+
+def _grade_fused_qkv_rows(candidate: Callable) -> str:
     from minimegatron.layers.attention import ParallelAttention
     from minimegatron.mpu.layers import shard_weight
     for h, tp in ((8, 1), (8, 2), (12, 3), (16, 4)):
@@ -130,17 +159,13 @@ def grade_fused_qkv_rows(candidate: Callable[[int, int, int], torch.Tensor]) -> 
         for rank in range(tp):
             expected = shard_weight(full, 0, rank, tp, stride=3)
             where = f"Exercise 02.2 (hidden_size={h}, tp={tp}, rank {rank})"
-            try:
-                got = candidate(h, rank, tp)
-            except NotImplementedError as err:
-                raise GradingError(f"not implemented yet: {err}") from None
-            got = torch.as_tensor(got)
+            got = _row_indices(where, candidate, h, rank, tp)
             block = 3 * h // tp
             contiguous = rank * block + torch.arange(block)
-            if tp > 1 and got.numel() == block and torch.equal(got.long(), contiguous):
+            if tp > 1 and got.numel() == block and torch.equal(got, contiguous):
                 raise GradingError(f"{where}: you took one contiguous block of 3h/tp rows; with stride 3 "
                                    "each rank takes its 1/tp of Q, of K and of V (three blocks)")
-            assert_close(f"{where}, row indices", got.long(), expected)
+            assert_close(f"{where}, row indices", got, expected)
     # and the package's attention layer really holds those rows
     config = gpt_config(hidden_size=8, num_attention_heads=2, num_layers=1)
     torch.manual_seed(0)
@@ -148,6 +173,7 @@ def grade_fused_qkv_rows(candidate: Callable[[int, int, int], torch.Tensor]) -> 
     for rank in range(2):
         torch.manual_seed(0)
         shard = ParallelAttention(config, ParallelState(tp=2, rank=rank)).query_key_value.weight.detach()
+        where = f"Exercise 02.2 (hidden_size=8, tp=2, rank {rank})"
         assert_close(f"Exercise 02.2: ParallelAttention's shard on rank {rank}",
-                     full_weight[candidate(8, rank, 2)], shard)
+                     full_weight[_row_indices(where, candidate, 8, rank, 2)], shard)
     return passed("Exercise 02.2: the stride-3 rows match shard_weight and ParallelAttention's shards")

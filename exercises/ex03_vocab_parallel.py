@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
+                               run_graded)
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.mappings import reduce_from_tensor_model_parallel_region
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
@@ -83,13 +84,14 @@ def _embedding_case(candidate: Callable) -> dict[str, Any]:
             result[who] = {"output": y}
             continue
         connected = y.requires_grad
-        if connected and y.shape == cotangent.shape:
+        if connected and y.shape == cotangent.shape and y.dtype == cotangent.dtype:
             (y * cotangent).sum().backward()
         result[who] = {"output": y.detach().clone(), "connected": connected, "grad": w.grad}
     return result
 
 
-def grade_vocab_parallel_embedding(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_vocab_parallel_embedding(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """03.1 on 2 ranks: the output (b, s, h) and the gradient of each rank's weight shard."""
     results = run_graded(_embedding_case, TP, candidate, timeout=timeout)
     for rank, res in enumerate(results):
@@ -137,7 +139,8 @@ def _cross_entropy_case(candidate: Callable) -> list[dict[str, Any]]:
     return out
 
 
-def grade_vocab_parallel_cross_entropy(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_vocab_parallel_cross_entropy(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """03.2 on 2 ranks: the per-token loss equals F.cross_entropy, also for huge logits; no gathers."""
     results = run_graded(_cross_entropy_case, TP, candidate, timeout=timeout)
     for rank, cases in enumerate(results):

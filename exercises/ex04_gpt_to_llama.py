@@ -24,12 +24,12 @@ The references are minimegatron.layers.norms.RMSNorm and minimegatron.layers.pos
 """
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import torch
 
-from exercises.grading import GradingError, assert_close, passed
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
+                               kind_of, passed, run_isolated)
 from minimegatron.layers.norms import RMSNorm
 from minimegatron.layers.positions import RotaryEmbedding, apply_rotary
 
@@ -48,39 +48,43 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000
 
 # --- grading -----------------------------------------------------------------------------------------
 
-def _call(exercise: str, fn: Callable, *args):
-    try:
-        return fn(*args)
-    except NotImplementedError as err:
-        raise GradingError(f"{exercise} is not implemented yet: {err}") from None
-    except Exception:
-        raise GradingError(f"{exercise}: your function raised\n{traceback.format_exc()}") from None
-
-
-def _check_with_grads(exercise: str, where: str, candidate: Callable, reference: Callable,
+def _check_with_grads(exercise: str, where: str, candidate: Callable, args: tuple, reference: Callable,
                       inputs: list[torch.Tensor], names: list[str], hint: Callable | None = None) -> None:
+    """``candidate(*inputs, *args)`` against ``reference(*inputs)``: the output, then every gradient."""
     leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
     ref_leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    got = _call(exercise, candidate, *leaves)
+    place = f"{exercise} ({where})"
+    got = call_candidate(place, candidate, *leaves, *args, exercise=exercise)
     expected = reference(*ref_leaves)
-    if hint is not None:
+    if hint is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape \
+            and got.dtype == expected.dtype:
         hint(got, inputs)
-    assert_close(f"{exercise} ({where}): output", got, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(f"{place}: output", got, expected.detach(), rtol=1e-5, atol=1e-5)
     if not got.requires_grad:
-        raise GradingError(f"{exercise} ({where}): the output is not connected to the autograd graph "
+        raise GradingError(f"{place}: the output is not connected to the autograd graph "
                            "(.detach(), .data or torch.no_grad()?)")
     cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
-    (got.float() * cotangent).sum().backward()
+    call_candidate(f"{place}, backward", lambda: (got.float() * cotangent).sum().backward(),
+                   exercise=exercise)
     (expected.float() * cotangent).sum().backward()
     for name, a, b in zip(names, leaves, ref_leaves):
         if b.grad is not None:
             if a.grad is None:
-                raise GradingError(f"{exercise} ({where}): no gradient reached {name}")
-            assert_close(f"{exercise} ({where}): gradient of {name}", a.grad, b.grad, rtol=1e-4, atol=1e-5)
+                raise GradingError(f"{place}: no gradient reached {name}")
+            assert_close(f"{place}: gradient of {name}", a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
-def grade_rms_norm(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
-    """04.1 on several shapes, scales and eps: output and the gradients of x and weight."""
+@grader
+def grade_rms_norm(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+                   timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """04.1 on several shapes, scales and eps: output and the gradients of x and weight.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    return run_isolated(_grade_rms_norm, candidate, timeout=timeout, role="rms_norm")
+
+
+def _grade_rms_norm(candidate: Callable) -> str:
     g = torch.Generator().manual_seed(0)
     for shape, scale, eps in (((4, 2, 16), 1.0, 1e-5), ((3, 32), 50.0, 1e-6), ((5, 8), 1e-3, 1e-2)):
         x = scale * torch.randn(shape, generator=g) + 0.5  # a non-zero mean, so centring shows
@@ -93,15 +97,20 @@ def grade_rms_norm(candidate: Callable[[torch.Tensor, torch.Tensor, float], torc
         def centred(got, inputs, eps=eps):
             x0, w0 = inputs
             layer_norm = torch.nn.functional.layer_norm(x0, (shape[-1],), w0, None, eps)
-            if got.shape == layer_norm.shape and torch.allclose(got.detach().float(), layer_norm, atol=1e-5):
+            if torch.allclose(got.detach().float(), layer_norm, atol=1e-5):
                 raise GradingError("Exercise 04.1: this is LayerNorm (you subtracted the mean): RMSNorm "
                                    "divides by sqrt(mean(x²) + eps) without centring")
 
         _check_with_grads("Exercise 04.1", f"x of shape {shape}, scale {scale:g}, eps {eps:g}",
-                          lambda x, w, eps=eps: candidate(x, w, eps), reference, [x, weight],
-                          ["x", "weight"], centred)
+                          candidate, (eps,), reference, [x, weight], ["x", "weight"], centred)
     x16 = torch.randn(4, 16, generator=g).to(torch.bfloat16)
-    out = _call("Exercise 04.1", candidate, x16, torch.ones(16, dtype=torch.bfloat16), 1e-5)
+    where = "Exercise 04.1 (a bfloat16 x of shape (4, 16))"
+    out = call_candidate(where, candidate, x16, torch.ones(16, dtype=torch.bfloat16), 1e-5,
+                         exercise="Exercise 04.1")
+    if not isinstance(out, torch.Tensor):
+        raise GradingError(f"{where}: expected a torch.Tensor, got {kind_of(out)}")
+    if tuple(out.shape) != (4, 16):
+        raise GradingError(f"{where}: wrong shape {tuple(out.shape)}, expected (4, 16)")
     if out.dtype != torch.bfloat16:
         raise GradingError(f"Exercise 04.1: a bfloat16 input came back as {out.dtype}; return x's dtype")
     return passed("Exercise 04.1: RMSNorm matches minimegatron.layers.norms.RMSNorm, forward and backward")
@@ -117,8 +126,17 @@ def _interleaved_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float)
     return torch.stack([y1, y2], dim=-1).flatten(-2)
 
 
-def grade_apply_rope(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
-    """04.2 for several shapes, thetas and position ids: output and the gradient of x."""
+@grader
+def grade_apply_rope(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+                     timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """04.2 for several shapes, thetas and position ids: output and the gradient of x.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    return run_isolated(_grade_apply_rope, candidate, timeout=timeout, role="apply_rope")
+
+
+def _grade_apply_rope(candidate: Callable) -> str:
     g = torch.Generator().manual_seed(0)
     cases = [((6, 2, 3, 8), 10000.0, torch.arange(6).expand(2, 6)),
              ((5, 1, 2, 16), 500000.0, torch.arange(7, 12)[None]),  # after 7 cached tokens
@@ -131,11 +149,11 @@ def grade_apply_rope(candidate: Callable[[torch.Tensor, torch.Tensor, float], to
 
         def interleaved(got, inputs, position_ids=position_ids, theta=theta):
             other = _interleaved_rope(inputs[0], position_ids, theta)
-            if got.shape == other.shape and torch.allclose(got.detach(), other, atol=1e-5):
+            if torch.allclose(got.detach(), other, atol=1e-5):
                 raise GradingError("Exercise 04.2: you rotated interleaved pairs (2i, 2i+1) — Meta's "
                                    "original layout; this package (and Hugging Face) pair i with i + d/2")
 
         where = f"x {shape}, theta {theta:g}, positions {position_ids.tolist()}"
-        _check_with_grads("Exercise 04.2", where, lambda x, p=position_ids, t=theta: candidate(x, p, t),
-                          reference, [x], ["x"], interleaved)
+        _check_with_grads("Exercise 04.2", where, candidate, (position_ids, theta), reference, [x], ["x"],
+                          interleaved)
     return passed("Exercise 04.2: RoPE matches minimegatron.layers.positions, forward and backward")

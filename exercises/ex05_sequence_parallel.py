@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: F401  (you will need it)
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
+                               run_graded)
 from minimegatron.compat import all_gather_single, reduce_scatter_single  # noqa: F401
 from minimegatron.mpu.mappings import (gather_from_sequence_parallel_region,  # noqa: F401
                                        reduce_scatter_to_sequence_parallel_region)
@@ -106,7 +107,7 @@ def _forward_backward(fn: Callable, inputs: list[torch.Tensor], cotangent: torch
         out["modified"] = True
         return out
     out["connected"] = isinstance(y, torch.Tensor) and y.requires_grad
-    if out["connected"] and y.shape == cotangent.shape:
+    if out["connected"] and y.shape == cotangent.shape and y.dtype == cotangent.dtype:
         try:
             (y * cotangent).sum().backward()
         except RuntimeError as err:  # autograd rejects a gradient whose shape is not the input's
@@ -153,7 +154,8 @@ def _check_common(where: str, got: dict, expected: dict, tp: int, world: int) ->
                            "group=state.tp_group to every collective (the default group is all ranks)")
 
 
-def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = 60.0) -> str:
+@grader
+def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """05.1: ``candidate.apply(x_r, state)`` (or a function) -> X on every rank; x_r.grad = Σ_q rows."""
     fn = _as_callable(candidate)
     for world, tp in LAYOUTS:
@@ -191,7 +193,8 @@ def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = 60.0) -
                   "tp=2, tp=4 and two TP groups of 2")
 
 
-def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """05.2: Y_r (s/tp, b, out) = my rows of Σ_q x_q·W_qᵀ + b, its gradients, and one reduce-scatter."""
     import torch._dynamo  # noqa: F401 — CommCounter (a TorchDispatchMode) pulls it in on first use:
     # import it once here, so that the forked ranks inherit it instead of each importing it (seconds)
@@ -212,7 +215,7 @@ def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = 60.
                 raise GradingError(f"{where}: output shape {tuple(out.shape)}, expected {tuple(exp.shape)}"
                                    " — under sequence parallelism each rank keeps only its s/tp rows of Y:"
                                    " reduce-scatter along dim 0 instead of all-reduce")
-            if isinstance(out, torch.Tensor) and out.shape == exp.shape:
+            if isinstance(out, torch.Tensor) and out.shape == exp.shape and out.dtype == exp.dtype:
                 extra = out - exp
                 if extra.abs().max() > 1e-3 and torch.allclose(extra, extra[:1, :1].expand_as(extra),
                                                                atol=1e-4):

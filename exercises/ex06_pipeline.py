@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist  # noqa: F401  (you will need it)
 from torch import nn
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
+                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
 
@@ -58,27 +59,46 @@ def run_schedule(stage: nn.Module, order: Sequence[tuple[str, int]],
 
 # --- grading -----------------------------------------------------------------------------------------
 
-def _as_order(got) -> list[tuple[str, int]]:
+def _as_order(where: str, got) -> list[tuple[str, int]]:
+    problem = f"{where}: expected a list of (kind, micro_batch) pairs like [('F', 0), ('B', 0)], got "
+    if got is None or isinstance(got, (str, bytes, dict)):
+        raise GradingError(problem + kind_of(got))
     try:
-        return [(str(kind), int(k)) for kind, k in got]
-    except (TypeError, ValueError):
-        raise GradingError(f"expected a list of (kind, micro_batch) pairs like [('F', 0), ('B', 0)], got "
-                           f"{got!r:.200}") from None
+        order = []
+        for item in got:
+            if isinstance(item, (str, bytes)) or len(item) != 2:
+                raise GradingError(f"{problem}an entry {kind_of(item)}")
+            kind, k = item
+            if not isinstance(kind, str):
+                raise GradingError(f"{problem}an entry whose kind is {kind_of(kind)}; use 'F' and 'B'")
+            order.append((kind, int(k)))
+        return order
+    except GradingError:
+        raise
+    except Exception:  # noqa: BLE001 - not iterable, entries that are not pairs of (str, int)
+        raise GradingError(problem + kind_of(got)) from None
 
 
-def grade_one_f_one_b_order(candidate: Callable[[int, int, int], Sequence[tuple[str, int]]]) -> str:
-    """06.1 for p in 1..4 and 8, m in 1..4 and 8, every stage: against DeepSpeed's TrainSchedule."""
+@grader
+def grade_one_f_one_b_order(candidate: Callable[[int, int, int], Sequence[tuple[str, int]]],
+                            timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """06.1 for p in 1..4 and 8, m in 1..4 and 8, every stage: against DeepSpeed's TrainSchedule.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    import deepspeed.runtime.pipe.schedule  # noqa: F401  (seconds to import: once here, not per grading)
+    return run_isolated(_grade_one_f_one_b_order, candidate, timeout=timeout, role="one_f_one_b_order")
+
+
+def _grade_one_f_one_b_order(candidate: Callable) -> str:
     from minimegatron.schedules import deepspeed_order, gpipe_order
 
     for p in (1, 2, 3, 4, 8):
         for m in (1, 2, 3, 4, 8):
             for s in range(p):
                 where = f"Exercise 06.1 (stage {s} of p={p}, m={m} micro-batches)"
-                try:
-                    got = candidate(s, p, m)
-                except NotImplementedError as err:
-                    raise GradingError(f"not implemented yet: {err}") from None
-                got, expected = _as_order(got), deepspeed_order(s, p, m)
+                got = call_candidate(where, candidate, s, p, m, exercise="Exercise 06.1")
+                got, expected = _as_order(where, got), deepspeed_order(s, p, m)
                 if got == expected:
                     continue
                 kinds = {kind for kind, _ in got}
@@ -170,14 +190,15 @@ def _schedule_case(p: int, schedule: str, candidate: Callable) -> dict:
     stage = _ToyStage(s)
     loss = candidate(stage, order, data, _loss_fn, state, (MB, H))
     if isinstance(loss, torch.Tensor):
-        loss = loss.detach().reshape(()) if loss.numel() == 1 else loss
+        loss = loss.detach().reshape(()) if loss.numel() == 1 else loss.detach()
     grads = {n: (None if q.grad is None else q.grad.clone()) for n, q in stage.named_parameters()}
     return {"loss": loss, "expected_loss": torch.stack(losses).mean().detach(), "grads": grads,
             "expected_grads": {n: q.grad.clone() for n, q in dense[s].named_parameters()},
             "log": stage.log, "order": [c for c, _ in order]}
 
 
-def grade_run_schedule(candidate: Callable, timeout: float = 60.0) -> str:
+@grader
+def grade_run_schedule(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """06.2 on 2 and 4 ranks with GPipe and 1F1B orders: loss, gradients, and the order actually run."""
     for p in (2, 4):
         for schedule in ("gpipe_order", "one_f_one_b_order"):
@@ -197,11 +218,17 @@ def grade_run_schedule(candidate: Callable, timeout: float = 60.0) -> str:
                                        f"B = a backward started) but the order was {''.join(res['order'])}: "
                                        "run the work in the order given")
                 if s == p - 1:
-                    if res["loss"] is None:
+                    loss = res["loss"]
+                    if loss is None:
                         raise GradingError(f"{where}: the last stage must return the mean loss, got None")
+                    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+                        loss = float(loss)
+                    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+                        raise GradingError(f"{where}: the last stage must return the mean loss as a float, "
+                                           f"got {kind_of(loss)}")
                     assert_close(f"{where}, loss (mean over the {M} micro-batches)",
-                                 torch.as_tensor(res["loss"], dtype=torch.float32).reshape(()),
-                                 res["expected_loss"], rtol=1e-5, atol=1e-6)
+                                 torch.tensor(float(loss), dtype=torch.float32), res["expected_loss"],
+                                 rtol=1e-5, atol=1e-6)
                 for n, expected in res["expected_grads"].items():
                     got = res["grads"][n]
                     if got is None:

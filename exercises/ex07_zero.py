@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist  # noqa: F401  (you may need it)
 from torch import nn
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
+                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
 from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor  # noqa: F401
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
@@ -124,22 +125,38 @@ class ReferenceZero1AdamW(Zero1AdamW):
             offset += p.numel()
 
 
-def grade_zero1_partition(candidate: Callable[..., tuple[int, int]]) -> str:
-    """07.1 for numel in 1..103 and a GPT-sized count, dp in 1, 2, 3, 4, 8, every rank."""
+@grader
+def grade_zero1_partition(candidate: Callable[..., tuple[int, int]],
+                          timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """07.1 for numel in 1..103 and a GPT-sized count, dp in 1, 2, 3, 4, 8, every rank.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    return run_isolated(_grade_zero1_partition, candidate, timeout=timeout, role="zero1_partition")
+
+
+def _as_pair(where: str, got) -> tuple[int, int]:
+    problem = f"{where}: expected a pair (start, stop) of ints, got {kind_of(got)}"
+    if got is None or isinstance(got, (str, bytes, dict)):
+        raise GradingError(problem)
+    try:
+        start, stop = got
+        if isinstance(start, (str, bytes)) or isinstance(stop, (str, bytes)) or \
+                int(start) != start or int(stop) != stop:
+            raise ValueError
+        return int(start), int(stop)
+    except Exception:  # noqa: BLE001 - not a pair, or not of integers
+        raise GradingError(problem) from None
+
+
+def _grade_zero1_partition(candidate: Callable) -> str:
     for numel in list(range(1, 104)) + [169_472]:
         for dp in (1, 2, 3, 4, 8):
             expected_all = [reference_zero1_partition(numel, dp, r) for r in range(dp)]
             for r in range(dp):
                 where = f"Exercise 07.1 (numel={numel}, dp={dp}, rank {r})"
-                try:
-                    got = candidate(numel, dp, r)
-                except NotImplementedError as err:
-                    raise GradingError(f"not implemented yet: {err}") from None
-                try:
-                    start, stop = (int(v) for v in got)
-                except (TypeError, ValueError):
-                    raise GradingError(f"{where}: expected a pair (start, stop) of ints, "
-                                       f"got {got!r}") from None
+                got = call_candidate(where, candidate, numel, dp, r, exercise="Exercise 07.1")
+                start, stop = _as_pair(where, got)
                 e_start, e_stop = expected_all[r]
                 if (start, stop) == (e_start, e_stop):
                     continue
@@ -192,7 +209,8 @@ def _zero1_case(candidate_cls: type) -> dict:
     return out
 
 
-def grade_zero1_adamw(candidate_cls: type, timeout: float = 60.0) -> str:
+@grader
+def grade_zero1_adamw(candidate_cls: type, timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """07.2 on 2 and 4 ranks against torch.optim.AdamW on the whole batch, for 3 steps."""
     import torch._dynamo  # noqa: F401  (AdamW's first step imports it: once here, not in every rank)
 

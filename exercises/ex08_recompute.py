@@ -34,13 +34,13 @@ against ``minimegatron.measure.korthikanti_activation_bytes``.
 """
 from __future__ import annotations
 
-import traceback
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from exercises.grading import GradingError, assert_close, passed
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
+                               kind_of, passed, run_isolated)
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -84,20 +84,6 @@ def package_checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torc
     return checkpoint(layer, hidden)
 
 
-def _call(where: str, fn: Callable, *args: Any) -> Any:
-    """Run student code; turn its exceptions into GradingErrors a student can act on."""
-    try:
-        return fn(*args)
-    except GradingError:
-        raise
-    except NotImplementedError as err:
-        if "Exercise" in str(err):
-            raise GradingError(f"not implemented yet: {err}") from None
-        raise GradingError(f"{where}: your code raised:\n{traceback.format_exc()}") from None
-    except Exception:  # noqa: BLE001 — any failure of the candidate is reported with its traceback
-        raise GradingError(f"{where}: your code raised:\n{traceback.format_exc()}") from None
-
-
 def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]:
     """A seeded GPT layer: output, floating-point bytes saved in forward, every gradient."""
     from minimegatron.config import gpt_config
@@ -113,20 +99,33 @@ def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]
         cotangent = torch.randn(S, B, H, generator=g)
         torch.manual_seed(2)  # the dropout masks
         with SavedActivationCounter(layer, layers={}) as acts:
-            y = _call(where, fn, layer, hidden)
+            y = call_candidate(where, fn, layer, hidden, exercise="Exercise 08.1")
         torch.manual_seed(3)  # in training the RNG moves on before backward (other layers draw)
         res = {"output": y.detach().clone() if isinstance(y, torch.Tensor) else y,
                "saved": sum(r.bytes for r in acts.records if r.dtype.is_floating_point),
                "table": acts.table(), "input_bytes": hidden.numel() * hidden.element_size(),
                "connected": isinstance(y, torch.Tensor) and y.requires_grad}
-        if res["connected"] and y.shape == cotangent.shape:
-            _call(where + ", backward", lambda: (y * cotangent).sum().backward())
+        if res["connected"] and y.shape == cotangent.shape and y.dtype == cotangent.dtype:
+            call_candidate(where + ", backward", lambda: (y * cotangent).sum().backward(),
+                           exercise="Exercise 08.1")
         res["grads"] = {"hidden": hidden.grad, **{n: p.grad for n, p in layer.named_parameters()}}
     return res
 
 
-def grade_checkpointed_forward(candidate: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> str:
-    """08.1: same output and gradients as the layer itself, and only the input kept for backward."""
+@grader
+def grade_checkpointed_forward(candidate: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                               timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """08.1: same output and gradients as the layer itself, and only the input kept for backward.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    import minimegatron.layers  # noqa: F401  (imported once here, not in every grading process)
+    import minimegatron.measure  # noqa: F401
+    return run_isolated(_grade_checkpointed_forward, candidate, timeout=timeout,
+                        role="checkpointed_forward")
+
+
+def _grade_checkpointed_forward(candidate: Callable) -> str:
     for dropout in (0.0, 0.1):
         where = f"Exercise 08.1 (GPT layer, dropout={dropout})"
         got = _checkpoint_case(candidate, dropout, where)
@@ -160,8 +159,17 @@ def grade_checkpointed_forward(candidate: Callable[[nn.Module, torch.Tensor], to
                   "and gradients, dropout included")
 
 
-def grade_korthikanti_bytes(candidate: Callable[..., float]) -> str:
-    """08.2: the paper's bytes per layer for a grid of sizes, parallel layouts and recompute modes."""
+@grader
+def grade_korthikanti_bytes(candidate: Callable[..., float], timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """08.2: the paper's bytes per layer for a grid of sizes, parallel layouts and recompute modes.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    import minimegatron.measure  # noqa: F401  (imported once here, not in every grading process)
+    return run_isolated(_grade_korthikanti_bytes, candidate, timeout=timeout, role="korthikanti_bytes")
+
+
+def _grade_korthikanti_bytes(candidate: Callable) -> str:
     from minimegatron.measure import korthikanti_activation_bytes
 
     sizes = [(2048, 1, 12288, 96), (1024, 4, 4096, 32), (512, 2, 1024, 16)]  # (s, b, h, a)
@@ -182,15 +190,16 @@ def grade_korthikanti_bytes(candidate: Callable[..., float]) -> str:
             for t in ((1,) if kind == "plain" else (2, 4, 8) if kind == "tp" else (1, 2, 4, 8)):
                 args = dict(s=s, b=b, h=h, a=a, t=t, sequence_parallel=sp, recompute=recompute)
                 shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-                got = _call(f"Exercise 08.2 korthikanti_bytes({shown})", candidate, s, b, h, a, t, sp,
-                            recompute)
+                where = f"Exercise 08.2 korthikanti_bytes({shown})"
+                got = call_candidate(where, candidate, s, b, h, a, t, sp, recompute, exercise="Exercise 08.2")
                 expected = korthikanti_activation_bytes(s, b, h, a, t, sp, recompute)
                 try:
+                    if isinstance(got, (str, bytes, bool)):
+                        raise TypeError
                     value = float(got)
-                except (TypeError, ValueError):
-                    raise GradingError(f"Exercise 08.2 korthikanti_bytes({shown}): expected a number of "
-                                       f"bytes, got {got!r}") from None
-                if abs(value - expected) > 1e-9 * expected:
+                except Exception:  # noqa: BLE001 - None, a string, a list, a tensor of several numbers
+                    raise GradingError(f"{where}: expected a number of bytes, got {kind_of(got)}") from None
+                if not abs(value - expected) <= 1e-9 * expected:  # (a NaN fails this too)
                     raise GradingError(f"Exercise 08.2 korthikanti_bytes({shown}): got {value:,.0f} B, "
                                        f"expected {expected:,.0f} B ({expected / 2**20:,.1f} MiB) — "
                                        f"{hints[kind]}")

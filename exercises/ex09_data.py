@@ -16,12 +16,12 @@ The reference is minimegatron.data.samples.build_sample_index.
 
 from __future__ import annotations
 
-import traceback
 from typing import Callable, Sequence
 
 import numpy as np
 
-from exercises.grading import GradingError, passed
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate, grader, kind_of, passed,
+                               run_isolated)
 from minimegatron.data.samples import build_sample_index as reference_build_sample_index
 
 
@@ -50,22 +50,31 @@ def _cases() -> list[tuple[str, list[int], int]]:
     ]
 
 
-def grade_build_sample_index(candidate: Callable[[Sequence[int], int], np.ndarray]) -> str:
+@grader
+def grade_build_sample_index(candidate: Callable[[Sequence[int], int], np.ndarray],
+                             timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
     """Compare `candidate` with the reference on several stream layouts.
 
     Returns "✓ ..." (and prints it) when every case matches; raises GradingError at the first miss, naming
-    the case, the wrong row and what it should be."""
+    the case, the wrong row and what it should be. Runs in a separate process: an exception or an
+    endless loop in ``candidate`` (``timeout`` s) is reported as a GradingError too."""
+    return run_isolated(_grade_build_sample_index, candidate, timeout=timeout, role="build_sample_index")
+
+
+def _grade_build_sample_index(candidate: Callable) -> str:
     cases = _cases()
     for name, lengths, seq_len in cases:
         where = f"case '{name}' (lengths={_short(lengths)}, seq_len={seq_len})"
         expected = reference_build_sample_index(lengths, seq_len)
+        returned = call_candidate(where, candidate, list(lengths), seq_len, exercise="Exercise 09.1")
+        if not isinstance(returned, (np.ndarray, list, tuple)) and not hasattr(returned, "__array__"):
+            raise GradingError(f"{where}: expected an integer array of shape (n + 1, 2) = {expected.shape}, "
+                               f"got {kind_of(returned)}")
         try:
-            got = candidate(list(lengths), seq_len)
-        except NotImplementedError as err:
-            raise GradingError(f"Exercise 09.1 is not implemented yet: {err}") from None
-        except Exception:
-            raise GradingError(f"{where}: your function raised\n{traceback.format_exc()}") from None
-        got = np.asarray(got)
+            got = np.asarray(returned)
+        except Exception:  # noqa: BLE001 - ragged rows, or something numpy cannot make an array of
+            raise GradingError(f"{where}: expected an integer array of shape (n + 1, 2) = {expected.shape}, "
+                               f"got {kind_of(returned)}, which is not a rectangular array") from None
         if got.ndim != 2 or got.shape[1:] != (2,):
             raise GradingError(f"{where}: got shape {got.shape}, expected (n + 1, 2) = {expected.shape}: "
                                f"one row [document, offset] per sample start, plus one for the end")

@@ -34,10 +34,10 @@ minimegatron.training (TrainConfig.num_micro_batches, training.data.micro_batche
 """
 from __future__ import annotations
 
-import traceback
 from typing import Any, Callable
 
-from exercises.grading import GradingError, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate,
+                               grader, kind_of, passed, run_graded, run_isolated)
 from minimegatron.mpu.state import ParallelState, grid_groups
 from minimegatron.training.args import TrainConfig
 from minimegatron.training.data import micro_batches
@@ -65,30 +65,50 @@ def replica_micro_batches(step: int, dp_rank: int, global_batch_size: int, micro
                               "micro-batches of micro_batch_size -> a list of lists of indices")
 
 
-def _call(name: str, candidate: Callable, *args: Any) -> Any:
+def _call(exercise: str, shown: str, candidate: Callable, *args: Any) -> Any:
+    """``candidate(*args)``, the call shown as ``shown`` in what goes wrong."""
+    return call_candidate(f"{exercise}, {shown}", candidate, *args, exercise=exercise)
+
+
+@grader
+def grade_rank_coordinates(candidate: Callable[[int, int, int, int], tuple[int, int, int]],
+                           timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """Every rank of every layout in LAYOUTS against ParallelState's tp_rank / dp_rank / pp_rank.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    return run_isolated(_grade_rank_coordinates, candidate, timeout=timeout, role="rank_coordinates")
+
+
+def _ints(values: Any) -> list[int] | None:
+    """``values`` as a list of ints, or None when they are not all integers."""
     try:
-        return candidate(*args)
-    except NotImplementedError as err:
-        raise GradingError(f"{name} is not implemented yet: {err}") from None
-    except Exception:
-        raise GradingError(f"{name}{args}: your function raised\n{traceback.format_exc()}") from None
+        if isinstance(values, (str, bytes, dict)) or any(isinstance(v, (str, bytes, bool)) for v in values):
+            return None
+        out = [int(v) for v in values]
+        return out if all(o == v for o, v in zip(out, values)) else None
+    except Exception:  # noqa: BLE001 - not iterable, or not numbers
+        return None
 
 
-def grade_rank_coordinates(candidate: Callable[[int, int, int, int], tuple[int, int, int]]) -> str:
-    """Every rank of every layout in LAYOUTS against ParallelState's tp_rank / dp_rank / pp_rank."""
+def _grade_rank_coordinates(candidate: Callable) -> str:
     checked = 0
     for tp, pp, dp in LAYOUTS:
         for rank in range(tp * pp * dp):
             ref = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank)
             expected = (ref.tp_rank, ref.dp_rank, ref.pp_rank)
-            got = _call("Exercise 10.1", candidate, rank, tp, pp, dp)
-            if not isinstance(got, (tuple, list)) or len(got) != 3:
-                raise GradingError(f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) returned {got!r}; "
-                                   "expected a tuple of three ints (tp_rank, dp_rank, pp_rank)")
-            if tuple(int(g) for g in got) != expected:
-                names = [n for n, g, e in zip(("tp_rank", "dp_rank", "pp_rank"), got, expected) if g != e]
+            got = _call("Exercise 10.1", f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp})", candidate,
+                        rank, tp, pp, dp)
+            values = _ints(got) if isinstance(got, (tuple, list)) else None
+            if values is None or len(values) != 3:
+                raise GradingError(f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) returned "
+                                   f"{kind_of(got)}; expected a tuple of three ints "
+                                   "(tp_rank, dp_rank, pp_rank)")
+            if tuple(values) != expected:
+                names = [n for n, g, e in zip(("tp_rank", "dp_rank", "pp_rank"), values, expected) if g != e]
                 raise GradingError(
-                    f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) = {tuple(got)}, expected {expected}: "
+                    f"rank_coordinates({rank}, tp={tp}, pp={pp}, dp={dp}) = {tuple(values)}, expected "
+                    f"{expected}: "
                     f"wrong {', '.join(names)}. Check: rank = (pp_rank·{dp} + dp_rank)·{tp} + tp_rank = "
                     f"({expected[2]}·{dp} + {expected[1]})·{tp} + {expected[0]} = {rank}")
             checked += 1
@@ -96,34 +116,51 @@ def grade_rank_coordinates(candidate: Callable[[int, int, int, int], tuple[int, 
                   "ParallelState")
 
 
-def grade_rank_groups(candidate: Callable[[int, int, int, int], dict[str, list[int]]]) -> str:
-    """Every rank of every layout in LAYOUTS against the groups of ``grid_groups`` holding it."""
+@grader
+def grade_rank_groups(candidate: Callable[[int, int, int, int], dict[str, list[int]]],
+                      timeout: float = MULTI_RANK_TIMEOUT) -> str:
+    """Every rank of every layout in LAYOUTS against the groups of ``grid_groups`` holding it, then the
+    process groups of 8 real ranks.
+
+    Both parts run in separate processes, each within ``timeout`` s: an exception, an endless loop or
+    a hang in ``candidate`` is reported as a GradingError."""
+    message = run_isolated(_grade_rank_groups, candidate, timeout=timeout, role="rank_groups")
+    _check_groups_on_real_ranks(candidate, tp=2, pp=2, dp=2, timeout=timeout)
+    return passed(message)
+
+
+def _grade_rank_groups(candidate: Callable) -> str:
     checked = 0
     for tp, pp, dp in LAYOUTS:
         groups = grid_groups(tp, pp, dp)
         for rank in range(tp * pp * dp):
-            got = _call("Exercise 10.2", candidate, rank, tp, pp, dp)
+            got = _call("Exercise 10.2", f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp})", candidate,
+                        rank, tp, pp, dp)
             if not isinstance(got, dict):
-                raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp}) returned a "
-                                   f"{type(got).__name__}; expected a dict with keys 'tp', 'dp', 'pp'")
+                raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp}) returned "
+                                   f"{kind_of(got)}; expected a dict with keys 'tp', 'dp', 'pp'")
             for kind in ("tp", "dp", "pp"):
                 expected = sorted(next(g for g in groups[kind] if rank in g))
                 if kind not in got:
                     raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp}) has no key "
                                        f"{kind!r}; expected keys 'tp', 'dp', 'pp'")
-                value = [int(r) for r in got[kind]]
+                value = _ints(got[kind])
+                if value is None:
+                    raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp})[{kind!r}] is "
+                                       f"{kind_of(got[kind])}; expected a sorted list of ints (global ranks)")
                 if value != expected:
                     hint = " (sort the ranks ascending)" if sorted(value) == expected else ""
                     raise GradingError(f"rank_groups({rank}, tp={tp}, pp={pp}, dp={dp})[{kind!r}] = {value}, "
                                        f"expected {expected}{hint}: the {kind.upper()} group holds the "
                                        f"ranks that differ from rank {rank} only in their {kind}_rank")
             checked += 1
-    _check_groups_on_real_ranks(candidate, tp=2, pp=2, dp=2)
-    return passed(f"Exercise 10.2: the TP, DP and PP groups of all {checked} ranks in {len(LAYOUTS)} "
-                  "layouts match minimegatron.mpu.state.grid_groups, and the process groups of 8 real ranks")
+    # the message only: grade_rank_groups prints it once the real ranks agree too
+    return (f"Exercise 10.2: the TP, DP and PP groups of all {checked} ranks in {len(LAYOUTS)} "
+            "layouts match minimegatron.mpu.state.grid_groups, and the process groups of 8 real ranks")
 
 
-def _check_groups_on_real_ranks(candidate: Callable, tp: int, pp: int, dp: int) -> None:
+def _check_groups_on_real_ranks(candidate: Callable, tp: int, pp: int, dp: int,
+                                timeout: float = MULTI_RANK_TIMEOUT) -> None:
     """On tp·pp·dp launched ranks: the candidate's groups are the process groups each rank really joins."""
     import torch.distributed as dist
 
@@ -134,11 +171,14 @@ def _check_groups_on_real_ranks(candidate: Callable, tp: int, pp: int, dp: int) 
         got = candidate(dist.get_rank(), tp, pp, dp)
         for kind in ("tp", "dp", "pp"):
             members = sorted(dist.get_process_group_ranks(getattr(state, f"{kind}_group")))
-            if [int(r) for r in got[kind]] != members:
+            value = _ints(got[kind]) if isinstance(got, dict) and kind in got else None
+            if value != members:
+                said = kind_of(got) if not isinstance(got, dict) else \
+                    kind_of(got.get(kind)) if value is None else str(value)
                 raise GradingError(f"rank {dist.get_rank()} joined the {kind.upper()} process group "
-                                   f"{members}, your rank_groups says {list(got[kind])}")
+                                   f"{members}, your rank_groups says {said}")
 
-    run_graded(on_rank, tp * pp * dp, timeout=120)
+    run_graded(on_rank, tp * pp * dp, timeout=timeout)
 
 
 class _Indices:
@@ -156,8 +196,18 @@ class _Indices:
         return {"tokens": torch.tensor([i]), "labels": torch.tensor([i])}
 
 
-def grade_replica_micro_batches(candidate: Callable[..., list[list[int]]]) -> str:
-    """Against the trainer's own reader (``training.data.micro_batches`` on an index dataset)."""
+@grader
+def grade_replica_micro_batches(candidate: Callable[..., list[list[int]]],
+                                timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """Against the trainer's own reader (``training.data.micro_batches`` on an index dataset).
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    return run_isolated(_grade_replica_micro_batches, candidate, timeout=timeout,
+                        role="replica_micro_batches")
+
+
+def _grade_replica_micro_batches(candidate: Callable) -> str:
     cases = [(8, 2, 1), (8, 2, 2), (16, 2, 2), (32, 8, 1), (24, 2, 3), (16, 4, 4), (12, 1, 2)]  # G, b, dp
     checked = 0
     for g, b, dp in cases:
@@ -166,13 +216,18 @@ def grade_replica_micro_batches(candidate: Callable[..., list[list[int]]]) -> st
         for step in (0, 1, 3):
             for d in range(dp):
                 expected = [t[:, 0].tolist() for t, _ in micro_batches(data, step * g, cfg, d)]
-                got = _call("Exercise 10.3", candidate, step, d, g, b, dp)
                 where = (f"replica_micro_batches(step={step}, dp_rank={d}, global_batch_size={g}, "
                          f"micro_batch_size={b}, dp={dp})")
-                try:
-                    got = [[int(i) for i in mb] for mb in got]
-                except TypeError:
-                    raise GradingError(f"{where} returned {got!r}; expected a list of lists of ints") from None
+                got = _call("Exercise 10.3", where, candidate, step, d, g, b, dp)
+                batches = None
+                if got is not None and not isinstance(got, (str, bytes, dict)):
+                    try:
+                        batches = [_ints(mb) for mb in got]
+                    except Exception:  # noqa: BLE001 - not iterable
+                        batches = None
+                if batches is None or any(mb is None for mb in batches):
+                    raise GradingError(f"{where} returned {kind_of(got)}; expected a list of lists of ints")
+                got = batches
                 if len(got) != len(expected):
                     raise GradingError(f"{where}: {len(got)} micro-batches, expected {len(expected)} = "
                                        f"G / (micro_batch_size · dp) = {g} / ({b} · {dp}) "

@@ -15,12 +15,12 @@ The reference is minimegatron.mpu.layers.shard_weight (the grader cuts a known f
 """
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import torch
 
-from exercises.grading import GradingError, assert_close, passed
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
+                               kind_of, passed, run_isolated)
 from minimegatron.mpu.layers import shard_weight
 
 
@@ -45,24 +45,29 @@ CASES = [  # (name, full shape, dim, stride, old tp, new tp)
 ]
 
 
-def grade_reshard(candidate: Callable[..., list[torch.Tensor]]) -> str:
+@grader
+def grade_reshard(candidate: Callable[..., list[torch.Tensor]],
+                  timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
     """Cut a known weight at the old TP size, reshard with ``candidate``, compare with the cut at the new.
 
-    Returns "✓ ..." (and prints it); raises GradingError naming the case, the rank and the difference."""
+    Returns "✓ ..." (and prints it); raises GradingError naming the case, the rank and the difference.
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError too."""
+    return run_isolated(_grade_reshard, candidate, timeout=timeout, role="reshard")
+
+
+def _grade_reshard(candidate: Callable) -> str:
     for name, shape, dim, stride, old, new in CASES:
         full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
         shards = [shard_weight(full, dim, r, old, stride) for r in range(old)]
         expected = [shard_weight(full, dim, r, new, stride) for r in range(new)]
         where = f"Exercise 11.1, case '{name}' (full {shape}, dim {dim}, stride {stride})"
-        try:
-            got = candidate([s.clone() for s in shards], dim, stride, new)
-        except NotImplementedError as err:
-            raise GradingError(f"Exercise 11.1 is not implemented yet: {err}") from None
-        except Exception:
-            raise GradingError(f"{where}: your function raised\n{traceback.format_exc()}") from None
-        if not isinstance(got, (list, tuple)) or len(got) != new:
-            n = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
-            raise GradingError(f"{where}: got {n} shards, expected a list of new_tp = {new}")
+        got = call_candidate(where, candidate, [s.clone() for s in shards], dim, stride, new,
+                             exercise="Exercise 11.1")
+        if not isinstance(got, (list, tuple)):
+            raise GradingError(f"{where}: got {kind_of(got)}, expected a list of new_tp = {new} tensors")
+        if len(got) != new:
+            raise GradingError(f"{where}: got {len(got)} shards, expected a list of new_tp = {new}")
         for r, (g, e) in enumerate(zip(got, expected)):
             hint = "" if stride == 1 else (f" (with stride {stride}, a shard is {stride} pieces — one per block "
                                            f"— not one contiguous slice of the full weight)")

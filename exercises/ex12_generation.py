@@ -22,12 +22,12 @@ graders run your code on 2 real tensor-parallel ranks too (every rank must pick 
 """
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import torch
 
-from exercises.grading import GradingError, assert_close, passed, run_graded
+from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, call_candidate, grader,
+                               kind_of, passed, run_graded, run_isolated)
 from minimegatron.generate import generate
 from minimegatron.generate import top_p_filter as reference_top_p_filter
 
@@ -69,22 +69,33 @@ def _top_p_cases() -> list[tuple[str, torch.Tensor, float]]:
     ]
 
 
-def grade_top_p_filter(candidate: Callable[[torch.Tensor, float], torch.Tensor], timeout: float = 60.0) -> str:
+@grader
+def grade_top_p_filter(candidate: Callable[[torch.Tensor, float], torch.Tensor],
+                       timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """Compare with the reference on several cases, then sample with it on 2 TP ranks.
 
-    Returns "✓ ..." (and prints it); raises GradingError naming the case, the row and the difference."""
+    Returns "✓ ..." (and prints it); raises GradingError naming the case, the row and the difference.
+    Both parts run in separate processes, each within ``timeout`` s: an exception or an endless loop
+    in ``candidate`` is reported as a GradingError too."""
+    run_isolated(_check_top_p_cases, candidate, timeout=timeout, role="top_p_filter")
+    results = run_graded(_sample_on_ranks, 2, candidate, timeout=timeout)
+    for rank, (got, expected) in enumerate(results):
+        assert_close(f"Exercise 12.1: tokens sampled with your filter (top_p=0.7) on TP rank {rank}",
+                     got, expected)
+    return passed("Exercise 12.1: top_p_filter matches the reference on 8 cases and samples the same "
+                  "tokens on 2 tensor-parallel ranks")
+
+
+def _check_top_p_cases(candidate: Callable) -> None:
     for name, logits, p in _top_p_cases():
         where = f"Exercise 12.1, case '{name}' (shape {tuple(logits.shape)}, p={p})"
         expected = reference_top_p_filter(logits, p)
-        try:
-            got = candidate(logits.clone(), p)
-        except NotImplementedError as err:
-            raise GradingError(f"Exercise 12.1 is not implemented yet: {err}") from None
-        except Exception:
-            raise GradingError(f"{where}: your function raised\n{traceback.format_exc()}") from None
+        got = call_candidate(where, candidate, logits.clone(), p, exercise="Exercise 12.1")
         if not isinstance(got, torch.Tensor) or got.shape != logits.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else kind_of(got)
             raise GradingError(f"{where}: got {shape}, expected a tensor of shape {tuple(logits.shape)}")
+        if got.dtype != logits.dtype:
+            raise GradingError(f"{where}: got dtype {got.dtype}, expected the logits' {logits.dtype}")
         kept, want = ~torch.isneginf(got), ~torch.isneginf(expected)
         if not torch.equal(kept, want):
             row = tuple(int(i) for i in torch.nonzero((kept != want).any(-1))[0])
@@ -97,12 +108,6 @@ def grade_top_p_filter(candidate: Callable[[torch.Tensor, float], torch.Tensor],
         if not torch.equal(got[kept], logits[kept]):
             raise GradingError(f"{where}: the kept logits changed; leave them as they are (set only the "
                                "dropped ones to -inf — the softmax renormalises)")
-    results = run_graded(_sample_on_ranks, 2, candidate, timeout=timeout)
-    for rank, (got, expected) in enumerate(results):
-        assert_close(f"Exercise 12.1: tokens sampled with your filter (top_p=0.7) on TP rank {rank}",
-                     got, expected)
-    return passed("Exercise 12.1: top_p_filter matches the reference on 8 cases and samples the same "
-                  "tokens on 2 tensor-parallel ranks")
 
 
 def _tiny_model(state):
@@ -131,10 +136,13 @@ def _decode_on_ranks(candidate, prompt_len: int, new: int):
                                            with_kwargs=True)
     got = candidate(model, ids.clone(), new)
     hook.remove()
+    if isinstance(got, torch.Tensor):
+        got = got.detach()
     return got, generate(model, ids, new), fed
 
 
-def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float = 60.0) -> str:
+@grader
+def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """Run ``candidate(model, ids, n)`` on 2 TP ranks of a tiny LLaMA; compare with generate() and check
     that it feeds the prompt once and then one token per step (the KV cache at work)."""
     for prompt_len, new in ((5, 8), (1, 4)):

@@ -19,10 +19,10 @@ The reference is the benchmark's formula (benchmarks/gpu_llama_1b.py: ``training
 from __future__ import annotations
 
 import math
-import traceback
 from typing import Callable
 
-from exercises.grading import GradingError, passed
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate, grader, kind_of, passed,
+                               run_isolated)
 
 
 def model_flops_utilization(tokens_per_s: float, num_cards: int, n_params: float, num_layers: int,
@@ -57,23 +57,29 @@ def _cases() -> list[tuple[str, tuple, bool]]:
     ]
 
 
-def grade_model_flops_utilization(candidate: Callable[..., float]) -> str:
-    """Compare ``candidate`` with the benchmark's formula on several runs; GradingError on the first miss."""
+@grader
+def grade_model_flops_utilization(candidate: Callable[..., float],
+                                  timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """Compare ``candidate`` with the benchmark's formula on several runs; GradingError on the first miss.
+
+    Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
+    reported as a GradingError."""
+    import benchmarks.gpu_llama_1b  # noqa: F401  (imported once here, not in every grading process)
+    return run_isolated(_grade_model_flops_utilization, candidate, timeout=timeout,
+                        role="model_flops_utilization")
+
+
+def _grade_model_flops_utilization(candidate: Callable) -> str:
     from benchmarks.gpu_llama_1b import mfu, training_flops_per_token
 
     for what, (tps, cards, n, layers, hidden, seq, peak), attention in _cases():
         expected = mfu(tps / cards, training_flops_per_token(n, layers, hidden, seq, attention), peak * 1e12)
         args = f"tokens_per_s={tps}, num_cards={cards}, n_params={n:.4g}, num_layers={layers}, " \
                f"hidden_size={hidden}, seq_len={seq}, peak_tflops={peak}, attention={attention}"
-        try:
-            got = candidate(tps, cards, n, layers, hidden, seq, peak, attention=attention)
-        except NotImplementedError as err:
-            raise GradingError(f"Exercise 13.1 is not implemented yet: {err}") from None
-        except Exception:
-            raise GradingError(f"your code raised for {what} ({args}):\n{traceback.format_exc()}") from None
+        got = call_candidate(f"{what} ({args})", candidate, tps, cards, n, layers, hidden, seq, peak,
+                             attention=attention, exercise="Exercise 13.1")
         if not isinstance(got, (int, float)) or isinstance(got, bool):
-            raise GradingError(f"{what}: expected a float (MFU as a fraction), got {type(got).__name__} "
-                               f"{got!r} (did you forget to return it?)")
+            raise GradingError(f"{what}: expected a float (MFU as a fraction), got {kind_of(got)}")
         if not math.isclose(got, expected, rel_tol=1e-9):
             hint = ""
             if math.isclose(got, expected * cards, rel_tol=1e-9) and cards > 1:
@@ -83,6 +89,9 @@ def grade_model_flops_utilization(candidate: Callable[..., float]) -> str:
             elif attention and math.isclose(got, mfu(tps / cards, 6.0 * n, peak * 1e12), rel_tol=1e-9):
                 hint = " — the attention term 12·L·h·s is missing"
             raise GradingError(f"{what} ({args}): got {got:.6g}, expected {expected:.6g}{hint}")
-    log_line = candidate(*_cases()[0][1], attention=True)
+    log_line = call_candidate(f"{_cases()[0][0]}", candidate, *_cases()[0][1], attention=True,
+                              exercise="Exercise 13.1")
+    if not isinstance(log_line, (int, float)) or isinstance(log_line, bool):
+        raise GradingError(f"{_cases()[0][0]}: expected a float (MFU as a fraction), got {kind_of(log_line)}")
     return passed(f"Exercise 13.1: model_flops_utilization matches the benchmark's formula on "
                   f"{len(_cases())} runs; the log line's MFU is {log_line:.1%}")

@@ -1,6 +1,6 @@
 """Run one function on N ranks: simulated on this machine, or inside a real launcher.
 
-``launch(fn, world_size, *args, timeout=60, **kwargs)`` is how every experiment in the notebooks and
+``launch(fn, world_size, *args, timeout=120, **kwargs)`` is how every experiment in the notebooks and
 every parallel test starts. Two modes, one call:
 
 * **Simulated ranks** (the default on a laptop): fork ``world_size`` processes, each a real
@@ -11,37 +11,57 @@ every parallel test starts. Two modes, one call:
   with the accelerator's backend (nccl on CUDA, hccl on Gaudi, gloo on CPU), run ``fn`` once on this
   rank and return every rank's result, gathered with ``all_gather_object``.
 
+``timeout`` means one thing: the most seconds the whole run may take (a finite number > 0), or
+``None`` for no limit. Anything else, and a ``world_size`` or ``threads_per_rank`` that is not a
+positive int, is a ValueError before any rank starts.
+
 Failure is loud and bounded. A rank that raises makes ``launch`` raise :class:`RankError` naming the
 rank and carrying its traceback; a rank that hangs (a send without a matching recv, a collective one
 rank skipped) makes ``launch`` raise :class:`LaunchTimeout` within ``timeout`` seconds, with the Python
-stack of every rank that was still running. In both cases every child is killed before ``launch``
-returns: nothing is left behind.
+stack of every rank that was still running; Ctrl-C re-raises KeyboardInterrupt. Nothing outlives it:
+each rank is a session of its own that gets SIGKILL the moment the parent dies and keeps below it all
+it starts (a DataLoader's workers, even a process in a session of its own); the cleanup kills that
+whole tree and removes the temp dir of the stack dumps, and each launch sweeps those of dead parents.
+The ranks are forked from a fresh thread, so that ``threads_per_rank > 1`` works after any parent op
+(GNU OpenMP is not fork-safe). How each of these works, and why: :mod:`minimegatron.processes`.
 
-The rendezvous ``TCPStore`` listens on a socket the parent bound to port 0 (the kernel picks a free
-port and the parent holds it until the ranks are done), so two launches at once never collide.
+The rendezvous ``TCPStore`` serves on a socket the parent bound to port 0 and holds until the ranks
+are done, so two launches at once never collide.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import numbers
+import operator
 import os
 import pickle
-import shutil
+import re
 import signal
 import socket
-import tempfile
-import threading
 import time
 import traceback
 from datetime import timedelta
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from minimegatron.compat import tcp_store
+from minimegatron.processes import (Prctl, die_with_parent, fork_from_fresh_thread, kill_child, linux_prctl,
+                                    private_temp_dir, request_stacks, sigterm_as_exit, stacks_on_sigusr1)
 
 __all__ = ["launch", "RankError", "LaunchTimeout", "in_launcher"]
+
+TMP_PREFIX = "minimegatron-launch-"  # + "<parent pid>-<random>": a dead parent's dir is swept
+WAIT_SLICE_S = 3600.0  # connection.wait() takes int32 milliseconds: wait at most this long at once
+STACK_PATIENCE_S = 5.0  # how long hung ranks get to write their stacks
+FAILURE_GRACE_S = 1.0  # after a rank fails, how long the others get to report theirs
+# The last line of a rank that failed only because a peer died first (gloo, TCPStore, NCCL words).
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
+                        r"connection refused|peer .*(closed|disconnected)|NCCL communicator was aborted",
+                        re.IGNORECASE)
 
 
 class RankError(RuntimeError):
@@ -68,11 +88,16 @@ def in_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float | None = 120.0,
            backend: str = "gloo", threads_per_rank: int = 1, **kwargs: Any) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results, indexed by rank."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results, indexed by rank.
+
+    ``timeout``: seconds for the whole run (finite, > 0), or ``None`` for no limit; past it the ranks
+    still running are killed and :class:`LaunchTimeout` is raised. ``threads_per_rank``: torch's
+    intra-op threads in each simulated rank (a launcher's ranks keep their own setting)."""
+    world_size = _positive_int("world_size", world_size)
+    threads_per_rank = _positive_int("threads_per_rank", threads_per_rank)
+    timeout = _checked_timeout(timeout)
     if in_launcher():
         return _join_launcher(fn, world_size, args, kwargs, timeout)
     if dist.is_initialized():
@@ -81,7 +106,25 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float =
     return _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads_per_rank)
 
 
-def _join_launcher(fn, world_size, args, kwargs, timeout) -> list[Any]:
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1; a bool, a float or a string is refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return operator.index(value)
+
+
+def _checked_timeout(timeout: Any) -> float | None:
+    """None (no limit) or a finite number of seconds > 0; anything else is a ValueError naming the fix."""
+    if timeout is None:
+        return None
+    if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+            or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}; "
+                         f"pass timeout=None for no limit")
+    return float(timeout)
+
+
+def _join_launcher(fn, world_size: int, args, kwargs, timeout: float | None) -> list[Any]:
     """Inside torchrun/deepspeed: init from env (once), run fn here, all-gather every rank's result."""
     from minimegatron.device import dist_backend, set_device_for_rank
 
@@ -91,23 +134,23 @@ def _join_launcher(fn, world_size, args, kwargs, timeout) -> list[Any]:
                          f"WORLD_SIZE={env_world} ranks; pass world_size={env_world} or relaunch.")
     set_device_for_rank(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group(backend=dist_backend(), timeout=timedelta(seconds=timeout))
+        limit = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        dist.init_process_group(backend=dist_backend(), **limit)
     result = fn(*args, **kwargs)
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, result)
     return gathered
 
 
-def _rank_main(rank, world_size, listen_fd, port, backend, threads, fn, args, kwargs, conn,
-               stack_file) -> None:
-    """Body of one forked rank: own session, stack dump on SIGUSR1, init, run, report, wait."""
-    os.setsid()  # own process group: the parent can kill this rank *and* anything it started
+def _rank_main(rank: int, world_size: int, parent: int, prctl: Prctl | None, listen_fd: int, port: int,
+               backend: str, threads: int, fn: Callable[..., Any], args: tuple, kwargs: dict,
+               conn: Connection, stack_file: str) -> None:
+    """Body of one forked rank: die with the parent, keep its descendants, own session, stack dump on
+    SIGUSR1, init, run, report, then wait to be killed."""
+    die_with_parent(parent, prctl)
+    os.setsid()  # own session and process group: the terminal's Ctrl-C goes to the parent only
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's cleanup handler
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    import faulthandler
-    with open(stack_file, "w") as fh:
-        faulthandler.register(signal.SIGUSR1, file=fh, all_threads=True)
+    with stacks_on_sigusr1(stack_file):
         try:
             torch.set_num_threads(threads)
             os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -133,117 +176,108 @@ def _rank_main(rank, world_size, listen_fd, port, backend, threads, fn, args, kw
             time.sleep(3600)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Watchdog thread: a rank whose parent died (kernel restarted, Ctrl-C) exits by itself."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
+def _fork_ranks(fn, world_size: int, args, kwargs, timeout: float | None, backend: str,
+                threads: int) -> list[Any]:
+    """Fork the ranks (from a fresh thread) and collect their results; however that ends, kill every
+    rank with all it started and remove the temp dir."""
+    procs: list[mp.process.BaseProcess] = []
+    conns: dict[Connection, int] = {}
 
-
-def _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads) -> list[Any]:
-    ctx = mp.get_context("fork")
-    # Bind the rendezvous port here (port 0: the kernel picks a free one, and we hold it, so parallel
-    # launches never collide); rank 0 serves the store on this very socket. The parent runs no
-    # server thread of its own, so nothing can be mid-lock when we fork.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    port = sock.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="minimegatron-launch-")
-    procs, conns = [], {}
-    previous_sigterm = _exit_cleanly_on_sigterm()
-    try:
-        for rank in range(world_size):
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            stack_file = os.path.join(tmp, f"stack{rank}.txt")
-            p = ctx.Process(target=_rank_main, daemon=True,
-                            args=(rank, world_size, sock.fileno(), port, backend, threads, fn, args,
-                                  kwargs, send_end, stack_file))
-            p.start()
-            send_end.close()
-            procs.append(p)
-            conns[recv_end] = rank
-        results: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        pending = dict(conns)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                hung = sorted(pending.values())
-                raise LaunchTimeout(timeout, hung, _dump_stacks(procs, hung, tmp))
-            for conn in wait(list(pending), timeout=min(remaining, 86400.0)):  # wait() takes int ms
-                rank = pending.pop(conn)
-                try:
-                    status, value = pickle.loads(conn.recv_bytes())
-                except EOFError:
-                    procs[rank].join(1.0)
-                    status, value = "error", (f"rank {rank} died without a result "
-                                              f"(exit code {procs[rank].exitcode}; killed by the OS "
-                                              f"or crashed in native code)\n")
-                if status == "error":
-                    raise RankError(rank, value)
-                results[rank] = value
-        return [results[r] for r in range(world_size)]
-    finally:
-        _kill_all(procs)
+    def stop() -> None:  # kill each rank with everything below it, then reap it
+        for p in procs:
+            kill_child(p)
+        for p in procs:
+            p.join(timeout=5)
         for c in conns:
             c.close()
-        sock.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+
+    with (sigterm_as_exit(), private_temp_dir(TMP_PREFIX) as tmp,
+          socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock):
+        # Bind the rendezvous port here (port 0: the kernel picks a free one, and we hold it, so
+        # parallel launches never collide); rank 0 serves the store on this very socket. The parent
+        # runs no server thread of its own, so nothing can be mid-lock when we fork.
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.set_inheritable(True)
+        port = sock.getsockname()[1]
+        rank_args = (os.getpid(), linux_prctl(), sock.fileno(), port, backend, threads, fn, args, kwargs)
+        with fork_from_fresh_thread(lambda: _start_ranks(world_size, rank_args, tmp, procs, conns), stop,
+                                    name="minimegatron-ranks"):
+            return _collect(procs, conns, timeout, tmp)
 
 
-def _exit_cleanly_on_sigterm():
-    """While ranks run, turn SIGTERM (``timeout``, a CI cancel, a kernel shutdown) into SystemExit so
-    that the cleanup in ``finally`` kills the ranks and removes the temp dir. Returns the old handler
-    (None when not in the main thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        return None  # the application handles SIGTERM itself: leave it alone
+def _start_ranks(world_size: int, rank_args: tuple, tmp: str, procs: list, conns: dict) -> None:
+    """In the fresh thread: fork every rank, each with the write end of a pipe for its result."""
+    ctx = mp.get_context("fork")
+    for rank in range(world_size):
+        recv_end, send_end = ctx.Pipe(duplex=False)
+        conns[recv_end] = rank
+        p = ctx.Process(target=_rank_main, name=f"rank{rank}",
+                        args=(rank, world_size, *rank_args, send_end, _stack_file(tmp, rank)))
+        p.start()
+        procs.append(p)
+        send_end.close()
 
-    def _raise(signum, frame):
-        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, _raise)
-    return previous
+def _stack_file(tmp: str, rank: int) -> str:
+    return os.path.join(tmp, f"stack{rank}.txt")
+
+
+def _collect(procs, conns: dict[Connection, int], timeout: float | None, tmp: str) -> list[Any]:
+    """Every rank's result, by rank; RankError for a failure, LaunchTimeout past the deadline."""
+    results: dict[int, Any] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = dict(conns)
+    while pending:
+        remaining = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            hung = sorted(pending.values())
+            raise LaunchTimeout(timeout, hung, _dump_stacks(procs, hung, tmp))
+        for conn in wait(list(pending), timeout=min(remaining, WAIT_SLICE_S)):
+            rank = pending.pop(conn)
+            status, value = _receive(conn, procs, rank)
+            if status == "error":
+                raise _first_cause({rank: value, **_late_errors(pending, procs)})
+            results[rank] = value
+    return [results[r] for r in range(len(procs))]
+
+
+def _receive(conn: Connection, procs, rank: int) -> tuple[str, Any]:
+    """("ok", result) or ("error", traceback text) from one rank's pipe."""
+    try:
+        return pickle.loads(conn.recv_bytes())
+    except EOFError:
+        procs[rank].join(1.0)
+        return "error", (f"rank {rank} died without a result (exit code {procs[rank].exitcode}; "
+                         f"killed by the OS or crashed in native code)\n")
+
+
+def _late_errors(pending: dict[Connection, int], procs) -> dict[int, str]:
+    """The errors other ranks report within ``FAILURE_GRACE_S`` of the first one.
+
+    When one rank fails, its peers soon fail too ("Connection closed by peer" in their next
+    collective), and which report arrives first is a race; waiting a moment lets the cause win."""
+    errors: dict[int, str] = {}
+    end = time.monotonic() + FAILURE_GRACE_S
+    while pending and (left := end - time.monotonic()) > 0:
+        for conn in wait(list(pending), timeout=left):
+            rank = pending.pop(conn)
+            status, value = _receive(conn, procs, rank)
+            if status == "error":
+                errors[rank] = value
+    return errors
+
+
+def _first_cause(errors: dict[int, str]) -> RankError:
+    """The RankError to raise: a rank that failed by itself, not one that lost a failed peer."""
+    causes = [r for r, tb in sorted(errors.items()) if not _PEER_LOST.search(tb.strip().splitlines()[-1])]
+    rank = causes[0] if causes else min(errors)
+    others = sorted(r for r in errors if r != rank)
+    note = (f"\n(ranks {others} failed too, after rank {rank}: their peers were gone)" if others else "")
+    return RankError(rank, errors[rank], note)
 
 
 def _dump_stacks(procs, ranks: list[int], tmp: str) -> dict[int, str]:
-    """Ask hung ranks to write their Python stacks (faulthandler on SIGUSR1), then read them."""
-    for r in ranks:
-        if procs[r].is_alive():
-            try:
-                os.kill(procs[r].pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
-    time.sleep(0.3)
-    stacks = {}
-    for r in ranks:
-        try:
-            with open(os.path.join(tmp, f"stack{r}.txt")) as fh:
-                stacks[r] = fh.read().strip() or "(no stack written)"
-        except OSError:
-            stacks[r] = "(no stack written)"
-    return stacks
-
-
-def _kill_all(procs) -> None:
-    """SIGKILL each rank's whole process group, then reap it, so no child outlives launch()."""
-    for p in procs:
-        if p.pid is None:
-            continue
-        try:  # the group outlives its leader if the rank started processes of its own
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if p.exitcode is None:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.join(timeout=5)
+    """The Python stacks of the hung ``ranks``, asked for with SIGUSR1 (see ``stacks_on_sigusr1``)."""
+    texts = request_stacks({_stack_file(tmp, r): procs[r] for r in ranks}, STACK_PATIENCE_S)
+    return {r: texts[_stack_file(tmp, r)] or "(no stack written)" for r in ranks}

@@ -8,6 +8,7 @@ parent process, before any rank starts.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -146,17 +147,29 @@ def test_world_size_must_match_the_launcher(monkeypatch):
 
 
 def test_cli_reports_bad_layouts_without_traceback(capsys):
-    with pytest.raises(SystemExit, match="error: num_layers=2 < pp=4"):
+    """Bad input: status 2 (argparse's), one line naming the problem (tests/training/test_cli_errors.py
+    checks every other case)."""
+    with pytest.raises(SystemExit) as exit_info:
         main(["--pp", "4", "--num-layers", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("python -m minimegatron.train: error: num_layers=2 < pp=4: every pipeline stage needs at "
+                   "least one transformer layer; use more layers or fewer stages\n")
 
 
 def test_cli_reports_a_timeout_with_the_ranks_stacks(tmp_path, capsys):
-    """--timeout is one deadline for the whole run: past it, the ranks' stacks, then the flag to raise."""
-    with pytest.raises(SystemExit, match=r"error: the run did not finish within --timeout 0.01 s; "
-                                         r"raise --timeout \(or look for a hang\)"):
+    """--timeout is one deadline for the whole run: past it, one line with the flag to raise; the
+    ranks' stacks go to --out-dir/timeout_stacks.txt (stderr stays one line)."""
+    with pytest.raises(SystemExit) as exit_info:
         main(["--steps", "50", "--num-layers", "2", "--hidden-size", "32", "--vocab-size", "64",
               "--seq-len", "16", "--no-progress", "--out-dir", str(tmp_path), "--timeout", "0.01"])
-    assert "did not finish within 0.01 s" in capsys.readouterr().err  # launch's message, stacks kept
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"python -m minimegatron.train: error: the run did not finish within --timeout 0.01 s; "
+                        r"raise --timeout \(or look for a hang\): ranks \[0\] were killed; where each one "
+                        r"was: .*timeout_stacks.txt\n", err), err
+    stacks = (tmp_path / "timeout_stacks.txt").read_text()
+    assert "did not finish within --timeout 0.01 s" in stacks and "--- rank 0 was here ---" in stacks
 
 
 def test_learning_rate_schedule():

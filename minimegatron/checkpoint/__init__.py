@@ -7,13 +7,14 @@
     model = from_hf(GPT2LMHeadModel(...), state=state)   # HF -> minimegatron, split for state.tp
     hf = to_hf(model, save_directory="hf_out")           # minimegatron -> HF (save_pretrained)
 
-Modules: :mod:`.reshape` (shards <-> full tensors), :mod:`.io` (files, atomic save),
-:mod:`.hf_config` and :mod:`.hf` (Hugging Face). ``transformers`` is imported only when converting.
+Modules: :mod:`.reshape` (shards <-> full tensors), :mod:`.files` (the files of a checkpoint, read
+safely), :mod:`.io` (atomic save, load), :mod:`.hf_config` and :mod:`.hf` (Hugging Face).
+``transformers`` is imported only when converting.
 """
+from minimegatron.checkpoint.files import checkpoint_dir, load_config
 from minimegatron.checkpoint.hf import from_hf, load_hf_directory, state_dict_from_hf, state_dict_to_hf, to_hf
 from minimegatron.checkpoint.hf_config import UnsupportedHFConfig, config_from_hf, config_to_hf
-from minimegatron.checkpoint.io import (checkpoint_dir, load_checkpoint, load_config, load_model,
-                                        read_checkpoint, save_checkpoint)
+from minimegatron.checkpoint.io import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 from minimegatron.checkpoint.reshape import (CheckpointError, describe_shards, expected_full_shapes,
                                              full_state_dict, load_full_state_dict)
 

@@ -23,7 +23,6 @@ transposed. HF LLaMA's q/k projections already use the rotate-half RoPE layout w
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -145,18 +144,20 @@ def _model_class(config: ModelConfig) -> type[nn.Module]:
 
 def load_hf_directory(directory: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:
     """(state dict, config dict) of a ``save_pretrained`` directory — safetensors only, no pickle."""
-    from safetensors.torch import load_file
     path = Path(directory)
     files = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").is_file() or not files:
         raise CheckpointError(f"{path} is not a Hugging Face model directory with safetensors weights "
                               "(config.json + *.safetensors); .bin (pickle) checkpoints are not read — "
                               "re-save them with save_pretrained(..., safe_serialization=True)")
+    from minimegatron.checkpoint.files import open_safetensors, read_json
+
+    config = read_json(path / "config.json")  # a damaged file is named, not "Expecting value"
     sd: Tensors = {}
     for f in files:
-        sd.update(load_file(str(f)))
-    with open(path / "config.json") as fh:
-        return sd, json.load(fh)
+        with open_safetensors(f) as fh:  # header checked first: a truncated file or a pickle is named
+            sd.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return sd, config
 
 
 def from_hf(hf_model_or_state_dict: Any, hf_config: Any = None, state: ParallelState | None = None,

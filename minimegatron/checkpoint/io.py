@@ -28,6 +28,8 @@ a crash between the two renames leaves ``latest`` naming a missing directory, so
 the moved-aside copy and the next save renames it back.
 
 Safety. Only safetensors and JSON are read: no pickle, so loading a checkpoint cannot execute code.
+Finding and reading the files (each damaged one named) is :mod:`minimegatron.checkpoint.files`; its
+names are importable from here too (``from minimegatron.checkpoint.io import read_json`` works).
 """
 from __future__ import annotations
 
@@ -42,23 +44,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minimegatron.checkpoint.files import (CONFIG_NAME, DAMAGED_FIX, FORMAT, FORMAT_VERSION, LATEST_NAME,
+                                           METADATA_NAME, WEIGHTS_NAME, check_format, check_safetensors,
+                                           checkpoint_dir, find_checkpoint, iteration_name, load_config,
+                                           open_safetensors, read_json, verify_checkpoint)
 from minimegatron.checkpoint.reshape import (CheckpointError, barrier, check_config_matches,
                                              full_state_dict, is_writer, load_full_state_dict,
                                              model_config, parallel_state_of)
 from minimegatron.config import ModelConfig
 from minimegatron.mpu.state import ParallelState
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "load_config",
-           "checkpoint_dir", "find_checkpoint", "write_iteration", "weights_metadata", "iteration_name",
-           "atomic_write_text", "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "write_iteration",
+           "weights_metadata", "atomic_write_text",
+           # re-exported from checkpoint.files, where they live:
+           "load_config", "checkpoint_dir", "find_checkpoint", "iteration_name", "read_json",
+           "check_safetensors", "open_safetensors", "verify_checkpoint",
+           "DAMAGED_FIX", "WEIGHTS_NAME", "CONFIG_NAME", "METADATA_NAME", "LATEST_NAME"]
 
-WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, LATEST_NAME = (
-    "model.safetensors", "config.json", "metadata.json", "latest")
-FORMAT = "minimegatron-checkpoint"
-FORMAT_VERSION = 1
 STALE_TMP_SECONDS = 600.0  # a .tmp-* directory untouched this long is debris of a dead save
 
 
@@ -107,60 +111,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 atomic_write_text = _atomic_write_text  # public: the training log reuses it
 
 
-# ---- paths -----------------------------------------------------------------------------------------
-
-def iteration_name(step: int) -> str:
-    """``iter_0000200``: the directory of the checkpoint taken after ``step`` optimizer steps."""
-    return f"iter_{step:07d}"
-
-
-_iter_name = iteration_name
-
-
-def checkpoint_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
-    """The iteration directory to read: ``step``'s, or the one ``latest`` names. Clear error if none."""
-    root = Path(directory)
-    if (root / WEIGHTS_NAME).is_file() and step is None:
-        return root  # pointed straight at an iteration directory
-    if step is not None:
-        path = root / _iter_name(step)
-        if not path.exists():  # moved aside by a re-save that died (see _clean_up)
-            path = _moved_aside(root, path.name) or path
-        if not (path / WEIGHTS_NAME).is_file():
-            found = sorted(p.name for p in root.glob("iter_*")) if root.is_dir() else []
-            raise CheckpointError(f"no checkpoint for step {step} at {path}; found {found or 'none'}")
-        return path
-    latest = root / LATEST_NAME
-    if not latest.is_file():
-        raise CheckpointError(f"{root} holds no checkpoint (no '{LATEST_NAME}' file and no "
-                              f"{WEIGHTS_NAME}); save one with save_checkpoint(model, '{root}') first")
-    path = root / latest.read_text().strip()
-    if not path.exists():  # a re-save of this step died between its two renames: the old copy
-        path = _moved_aside(root, path.name) or path  # is complete beside it (the next save renames it back)
-    if not (path / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{latest} names {path.name}, which has no {WEIGHTS_NAME}: the "
-                              "directory was modified by hand; point 'latest' at a complete iter_* dir")
-    return path
-
-
-def find_checkpoint(directory: str | os.PathLike, step: int | None = None) -> Path | None:
-    """The iteration directory to resume from: ``step``'s, else ``latest``'s; None if the directory
-    holds no checkpoint at all (a first run with ``--load`` = ``--save``)."""
-    root = Path(directory)
-    if step is None and not (root / LATEST_NAME).is_file() and not (root / WEIGHTS_NAME).is_file():
-        return None
-    return checkpoint_dir(root, step)
-
-
 # ---- save ------------------------------------------------------------------------------------------
-
-def _moved_aside(root: Path, name: str) -> Path | None:
-    """The complete old copy of ``name`` that a re-save moved aside (``.tmp-old-{name}-…``), if any."""
-    for aside in sorted(root.glob(f".tmp-old-{name}-*")):
-        if (aside / WEIGHTS_NAME).is_file() and (aside / METADATA_NAME).is_file():
-            return aside
-    return None
-
 
 def _last_touched(path: Path) -> float:
     """The newest mtime of a directory and the files in it (a large file being written keeps it fresh)."""
@@ -212,7 +163,7 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _clean_up(root)  # debris of an earlier interrupted save
-    final = root / _iter_name(step)
+    final = root / iteration_name(step)
     tmp, trash = root / _tmp_name(final.name), None
     tmp.mkdir()
     try:
@@ -280,7 +231,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: 
     tensors = full_state_dict(model)  # collective over TP
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    path = Path(directory) / _iter_name(step)
+    path = Path(directory) / iteration_name(step)
     if is_writer():
         meta = weights_metadata(step, type(model).__name__,
                                 {"tp": state.tp, "pp": state.pp, "dp": state.dp}, tensors, metadata)
@@ -291,26 +242,16 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: 
 
 # ---- load ------------------------------------------------------------------------------------------
 
-def load_config(directory: str | os.PathLike, step: int | None = None) -> ModelConfig:
-    """The ModelConfig a checkpoint was saved with: build the model from it, then load_checkpoint."""
-    with open(checkpoint_dir(directory, step) / CONFIG_NAME) as fh:
-        return ModelConfig.from_dict(json.load(fh))
-
-
 def read_checkpoint(directory: str | os.PathLike, step: int | None = None
                     ) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
     """(full weights, config, metadata) of a checkpoint, read without building a model (no pickle)."""
     path = checkpoint_dir(directory, step)
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+    metadata = read_json(path / METADATA_NAME)
+    check_format(metadata, path)
+    config = load_config(path)
+    with open_safetensors(path / WEIGHTS_NAME) as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    with open(path / METADATA_NAME) as fh:
-        metadata = json.load(fh)
-    if metadata.get("format") != FORMAT or metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a minimegatron checkpoint of format version <= "
-                              f"{FORMAT_VERSION} (metadata says {metadata.get('format')!r} v"
-                              f"{metadata.get('format_version')}); for Hugging Face directories use "
-                              "minimegatron.checkpoint.from_hf")
-    return tensors, load_config(path), metadata
+    return tensors, config, metadata
 
 
 def load_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None
@@ -333,8 +274,7 @@ def load_model(directory: str | os.PathLike, state: ParallelState | None = None,
     TP size and load its weights: ``load_config`` + constructor + ``load_checkpoint`` in one call."""
     from minimegatron.gpt import GPTModel
     from minimegatron.llama import LLaMAModel
-    with open(checkpoint_dir(directory, step) / METADATA_NAME) as fh:
-        name = json.load(fh).get("model_class")
+    name = read_json(checkpoint_dir(directory, step) / METADATA_NAME).get("model_class")
     classes = {"GPTModel": GPTModel, "LLaMAModel": LLaMAModel}
     if name not in classes:
         raise CheckpointError(f"checkpoint was saved from a {name!r}; build that model yourself from "

@@ -2,6 +2,7 @@
 
     corpus.py           documents from the Python stdlib (default, no download) or your text / JSON lines
     tokenizer.py        sentencepiece BPE with byte fallback (llama and gpt flavours): train, save, load
+    tokenizer_training.py  what sentencepiece's trainer is given (options, sentences), its errors explained
     indexed_dataset.py  Megatron's on-disk format, bit for bit, read through numpy.memmap
     preprocess.py       CLI: corpus + tokenizer -> PREFIX.bin / PREFIX.idx
     samples.py          doc / sample / shuffle indices, train/valid/test split, GPTDataset

@@ -14,10 +14,13 @@ Your own text works the same way:
     open_corpus("notes.txt", documents="paragraph") # one file, a document per blank-line-separated block
     open_corpus("web.jsonl", json_key="text")       # JSON lines: one document per record's "text"
 
-Non-UTF-8 bytes never stop a run: files are decoded with `errors="replace"` (each undecodable byte
-sequence becomes U+FFFD), a `CorpusDecodeWarning` names the file and the count, and `corpus.stats.replaced`
-keeps {path: count}. A missing path, a glob matching nothing, or a corpus with no text raises an error
-that names the path and the fix.
+Stray non-UTF-8 bytes never stop a run: files are decoded with `errors="replace"` (each undecodable
+byte sequence becomes U+FFFD), a `CorpusDecodeWarning` names the file and the count, and
+`corpus.stats.replaced` keeps {path: count}. What is not text at all stops it with an error that names
+the file and the fix: a binary file (NUL bytes) or UTF-16 text. So do a missing, unreadable or
+non-regular path, a glob matching nothing, a bad JSON line (file:line) or a corpus with no text; the
+errors are ValueError or an OSError subclass, and the checks that need no reading (every file exists,
+is a regular file and opens) run when the Corpus is made, before any work.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from minimegatron.data._files import check_readable_file, explained
 
 DEFAULT_CORPUS = "stdlib"
 DOCUMENT_UNITS = ("file", "paragraph", "line")
@@ -89,10 +94,10 @@ class Corpus:
         if not self.files:
             raise ValueError(f"corpus {self.name!r} has no files; point --input at a text file, a glob, "
                              f"or a .jsonl file, or use the default corpus ({DEFAULT_CORPUS!r})")
-        for path in self.files:
-            if not path.is_file():
-                raise FileNotFoundError(f"corpus file {path} does not exist; check the path, or use the "
-                                        f"default corpus ({DEFAULT_CORPUS!r}) which needs no download")
+        for path in self.files:  # before any work: every file exists, is a regular file and opens
+            check_readable_file(path, "corpus file", f"check the path, or use the default corpus "
+                                                     f"({DEFAULT_CORPUS!r}) which needs no download",
+                                f"pass a quoted glob such as '{os.path.join(path, '**', '*.txt')}'")
         if all(path.stat().st_size == 0 for path in self.files):
             raise ValueError(f"corpus {self.name} is empty (every file has 0 bytes); point at files with "
                              f"text, or use the default corpus ({DEFAULT_CORPUS!r})")
@@ -102,7 +107,9 @@ class Corpus:
         self.stats = stats = CorpusStats()
         for path in self.files:
             stats.files += 1
-            text = decode_utf8(path.read_bytes(), str(path), stats)
+            text = decode_utf8(_read_text_bytes(path), str(path), stats)
+            if self.fmt == "jsonl" and text.startswith("\ufeff"):
+                text = text[1:]  # a UTF-8 byte-order mark (Windows editors write one): not part of line 1
             for document in self._documents(text, path):
                 if not document.strip():
                     stats.skipped_empty += 1
@@ -130,6 +137,23 @@ class Corpus:
         return f"Corpus({self.name}, fmt={self.fmt!r}, documents={self.documents!r})"
 
 
+def _read_text_bytes(path: Path) -> bytes:
+    """The bytes of a corpus file; a clear error for a file that cannot be read or is not text."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise explained(err, f"cannot read corpus file {path} ({err.strerror or err}); make it readable "
+                        f"(chmod u+r) or leave it out of --input") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"corpus file {path} is UTF-16 text, not UTF-8; convert it (iconv -f UTF-16 -t "
+                         f"UTF-8 FILE > FILE.utf8) and point --input at the result")
+    if b"\x00" in data:
+        raise ValueError(f"corpus file {path} looks binary, not text: it contains NUL bytes (an "
+                         f"executable, archive, image, .bin dataset, or text in UTF-16); point --input at "
+                         f"UTF-8 text files (narrow the glob if it matched this file)")
+    return data
+
+
 def _paragraphs(text: str) -> Iterator[str]:
     block: list[str] = []
     for line in text.splitlines():
@@ -142,22 +166,38 @@ def _paragraphs(text: str) -> Iterator[str]:
         yield "\n".join(block)
 
 
+_ONE_DOCUMENT = ("it looks like one JSON document, not JSON lines: write one object per line "
+                 "(e.g. jq -c '.[]' FILE > FILE.jsonl)")
+
+
 def _jsonl_documents(text: str, path: Path, key: str) -> Iterator[str]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() would also cut at U+2028, \x0c, ... which JSON strings may
+    # hold unescaped, and would number lines differently from an editor.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}); a JSON-lines corpus needs "
-                             f"one JSON object per line") from None
+            whole = line.strip() in ("[", "{") or (number == 1 and line.lstrip().startswith("["))
+            hint = _ONE_DOCUMENT if whole else "a JSON-lines corpus needs one JSON object per line"
+            raise ValueError(f"{path}:{number} is not valid JSON ({err.msg} at column {err.colno}); {hint}"
+                             ) from None
+        if isinstance(record, list):
+            raise ValueError(f"{path}:{number} is a JSON list, not an object; {_ONE_DOCUMENT}")
         if not isinstance(record, dict) or key not in record:
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            found = sorted(record)[:10] if isinstance(record, dict) else f"a JSON {type(record).__name__}"
             raise ValueError(f"{path}:{number} has no key {key!r} (found {found}); pass the right "
                              f"--json-key / json_key")
         value = record[key]
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{number}: {key!r} holds a {type(value).__name__}, not a string")
+            raise ValueError(f"{path}:{number}: {key!r} holds a {type(value).__name__}, not a string; every "
+                             f"record's {key!r} must be the document's text")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{path}:{number}: {key!r} holds an unpaired surrogate escape "
+                             f"({value[err.start]!r}) that is not text; fix or drop that record") from None
         yield value
 
 
@@ -214,6 +254,12 @@ def open_corpus(source: str | os.PathLike | Sequence[str | os.PathLike] | Corpus
         return default_corpus(max_bytes)
     if isinstance(source, (str, os.PathLike)):
         pattern = os.fspath(source)
+        if not pattern.strip():
+            raise ValueError(f"the corpus path is empty; pass --input a text file, a quoted glob, a .jsonl "
+                             f"file, or {DEFAULT_CORPUS!r}")
+        if pattern == "-":
+            raise ValueError("reading the corpus from stdin ('-') is not supported; save the text to a file "
+                             "and pass --input FILE")
         if _is_glob(pattern):
             files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
             if not files:

@@ -37,6 +37,9 @@ from typing import Sequence
 
 import numpy as np
 
+from minimegatron.data._files import (check_output_file, create_temporary, make_parents, remove_dirs,
+                                      write_error)
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = 34  # 9 magic + 8 version + 1 dtype + 8 sequence count + 8 document count
@@ -65,6 +68,26 @@ def dtype_code(dtype) -> int:
         raise ValueError(f"dtype {dtype!r} cannot be stored in a .bin/.idx; use one of: {names}") from None
 
 
+def check_output_prefix(prefix: str | os.PathLike, flag: str = "--output-prefix") -> None:
+    """Raise ValueError / an OSError subclass, naming the fix, if `prefix` cannot be written as
+    prefix.bin + prefix.idx: an empty prefix, one that names a directory (it would write the hidden files
+    dir/.bin, dir/.idx), a parent that is a file, a directory we may not write, or a prefix.bin/.idx that
+    is a directory. Nothing is created."""
+    text = os.fspath(prefix)
+    if not text.strip():
+        raise ValueError(f"{flag} is empty; pass a path prefix such as data/corpus (writes data/corpus.bin "
+                         f"and data/corpus.idx)")
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        name = os.path.join(text, "corpus")
+        raise IsADirectoryError(f"{flag} {text} is a directory; a prefix names the files, e.g. {flag} "
+                                f"{name} writes {name}.bin and {name}.idx")
+    check_output_file(text, flag, "corpus")  # the parent: a directory we may write (or one to create)
+    for path in (data_file_path(text), index_file_path(text)):
+        if path.is_dir():
+            raise IsADirectoryError(f"{flag} {text}: {path} is a directory, so the dataset file cannot be "
+                                    f"written there; move it away or choose another prefix")
+
+
 def data_file_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.bin")
 
@@ -76,10 +99,13 @@ def index_file_path(prefix: str | os.PathLike) -> Path:
 class IndexedDatasetBuilder:
     """Write `prefix.bin` + `prefix.idx`, atomically.
 
-    Tokens stream into `prefix.bin.tmp` as documents arrive; `finalize()` writes `prefix.idx.tmp` and then
-    renames both into place with `os.replace` (atomic on POSIX). Until then — and after `abort()`, or an
-    exception inside a `with` block — no `prefix.bin` / `prefix.idx` exists, so a crash never leaves
-    a half-written dataset that a later run would mistake for a good one.
+    Tokens stream into a temporary `prefix.bin.<random>.tmp` as documents arrive; `finalize()` writes
+    `prefix.idx.<random>.tmp` and then renames both into place with `os.replace` (atomic on POSIX). Until
+    then — and after `abort()`, or an exception inside a `with` block — no new `prefix.bin` / `prefix.idx`
+    exists (an old dataset there stays as it was), so a crash never leaves a half-written dataset that a
+    later run would mistake for a good one. `abort()` also removes the temporary files and any directory
+    the builder created. The prefix is checked first (check_output_prefix): a bad path fails before any
+    token is written, with a message that names the fix.
 
         with IndexedDatasetBuilder("out/stdlib", np.uint16) as builder:
             for ids in token_lists:
@@ -93,13 +119,22 @@ class IndexedDatasetBuilder:
         dtype_code(self.dtype)  # validate early
         self._bin_path = data_file_path(prefix)
         self._idx_path = index_file_path(prefix)
-        self._bin_tmp = Path(f"{self._bin_path}.tmp")
-        self._idx_tmp = Path(f"{self._idx_path}.tmp")
-        self._bin_tmp.parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._bin_tmp, "wb")
+        self._idx_tmp: Path | None = None
+        check_output_prefix(prefix)
+        self._created_dirs: list[Path] = []
+        try:
+            self._created_dirs = make_parents(self._bin_path)
+            self._bin_tmp, fd = create_temporary(self._bin_path)
+        except OSError as err:
+            remove_dirs(self._created_dirs)
+            raise self._write_error(err) from None
+        self._bin = open(fd, "wb")
         self.sequence_lengths: list[int] = []
         self.document_indices: list[int] = [0]
         self._done = False
+
+    def _write_error(self, err: OSError) -> OSError:
+        return write_error(err, f"the dataset {self.prefix}.bin/.idx", "an --output-prefix")
 
     def add_document(self, tokens: Sequence[int] | np.ndarray,
                      sequence_lengths: Sequence[int] | None = None) -> None:
@@ -119,7 +154,11 @@ class IndexedDatasetBuilder:
         lengths = [array.size] if sequence_lengths is None else [int(n) for n in sequence_lengths]
         if sum(lengths) != array.size or any(n < 0 for n in lengths):
             raise ValueError(f"sequence_lengths {lengths} do not add up to the {array.size} tokens given")
-        self._bin.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        try:
+            self._bin.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        except OSError as err:  # e.g. the disk is full
+            self.abort()
+            raise self._write_error(err) from None
         self.sequence_lengths.extend(lengths)
         self.document_indices.append(len(self.sequence_lengths))
 
@@ -134,7 +173,8 @@ class IndexedDatasetBuilder:
             if len(lengths) > 1:
                 pointers[1:] = np.cumsum(lengths[:-1].astype(np.int64)) * self.dtype.itemsize
             documents = np.asarray(self.document_indices, dtype=np.int64)  # (D,) = documents + 1
-            with open(self._idx_tmp, "wb") as f:
+            self._idx_tmp, fd = create_temporary(self._idx_path)
+            with open(fd, "wb") as f:
                 f.write(INDEX_HEADER)
                 f.write(struct.pack("<Q", INDEX_VERSION))
                 f.write(struct.pack("<B", dtype_code(self.dtype)))
@@ -144,7 +184,14 @@ class IndexedDatasetBuilder:
                 f.write(pointers.astype("<i8").tobytes())
                 f.write(documents.astype("<i8").tobytes())
             os.replace(self._bin_tmp, self._bin_path)
-            os.replace(self._idx_tmp, self._idx_path)
+            try:
+                os.replace(self._idx_tmp, self._idx_path)
+            except BaseException:  # never leave the new .bin beside an old .idx: a pair that disagrees
+                self._bin_path.unlink(missing_ok=True)
+                raise
+        except OSError as err:
+            self.abort()
+            raise self._write_error(err) from None
         except BaseException:
             self.abort()
             raise
@@ -153,9 +200,14 @@ class IndexedDatasetBuilder:
     def abort(self) -> None:
         """Drop everything written so far; no output file is left behind."""
         self._done = True
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass
         for tmp in (self._bin_tmp, self._idx_tmp):
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        remove_dirs(self._created_dirs)
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self

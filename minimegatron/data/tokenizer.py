@@ -22,44 +22,58 @@ The gpt flavour also drops sentencepiece's dummy leading "▁" and keeps digits 
 
 Training is deterministic: sentences are fed in corpus order (no sampling, no shuffling), capped at
 `max_chars` characters so the default corpus trains in seconds, the random seed is fixed, and the same
-corpus + settings give byte-identical `.model` files.
+corpus + settings give byte-identical `.model` files. The trainer's options, input and error messages
+are :mod:`minimegatron.data.tokenizer_training`'s; this file is the tokenizer, its file and its CLI.
 
     tok = train_tokenizer(open_corpus(), vocab_size=2000, output="stdlib.model")
     tok = load_tokenizer("stdlib.model"); ids = tok.encode("def f(x):"); tok.decode(ids)
+
+Errors are ValueError or an OSError subclass whose message names the problem and the fix (a file that is
+not a sentencepiece model, a vocabulary the corpus cannot fill, an --output under a file, ...); the CLI
+prints that message as one line, ``python -m minimegatron.data.tokenizer: error: ...``, exit status 2.
+A failed training run writes nothing: the model goes to a temporary file that replaces --output only at
+the end, so an older model there survives byte for byte.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-FLAVOURS = ("llama", "gpt")
-_SPECIALS = {
-    # flavour: (unk, bos, eos, pad) ids and the eos piece
-    "llama": dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3, eos_piece="</s>"),
-    "gpt": dict(unk_id=0, bos_id=-1, eos_id=1, pad_id=2, eos_piece="<|endoftext|>"),
-}
+from minimegatron.data._files import (check_output_file, check_readable_file, create_temporary, explained,
+                                      make_parents, remove_dirs, same_files, write_error)
+from minimegatron.data.tokenizer_training import (FLAVOURS, check_training_options, train_model,
+                                                  trainer_options)
+
+PROG = "python -m minimegatron.data.tokenizer"
+
+_NOT_A_MODEL_FIX = (f"pass the .model file that {PROG} (or sentencepiece) wrote, not its .vocab, a .bin/.idx "
+                    f"dataset or a Hugging Face tokenizer.json")
 
 
 class SentencePieceTokenizer:
     """A loaded sentencepiece model with Megatron-style accessors: vocab_size, bos_id, eos_id, eod, pad_id."""
 
     def __init__(self, model: str | os.PathLike | bytes) -> None:
-        if isinstance(model, bytes):
+        if isinstance(model, (bytes, bytearray)):
             self.model_file = None
-            self.sp = spm.SentencePieceProcessor(model_proto=model)
+            self.sp = _load_model(bytes(model), "this bytes object")
         else:
             self.model_file = Path(model)
-            if not self.model_file.is_file():
-                raise FileNotFoundError(f"tokenizer model {self.model_file} does not exist; train one with "
-                                        f"python -m minimegatron.data.tokenizer --output {self.model_file}")
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+            check_readable_file(self.model_file, "tokenizer model",
+                                f"train one with {PROG} --output {self.model_file}",
+                                f"pass the .model file in it, e.g. {self.model_file / 'tokenizer.model'}")
+            try:
+                data = self.model_file.read_bytes()
+            except OSError as err:
+                raise explained(err, f"cannot read tokenizer model {self.model_file} "
+                                     f"({err.strerror or err}); make it readable or pass another "
+                                     f"--tokenizer") from None
+            self.sp = _load_model(data, str(self.model_file))
         self.flavour = "gpt" if self.sp.bos_id() < 0 else "llama"
 
     @property
@@ -113,36 +127,26 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.flavour}, vocab_size={self.vocab_size}, file={self.model_file})"
 
 
+def _load_model(data: bytes, name: str) -> spm.SentencePieceProcessor:
+    """A SentencePieceProcessor of the serialized model `data`; ValueError "NAME is not a sentencepiece
+    model: why; fix" for anything else (sentencepiece itself says "INTERNAL: could not parse ModelProto")."""
+    if not data:
+        raise ValueError(f"{name} is not a sentencepiece model: it is empty (0 bytes); {_NOT_A_MODEL_FIX}")
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except RuntimeError as err:
+        text = str(err)
+        if "ParseFromArray" in text or "parse" in text.lower():
+            why = "its bytes do not parse as a sentencepiece ModelProto"
+        else:  # "INTERNAL: src/x.cc(12) [check] message" -> "message"
+            why = re.sub(r"^\w+: (?:\S+\.cc\(\d+\) )?(?:\[.*?\] )?", "", text).strip() or text
+            why = f"sentencepiece cannot load it ({why})"
+        raise ValueError(f"{name} is not a sentencepiece model: {why}; {_NOT_A_MODEL_FIX}") from None
+    return sp
+
+
 def load_tokenizer(model_file: str | os.PathLike) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(model_file)
-
-
-def training_sentences(documents: Iterable[str], max_chars: int) -> Iterator[str]:
-    """What the trainer sees: the non-blank lines of the documents, in order, until max_chars."""
-    total = 0
-    for document in documents:
-        for line in document.splitlines():
-            if not line.strip():
-                continue
-            if total >= max_chars:
-                return
-            total += len(line)
-            yield line
-
-
-def trainer_options(flavour: str, vocab_size: int, num_threads: int = 2) -> dict:
-    """Sentencepiece trainer flags for a flavour ("llama": the settings LLaMA's tokenizer.model records)."""
-    if flavour not in FLAVOURS:
-        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
-    specials = dict(_SPECIALS[flavour])
-    return dict(
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
-        split_digits=flavour == "llama", add_dummy_prefix=flavour == "llama",
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, character_coverage=0.99995, max_sentence_length=4192,
-        input_sentence_size=0, shuffle_input_sentence=False,  # we already chose and ordered the input
-        num_threads=num_threads, minloglevel=2, **specials,
-    )
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, output: str | os.PathLike | None = None,
@@ -150,68 +154,80 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, output: str | os.Pat
                     num_threads: int = 2) -> SentencePieceTokenizer:
     """Train a BPE model on `corpus` (an iterable of documents); write it to `output` if given.
 
-    The file is written atomically (tmp + os.replace). A vocabulary larger than the corpus supports, or
-    smaller than its alphabet plus the 256 byte pieces, raises ValueError with the size that would work.
+    The file is written atomically (a temporary file, then os.replace): a failure leaves no file behind and
+    an older model at `output` untouched. Options are checked first (check_training_options), and `output`
+    before any training (a directory, a path under a file, an unwritable directory, or one of the corpus's
+    own files raise at once). A vocabulary larger than the corpus supports, or smaller than its alphabet
+    plus the 256 byte pieces, raises ValueError with the size that would work.
     """
+    check_training_options(vocab_size, flavour, seed, max_chars, num_threads)
     options = trainer_options(flavour, vocab_size, num_threads)
-    spm.set_random_generator_seed(seed)
-    corpus_errors: list[BaseException] = []
-
-    def sentences() -> Iterator[str]:  # keep the corpus's own error (sentencepiece would wrap it)
-        try:
-            yield from training_sentences(corpus, max_chars)
-        except Exception as err:
-            corpus_errors.append(err)
-            raise
-
-    writer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=writer, **options)
-    except RuntimeError as err:
-        if corpus_errors:
-            raise corpus_errors[0]
-        raise _explain(err, vocab_size) from None
+    created: list[Path] = []
+    tmp: Path | None = None
+    fd: int | None = None
     if output is not None:
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_bytes(writer.getvalue())
-        os.replace(tmp, output)
-        return SentencePieceTokenizer(output)
-    return SentencePieceTokenizer(writer.getvalue())
+        check_model_output(output, getattr(corpus, "files", ()))
+        try:
+            created = make_parents(output)
+            tmp, fd = create_temporary(output)  # before training: an unwritable place fails in a second
+        except OSError as err:
+            remove_dirs(created)
+            raise write_error(err, f"the tokenizer model {output}", "an --output") from None
+    try:
+        model = train_model(corpus, vocab_size, options, seed, max_chars)
+        if output is None:
+            return SentencePieceTokenizer(model)
+        try:
+            with open(fd, "wb") as f:
+                fd = None
+                f.write(model)
+            os.replace(tmp, output)
+        except OSError as err:
+            raise write_error(err, f"the tokenizer model {output}", "an --output") from None
+        tmp = None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+            remove_dirs(created)
+    return SentencePieceTokenizer(output)
 
 
-def _explain(err: RuntimeError, vocab_size: int) -> Exception:
-    text = str(err)
-    high = re.search(r"Vocabulary size too high.*<= (\d+)", text)
-    if high:
-        return ValueError(f"vocab_size {vocab_size} is larger than this corpus supports (at most "
-                          f"{high.group(1)} pieces exist); lower --vocab-size to {high.group(1)} or less, "
-                          f"or train on more text")
-    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text)
-    if low:
-        return ValueError(f"vocab_size {vocab_size} is too small: the alphabet, the 256 byte-fallback "
-                          f"pieces and the special tokens alone need {low.group(2)}; raise --vocab-size")
-    if "sentences_.empty()" in text:
-        return ValueError("the tokenizer trainer got no text (every line was blank); check the corpus")
-    return RuntimeError(f"sentencepiece training failed: {text}")
+def check_model_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise (naming the fix) if `output` cannot be written as a model file, or is one of `inputs`."""
+    if not os.fspath(output).strip():
+        raise ValueError("--output is empty; name the model file to write, e.g. --output tokenizer.model")
+    check_output_file(output, "--output", "tokenizer.model")
+    clash = same_files([output], inputs)
+    if clash:
+        raise ValueError(f"--output {clash[0]} is also a corpus file ({clash[1]}): the model would overwrite "
+                         f"the text it is trained on; choose another --output (or narrow the --input glob)")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> SentencePieceTokenizer:
+    """The CLI. Every error ends as one line, ``python -m minimegatron.data.tokenizer: error: ...``, and
+    exit status 2 (bad input); options and --output are checked before the corpus is read."""
     from minimegatron.data.corpus import DEFAULT_CORPUS, open_corpus
+    from minimegatron.errors import ArgumentParser, cli_errors, one_line_warnings
 
-    parser = argparse.ArgumentParser(description="Train a sentencepiece BPE tokenizer (no download).")
-    parser.add_argument("--input", default=DEFAULT_CORPUS, help="text file, glob, .jsonl, or 'stdlib'")
-    parser.add_argument("--json-key", default="text")
-    parser.add_argument("--output", required=True, help="path of the .model file to write")
-    parser.add_argument("--vocab-size", type=int, default=4000)
-    parser.add_argument("--flavour", choices=FLAVOURS, default="llama")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--max-chars", type=int, default=2_000_000)
-    args = parser.parse_args(argv)
-    corpus = open_corpus(args.input, json_key=args.json_key)
-    tok = train_tokenizer(corpus, args.vocab_size, args.output, args.flavour, args.seed, args.max_chars)
-    print(f"wrote {args.output}: {tok}")
+    with cli_errors(PROG), one_line_warnings(PROG):
+        parser = ArgumentParser(prog=PROG, description="Train a sentencepiece BPE tokenizer (no download).")
+        parser.add_argument("--input", default=DEFAULT_CORPUS, help="text file, glob, .jsonl, or 'stdlib'")
+        parser.add_argument("--json-key", default="text")
+        parser.add_argument("--output", required=True, help="path of the .model file to write")
+        parser.add_argument("--vocab-size", type=int, default=4000)
+        parser.add_argument("--flavour", choices=FLAVOURS, default="llama")
+        parser.add_argument("--seed", type=int, default=1234)
+        parser.add_argument("--max-chars", type=int, default=2_000_000)
+        args = parser.parse_args(argv)
+        check_training_options(args.vocab_size, args.flavour, args.seed, args.max_chars)
+        check_model_output(args.output)  # before the corpus is read; train_tokenizer checks the rest
+        corpus = open_corpus(args.input, json_key=args.json_key)
+        tok = train_tokenizer(corpus, args.vocab_size, args.output, args.flavour, args.seed, args.max_chars)
+        print(f"wrote {args.output}: {tok}")
+        return tok
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -15,7 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from minimegatron.training.args import MODELS, TrainConfig, validate
+from minimegatron.errors import ArgumentParser, cli_errors
+from minimegatron.training.args import check_split, validate
+from minimegatron.training.config import MODELS, TrainConfig
+from minimegatron.training.preflight import check_writable
+
+PROG = "python -m minimegatron.demo"
 
 # Sizes that visibly learn within about a minute per model on 2 CPU cores (see the README's demo section).
 DEFAULTS = dict(hidden_size=128, num_layers=2, num_attention_heads=4, seq_len=128, vocab_size=2000,
@@ -90,14 +96,14 @@ def check(cfg: DemoConfig) -> None:
                          "special tokens and the corpus's alphabet need more; use 300 or more")
     if cfg.corpus_bytes < 10_000 or cfg.max_new_tokens < 1:
         raise ValueError("--corpus-bytes must be >= 10000 and --max-new-tokens >= 1")
-    if not (0 < cfg.top_p <= 1 and cfg.temperature > 0):
-        raise ValueError(f"--top-p {cfg.top_p} must be in (0, 1] and --temperature {cfg.temperature} > 0")
+    if not (0 < cfg.top_p <= 1 and 0 < cfg.temperature < math.inf):  # also False for nan
+        raise ValueError(f"--top-p {cfg.top_p} must be in (0, 1] and --temperature {cfg.temperature} a "
+                         "finite number > 0; e.g. --top-p 0.9 --temperature 0.8")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory (it is created if missing)")
-    from minimegatron.data.samples import parse_split
-
-    if parse_split(cfg.split)[1] == 0:
+    check_writable("--out", cfg.out)  # a read-only --out fails now, not after the data step
+    if check_split(cfg.split)[1] == 0:
         raise ValueError(f"--split {cfg.split!r} leaves no valid documents; give valid a share, e.g. 95,5,0")
     for model in cfg.models:
         validate(cfg.train_config(model))  # layout and sizes: the trainer's own checks
@@ -113,8 +119,8 @@ def open_demo_corpus(cfg: DemoConfig):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minimegatron.demo",
+    p = ArgumentParser(
+        prog=PROG,
         description="Train a tiny GPT and a tiny LLaMA on simulated CPU ranks (TP 2 x PP 2) on Python's "
                     "own standard library, compare them, plot the losses and sample text. Offline.")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated, out of gpt,llama")
@@ -172,7 +178,13 @@ def _say(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the demo; returns what it writes to summary.json."""
+    """Run the demo; returns what it writes to summary.json. Any failure (a bad option, a rank that
+    raised, Ctrl-C) exits with one line on stderr, ``python -m minimegatron.demo: error: ...``."""
+    with cli_errors(PROG):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> dict[str, Any]:
     cfg = parse_args(argv)
     os.environ.setdefault("MINIMEGATRON_DEVICE", "cpu")  # simulated ranks: gloo on this CPU, even
     os.environ.setdefault("DS_ACCELERATOR", "cpu")       # on a machine that has a GPU

@@ -30,7 +30,9 @@ master and both moments, into wherever its optimizer keeps them (its ZeRO partit
 Adam's ``t``, the learning-rate schedule and the data position (step ``t`` reads global batch ``t``)
 continue from the saved step. So a checkpoint saved at TP2·PP2 resumes at DP2 + ZeRO-1 with the same
 losses. Only the random generators are per rank: they are restored when the layout is the same;
-at another layout they are reseeded from ``seed + step`` (a warning says so when dropout > 0).
+at another layout they are reseeded from ``seed + step`` (a warning says so when dropout > 0; see
+:mod:`.rng_state`). Whether ``--load`` names a checkpoint of this model is checked before any rank
+starts (:mod:`.resume`).
 DeepSpeed's own ``engine.save_checkpoint`` is not used: its files are pickles of one layout
 (``torch.load(weights_only=False)`` in DeepSpeed 0.19).
 """
@@ -43,21 +45,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 
-from minimegatron.checkpoint.io import (LATEST_NAME, WEIGHTS_NAME, find_checkpoint, iteration_name,
-                                        load_config, weights_metadata, write_iteration)
+from minimegatron.checkpoint.files import (DAMAGED_FIX, LATEST_NAME, OPTIMIZER_NAME, RNG_NAME,
+                                           TRAINER_NAME, WEIGHTS_NAME, find_checkpoint, iteration_name,
+                                           load_config, open_safetensors, read_json)
+from minimegatron.checkpoint.io import weights_metadata, write_iteration
+from minimegatron.errors import one_line, os_error_advice
 from minimegatron.checkpoint.reshape import (CheckpointError, check_config_matches, full_shape,
                                              gather_full_tensor, shard_full_tensor, vocab_rows)
 from minimegatron.mpu.state import ParallelState
-from minimegatron.training.args import MODEL_CLASS, TrainConfig
+from minimegatron.training.config import MODEL_CLASS, TrainConfig
 from minimegatron.training.optimizer_state import MOMENTS, OptimizerState
+from minimegatron.training.rng_state import gather_rng_states, restore_rng_states
 
-__all__ = ["save_training_checkpoint", "load_training_checkpoint", "OPTIMIZER_NAME", "TRAINER_NAME",
-           "RNG_NAME", "MODEL_CLASS"]
-
-OPTIMIZER_NAME, TRAINER_NAME, RNG_NAME = "optimizer.safetensors", "trainer.json", "rng.safetensors"
+__all__ = ["save_training_checkpoint", "load_training_checkpoint", "read_trainer", "OPTIMIZER_NAME",
+           "TRAINER_NAME", "RNG_NAME", "MODEL_CLASS"]  # the file names: checkpoint.files, next to the others
 
 
 # ---- this rank's tensors under the plain model's names -------------------------------------------
@@ -121,32 +124,6 @@ def _gather_to_writer(tensors: dict[str, torch.Tensor], state: ParallelState, de
     return out
 
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    """This rank's generators: the default one(s) and the tracker's model-parallel stream."""
-    from minimegatron.device import device_type
-    from minimegatron.mpu.random import get_rng_tracker
-
-    states = {"cpu": torch.get_rng_state()}
-    kind = device_type()
-    if kind != "cpu":
-        states[kind] = torch.get_device_module(kind).get_rng_state()
-    states.update(get_rng_tracker().get_states())
-    return states
-
-
-def _gather_rng(state: ParallelState, device: torch.device) -> dict[str, torch.Tensor]:
-    """rank<r>/<generator> for every rank (all ranks hold generators of the same sizes)."""
-    mine = _rng_states()
-    blob = torch.cat([v.reshape(-1).to(torch.uint8) for v in mine.values()]).to(device)  # (bytes,)
-    blobs = [torch.empty_like(blob) for _ in range(state.world_size)]
-    dist.all_gather(blobs, blob)
-    out = {}
-    for rank, b in enumerate(blobs):
-        for (name, v), piece in zip(mine.items(), b.cpu().split([v.numel() for v in mine.values()])):
-            out[f"rank{rank}/{name}"] = piece.clone()
-    return out
-
-
 # ---- save ------------------------------------------------------------------------------------------
 def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: ParallelState,
                              directory: str | os.PathLike, step: int) -> Path:
@@ -162,8 +139,9 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     device = next(model.parameters()).device
     weights = _gather_to_writer(weights, state, device)
     moments = _gather_to_writer(moments, state, device)
-    rng = _gather_rng(state, device)
+    rng = gather_rng_states(state, device)
     error: BaseException | None = None
+    message: str | None = None
     if state.rank == 0:
         layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp}
         trainer = {"step": step, "consumed_samples": step * cfg.global_batch_size,
@@ -176,15 +154,36 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
             write_iteration(Path(directory), step, weights, model.config, meta,
                             {OPTIMIZER_NAME: moments, TRAINER_NAME: trainer, RNG_NAME: rng})
         except BaseException as err:  # noqa: BLE001 - told to every rank, then re-raised
-            error = err
-    ok = torch.tensor([error is None], dtype=torch.uint8, device=device)
-    dist.broadcast(ok, 0)
-    if error is not None:
+            error, message = err, _save_failure(err, directory, step)
+    told = _broadcast_text(message, state.rank == 0, device)  # every rank raises rank 0's reason
+    if error is not None and not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
         raise error
-    if not ok.item():
-        raise CheckpointError(f"rank 0 failed to write the checkpoint of step {step} to {directory} (its "
-                              f"traceback says why); '{LATEST_NAME}' still names the previous one")
+    if told is not None:
+        raise CheckpointError(told) from error
     return Path(directory) / iteration_name(step)
+
+
+def _broadcast_text(text: str | None, sender: bool, device: torch.device) -> str | None:
+    """Rank 0's ``text`` (or None) on every rank: its length, then its UTF-8 bytes (no pickle)."""
+    data = (text or "").encode()
+    size = torch.tensor([len(data) if sender and text is not None else -1], dtype=torch.long, device=device)
+    dist.broadcast(size, 0)
+    n = int(size.item())
+    if n <= 0:
+        return None if n < 0 else ""
+    buffer = (torch.tensor(list(data), dtype=torch.uint8, device=device) if sender
+              else torch.empty(n, dtype=torch.uint8, device=device))
+    dist.broadcast(buffer, 0)
+    return bytes(buffer.cpu().tolist()).decode()
+
+
+def _save_failure(err: BaseException, directory, step: int) -> str:
+    """One line: which save failed, why, what to do, and that the previous checkpoint is intact."""
+    why = f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err)
+    advice = os_error_advice(err) if isinstance(err, OSError) else ""
+    return one_line(f"cannot write the checkpoint of step {step} to {directory} ({why}); "
+                    f"{advice + ', or ' if advice else ''}give --save another directory; "
+                    f"'{LATEST_NAME}' still names the previous checkpoint, which is intact")
 
 
 # ---- load ------------------------------------------------------------------------------------------
@@ -217,13 +216,13 @@ def load_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
     local = _local_tensors(model, tied_copies=True)
     has_optimizer = (path / OPTIMIZER_NAME).is_file() and (path / TRAINER_NAME).is_file()
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
+    with open_safetensors(path / WEIGHTS_NAME) as fh:
         for name, t in local.items():
             t.copy_(_read(fh, name, t, state, rows.get(name), path))
     params = {n: t for n, t in local.items() if _optimized(t)}
     masters = {n: t.float() for n, t in params.items()}  # fp32 master = the weights, unless saved
     if has_optimizer:
-        with safe_open(str(path / OPTIMIZER_NAME), framework="pt") as fh:
+        with open_safetensors(path / OPTIMIZER_NAME) as fh:
             for name, t in params.items():
                 if f"master/{name}" in fh.keys():  # a bf16 run's fp32 weights
                     masters[name] = _read(fh, f"master/{name}", t, state, rows.get(name), path)
@@ -235,13 +234,28 @@ def load_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
         if state.rank == 0:
             print(f"{path} holds weights only: starting at step 0 with a fresh optimizer", flush=True)
         return 0
-    with open(path / TRAINER_NAME) as fh:
-        trainer = json.load(fh)
-    resumed = int(trainer["step"])
-    optimizer.set_step_count(int(trainer["optimizer_step"]))
+    trainer = read_trainer(path)
+    resumed = trainer["step"]
+    optimizer.set_step_count(trainer["optimizer_step"])
     _restore_schedule(engine, resumed, cfg)
-    _restore_rng(path, trainer, cfg, state, resumed)
+    restore_rng_states(path, trainer, cfg, state, resumed)
     return resumed
+
+
+def read_trainer(path: Path) -> dict:
+    """``trainer.json`` of an iteration directory, its fields checked (a damaged file is named)."""
+    trainer = read_json(path / TRAINER_NAME)
+    try:
+        for key in ("step", "optimizer_step"):
+            if not isinstance(trainer[key], int) or isinstance(trainer[key], bool) or trainer[key] < 0:
+                raise TypeError(key)
+        layout = trainer["layout"]
+        if not all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp")):
+            raise TypeError("layout")
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path / TRAINER_NAME} lacks a valid '{err.args[0] if err.args else err}' "
+                              f"field: {DAMAGED_FIX}") from None
+    return trainer
 
 
 def _restore_schedule(engine, step: int, cfg: TrainConfig) -> None:
@@ -254,26 +268,3 @@ def _restore_schedule(engine, step: int, cfg: TrainConfig) -> None:
     with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()  # sets every param group's lr to lr(step)
-
-
-def _restore_rng(path: Path, trainer: dict, cfg: TrainConfig, state: ParallelState, step: int) -> None:
-    from minimegatron.device import device_type
-    from minimegatron.mpu.random import get_rng_tracker, model_parallel_seed
-
-    saved = trainer["layout"]
-    if (saved["tp"], saved["pp"], saved["dp"]) == (state.tp, state.pp, state.dp) and \
-            (path / RNG_NAME).is_file():
-        with safe_open(str(path / RNG_NAME), framework="pt") as fh:
-            states = {k.split("/", 1)[1]: fh.get_tensor(k) for k in fh.keys()
-                      if k.startswith(f"rank{state.rank}/")}
-        torch.set_rng_state(states.pop("cpu"))
-        kind = device_type()
-        if kind in states:
-            torch.get_device_module(kind).set_rng_state(states.pop(kind))
-        get_rng_tracker().set_states(states)
-        return
-    model_parallel_seed(cfg.seed + step, state)
-    if cfg.dropout > 0 and state.rank == 0:
-        warnings.warn(f"resuming at tp={state.tp} pp={state.pp} dp={state.dp} from a checkpoint saved at "
-                      f"tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}: the per-rank random generators "
-                      f"cannot carry over, dropout masks are new draws (seeded {cfg.seed} + {step})")

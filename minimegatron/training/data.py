@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from minimegatron.training.args import TrainConfig
+from minimegatron.training.config import TrainConfig
 
 EVAL_OFFSET = 1 << 40  # synthetic eval samples: indices far from any training index
 

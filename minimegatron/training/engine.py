@@ -44,7 +44,7 @@ from torch import nn
 
 from minimegatron.config import ModelConfig
 from minimegatron.mpu.state import ParallelState
-from minimegatron.training.args import TrainConfig
+from minimegatron.training.config import TrainConfig
 from minimegatron.training.schedule import warmup_cosine
 
 

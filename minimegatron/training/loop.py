@@ -1,4 +1,4 @@
-"""The pretraining loop: one optimizer step per global batch, evaluation, logs, a loss curve.
+"""The pretraining loop: one optimizer step per global batch, evaluation, saves (logs: :mod:`.log`).
 
 ``train(cfg)`` checks the configuration, starts ``tp · pp · dp`` ranks (forked gloo ranks on a laptop,
 or the ranks of a ``torchrun`` / ``deepspeed`` launch) and returns rank 0's :class:`History`.
@@ -19,52 +19,27 @@ The reported loss is the mean over the global batch (micro-batches, then data-pa
 """
 from __future__ import annotations
 
-import json
-import os
-import statistics
+import inspect
+import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from minimegatron.checkpoint.io import atomic_write_text
+from minimegatron.errors import exception_text
 from minimegatron.device import mark_step, synchronize
-from minimegatron.launch import launch
+from minimegatron.launch import RankError, launch
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
-from minimegatron.training.args import TrainConfig, validate
+from minimegatron.training.args import validate
 from minimegatron.training.checkpointing import load_training_checkpoint, save_training_checkpoint
+from minimegatron.training.config import TrainConfig
 from minimegatron.training.data import SyntheticDataset, build_datasets, step_batches
 from minimegatron.compat import preload_deepspeed
-from minimegatron.training.engine import build_engine, deepspeed_config
-
-
-@dataclass
-class History:
-    """What a run produced, step by step (rank 0's view; losses are global-batch means)."""
-
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    grad_norm: list[float | None] = field(default_factory=list)
-    step_time: list[float] = field(default_factory=list)
-    tokens_per_s: list[float] = field(default_factory=list)
-    eval_step: list[int] = field(default_factory=list)
-    eval_loss: list[float] = field(default_factory=list)
-    best_possible_loss: float | None = None  # ln(branching) for the synthetic data
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        if not self.loss:
-            return "no steps"
-        tps = statistics.median(self.tokens_per_s[1:] or self.tokens_per_s)  # step 0 warms up
-        text = (f"{len(self.loss)} steps: loss {self.loss[0]:.4f} -> {self.loss[-1]:.4f}, "
-                f"median {tps:,.0f} tokens/s")
-        if self.eval_loss:
-            text += f", eval loss {self.eval_loss[-1]:.4f}"
-        return text
+from minimegatron.training.engine import build_engine
+from minimegatron.training.log import History, LogWriter
 
 
 def _is_pipeline(engine) -> bool:
@@ -125,7 +100,7 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
     """
     from minimegatron.mpu.random import model_parallel_seed
 
-    model_config = validate(cfg)
+    model_config = validate(cfg, preflight=False)  # the parent checked the machine before forking
     if state is None:
         state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel)
     model_parallel_seed(cfg.seed, state)
@@ -139,7 +114,7 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
     if isinstance(train_data, SyntheticDataset):
         history.best_possible_loss = train_data.entropy
     resumed = engine.global_steps > 0
-    writer = (_LogWriter(cfg, history, resume_at=engine.global_steps if resumed else None)
+    writer = (LogWriter(cfg, history, resume_at=engine.global_steps if resumed else None)
               if state.rank == 0 and cfg.out_dir else None)
     steps = range(engine.global_steps, cfg.steps)  # a loaded checkpoint resumes mid-run
     if cfg.progress and state.rank == 0:
@@ -148,89 +123,78 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
         steps = tqdm(steps, initial=engine.global_steps, total=cfg.steps, unit="step",
                      desc=f"{cfg.model} tp{cfg.tp} pp{cfg.pp} dp{cfg.dp}")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    for step in steps:
-        lr = engine.get_lr()[0]
-        start = time.perf_counter()
-        loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank), state)
-        synchronize()
-        elapsed = time.perf_counter() - start
-        norm = engine.get_global_grad_norm()
-        history.step.append(step)
-        history.loss.append(loss)
-        history.lr.append(lr)
-        history.grad_norm.append(None if norm is None else float(norm))
-        history.step_time.append(elapsed)
-        history.tokens_per_s.append(tokens_per_step / elapsed)
-        if writer:
-            writer.write(step=step, loss=loss, lr=lr, grad_norm=history.grad_norm[-1],
-                         step_time=elapsed, tokens_per_s=history.tokens_per_s[-1])
-        if valid_data is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):
-            eval_loss = evaluate(engine, valid_data, cfg, state)
-            history.eval_step.append(step)
-            history.eval_loss.append(eval_loss)
+    try:
+        for step in steps:
+            lr = engine.get_lr()[0]
+            start = time.perf_counter()
+            loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank), state)
+            synchronize()
+            elapsed = time.perf_counter() - start
+            norm = engine.get_global_grad_norm()
+            history.step.append(step)
+            history.loss.append(loss)
+            history.lr.append(lr)
+            history.grad_norm.append(None if norm is None else float(norm))
+            history.step_time.append(elapsed)
+            history.tokens_per_s.append(tokens_per_step / elapsed)
             if writer:
-                writer.write(step=step, eval_loss=eval_loss)
-        if cfg.save and (step + 1 == cfg.steps or cfg.save_interval and (step + 1) % cfg.save_interval == 0):
-            save_training_checkpoint(engine, model, cfg, state, cfg.save, step + 1)
-        if hasattr(steps, "set_postfix"):
-            steps.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if on_step is not None:
-            on_step(engine, step, history)
+                writer.write(step=step, loss=loss, lr=lr, grad_norm=history.grad_norm[-1],
+                             step_time=elapsed, tokens_per_s=history.tokens_per_s[-1])
+            if not math.isfinite(loss):  # the same global-batch mean on every rank: all stop here
+                raise TrainingDiverged(_diverged_message(cfg, step, loss, lr))
+            if valid_data is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):
+                eval_loss = evaluate(engine, valid_data, cfg, state)
+                history.eval_step.append(step)
+                history.eval_loss.append(eval_loss)
+                if writer:
+                    writer.write(step=step, eval_loss=eval_loss)
+            if cfg.save and (step + 1 == cfg.steps or cfg.save_interval and (step + 1) % cfg.save_interval == 0):
+                save_training_checkpoint(engine, model, cfg, state, cfg.save, step + 1)
+            if hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if on_step is not None:
+                on_step(engine, step, history)
+    except BaseException:
+        if hasattr(steps, "close"):
+            steps.close()  # end the progress bar's line, so that the error starts on a line of its own
+        if writer:
+            writer.close(plot=False)
+        raise
+    if hasattr(steps, "close"):
+        steps.close()
     if writer:
         writer.close()
     return history
 
 
-class _LogWriter:
-    """Rank 0's files: config.json, train_log.jsonl (one JSON object per line), loss.png at the end."""
-
-    def __init__(self, cfg: TrainConfig, history: History, resume_at: int | None = None) -> None:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.dir, self.history = cfg.out_dir, history
-        atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(
-            {"train": history.config, "deepspeed": deepspeed_config(cfg)}, indent=2))
-        path = Path(cfg.out_dir) / "train_log.jsonl"
-        kept = []
-        if resume_at is not None and path.exists():  # keep the records before the resumed step
-            with open(path) as fh:
-                kept = [line for line in fh if line.strip() and json.loads(line)["step"] < resume_at]
-        # never truncate in place: a kill between truncating and rewriting would lose the kept
-        # records; the new content replaces the old in one rename, then new records are appended
-        atomic_write_text(path, "".join(kept))
-        self.log = open(path, "a")
-
-    def write(self, **record: Any) -> None:
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
-
-    def close(self) -> None:
-        self.log.close()
-        plot_history(self.history).savefig(os.path.join(self.dir, "loss.png"), dpi=120,
-                                           bbox_inches="tight")
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: every later step would be wasted (and saved)."""
 
 
-def plot_history(history: History, ax=None):
-    """Training (and eval) loss against the step; returns the matplotlib Figure (no pyplot state)."""
-    from matplotlib.figure import Figure
+def _diverged_message(cfg: TrainConfig, step: int, loss: float, lr: float) -> str:
+    from minimegatron.checkpoint.io import LATEST_NAME
 
-    if ax is None:
-        ax = Figure(figsize=(6, 3.5)).subplots()
-    fig = ax.figure
-    ax.plot(history.step, history.loss, label="train loss")
-    if history.eval_loss:
-        ax.plot(history.eval_step, history.eval_loss, "o-", label="eval loss")
-    if history.best_possible_loss is not None:
-        ax.axhline(history.best_possible_loss, ls="--", c="gray", label="best possible (data entropy)")
-    c = history.config
-    ax.set(xlabel="step", ylabel="loss (nats/token)",
-           title=f"{c.get('model', '')} tp={c.get('tp')} pp={c.get('pp')} dp={c.get('dp')} "
-                 f"zero={c.get('zero_stage')} {c.get('dtype', '')}")
-    ax.legend()
-    return fig
+    clip = ("clip gradients (--clip-grad 1.0)" if not cfg.clip_grad else
+            f"clip harder (--clip-grad {cfg.clip_grad / 4:g})")
+    kept = (f"; --save {cfg.save} keeps the last checkpoint from before it: resume with --load "
+            f"{cfg.save} and a lower --lr" if cfg.save and (Path(cfg.save) / LATEST_NAME).is_file() else "")
+    return (f"the loss became {'NaN' if math.isnan(loss) else loss} at step {step} (learning rate "
+            f"{lr:.3g}): training diverged and was stopped; lower --lr (it is {cfg.lr:g}: try "
+            f"{cfg.lr / 10:g}), warm up longer (--warmup-steps, now {cfg.warmup_steps}) or {clip}{kept}")
 
 
-NO_TIMEOUT = 20 * 24 * 3600.0  # seconds: --timeout 0 ("no limit") as launch() takes it; the
-# wait under launch() polls in int32 milliseconds, so anything past ~24.8 days overflows
+_FAR_DEADLINE = 20 * 24 * 3600.0  # seconds: "no limit" for a launch() that does not take None yet
+
+
+def launch_timeout(timeout: float) -> float | None:
+    """launch()'s ``timeout`` for ``cfg.timeout`` seconds: None (no limit) for 0.
+
+    Until launch() takes None (its annotation says so), a deadline 20 days away stands for it (the
+    wait under launch() counts int32 milliseconds: ~24.8 days at most)."""
+    if timeout:
+        return float(timeout)
+    annotation = inspect.signature(launch).parameters["timeout"].annotation
+    return None if "None" in str(annotation) or "Optional" in str(annotation) else _FAR_DEADLINE
 
 
 def _rank_entry(cfg: TrainConfig, on_step, on_start) -> History | None:
@@ -253,5 +217,11 @@ def train(cfg: TrainConfig | None = None, on_step: Callable[[Any, int, History],
     cfg = replace(cfg or TrainConfig(), **overrides)
     validate(cfg)  # fail here, before any rank starts
     preload()
-    timeout = cfg.timeout or NO_TIMEOUT  # one deadline for the whole run (launch needs a number)
-    return launch(_rank_entry, cfg.world_size, cfg, on_step, on_start, timeout=timeout)[0]
+    try:
+        return launch(_rank_entry, cfg.world_size, cfg, on_step, on_start,
+                      timeout=launch_timeout(cfg.timeout))[0]  # one deadline for the whole run
+    except RankError as err:  # every rank stopped at the same step: not one rank's failure
+        text = exception_text(err.traceback)
+        if text.startswith(f"{TrainingDiverged.__name__}: "):
+            raise TrainingDiverged(text.split(": ", 1)[1]) from err
+        raise

@@ -193,3 +193,53 @@ def test_rebuild_replaces_old_files(tmp_path):
     _write(tmp_path / "ds", np.int32, [np.arange(3), np.arange(2)])
     ds = IndexedDataset(tmp_path / "ds")
     assert len(ds) == 2 and ds.num_tokens == 5
+
+
+def test_abort_removes_the_directories_the_builder_made(tmp_path):
+    with pytest.raises(RuntimeError, match="stop"):
+        with IndexedDatasetBuilder(tmp_path / "a" / "b" / "ds", np.uint16) as builder:
+            builder.add_document([1, 2, 3])
+            raise RuntimeError("stop")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_builders_on_one_prefix_do_not_share_temporary_files(tmp_path):
+    first, second = (IndexedDatasetBuilder(tmp_path / "ds", np.int32) for _ in range(2))
+    first.add_document([1, 2, 3])
+    second.add_document([4])
+    second.abort()
+    first.finalize()
+    assert IndexedDataset(tmp_path / "ds")[0].tolist() == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx"]
+
+
+def test_a_failed_rename_never_pairs_a_new_bin_with_the_old_idx(tmp_path, monkeypatch):
+    import os
+
+    _write(tmp_path / "ds", np.int32, [np.arange(10)])
+    old_idx = index_file_path(tmp_path / "ds").read_bytes()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".idx"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match=r"cannot write the dataset .*ds\.bin/\.idx: No space left"):
+        _write(tmp_path / "ds", np.int32, [np.arange(3)])
+    monkeypatch.undo()
+    assert not data_file_path(tmp_path / "ds").exists()  # a missing .bin is a clear error; a mismatch is not
+    assert index_file_path(tmp_path / "ds").read_bytes() == old_idx
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.idx"]
+
+
+@pytest.mark.parametrize("prefix, message", [
+    ("", "is empty"), ("{tmp}/", "is a directory; a prefix names the files"),
+    ("{tmp}/file/ds", "is a file, not a directory"),
+])
+def test_bad_prefix_is_refused_before_anything_is_written(tmp_path, prefix, message):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises((ValueError, OSError), match=message):
+        IndexedDatasetBuilder(prefix.format(tmp=tmp_path), np.int32)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

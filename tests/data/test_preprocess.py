@@ -1,12 +1,14 @@
 """The preprocess CLI: corpus + tokenizer -> .bin/.idx, all or nothing."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
+from minimegatron.data.corpus import open_corpus
 from minimegatron.data.indexed_dataset import IndexedDataset
-from minimegatron.data.preprocess import main
+from minimegatron.data.preprocess import PROG, main, preprocess
 from minimegatron.data.tokenizer import load_tokenizer
 
 TEXTS = ["import os\nprint(os.getcwd())\n", "x = 1\n", "def f():\n    return 42\n"]
@@ -48,22 +50,29 @@ def test_default_corpus_input(tmp_path, llama_tokenizer_file, capsys):
     assert "wrote IndexedDataset" in capsys.readouterr().out
 
 
-def test_bad_input_leaves_nothing_behind(tmp_path, llama_tokenizer_file):
+def test_bad_input_leaves_nothing_behind(tmp_path, llama_tokenizer_file, capsys):
+    """In a notebook the library raises; main() prints the same message as one line and exits 2."""
     out = tmp_path / "out"
     out.mkdir()
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n")
     with pytest.raises(ValueError, match="contains no text"):
-        main(["--input", str(blank), "--tokenizer", str(llama_tokenizer_file),
-              "--output-prefix", str(out / "x"), "--no-progress"])
+        preprocess(open_corpus(blank), load_tokenizer(llama_tokenizer_file), out / "x", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2 has no key 'text'"):
-        main(["--input", str(bad), "--tokenizer", str(llama_tokenizer_file),
-              "--output-prefix", str(out / "x"), "--no-progress"])
+        preprocess(open_corpus(bad), load_tokenizer(llama_tokenizer_file), out / "x", progress=False)
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
-        main(["--input", str(tmp_path / "missing.txt"), "--tokenizer", str(llama_tokenizer_file),
-              "--output-prefix", str(out / "x")])
+        open_corpus(tmp_path / "missing.txt")
+    capsys.readouterr()
+    for source, message in [(blank, "contains no text"), (bad, r"bad\.jsonl:2 has no key 'text'"),
+                            (tmp_path / "missing.txt", r"missing\.txt does not exist")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--input", str(source), "--tokenizer", str(llama_tokenizer_file),
+                  "--output-prefix", str(out / "x"), "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match(rf"{re.escape(PROG)}: error: .*{message}", err)
     assert list(out.iterdir()) == []
 
 

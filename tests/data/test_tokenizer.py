@@ -78,3 +78,41 @@ def test_corpus_error_is_not_swallowed_and_missing_model(tmp_path):
         load_tokenizer(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="flavour"):
         train_tokenizer(["abc"], 300, flavour="bert")
+
+
+def test_not_a_model_is_a_value_error_naming_the_file(tmp_path):
+    from minimegatron.data.tokenizer import SentencePieceTokenizer
+
+    (tmp_path / "text.model").write_text("just some text\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"text\.model is not a sentencepiece model: .*ModelProto; pass the "):
+        load_tokenizer(tmp_path / "text.model")
+    with pytest.raises(ValueError, match=r"empty\.model is not a sentencepiece model: it is empty"):
+        load_tokenizer(tmp_path / "empty.model")
+    with pytest.raises(ValueError, match=r"this bytes object is not a sentencepiece model"):
+        SentencePieceTokenizer(b"\x00garbage")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a file; pass the \.model file in it"):
+        load_tokenizer(tmp_path)
+
+
+def test_failed_training_keeps_the_old_model_and_makes_no_directory(tmp_path, llama_tokenizer_file):
+    old = tmp_path / "tok.model"
+    old.write_bytes(llama_tokenizer_file.read_bytes())
+    with pytest.raises(ValueError, match="larger than this corpus supports"):
+        train_tokenizer(["tiny corpus"], 5000, old)
+    with pytest.raises(ValueError, match="larger than this corpus supports"):
+        train_tokenizer(["tiny corpus"], 5000, tmp_path / "new" / "dir" / "tok.model")
+    assert old.read_bytes() == llama_tokenizer_file.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.model"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(vocab_size=0), r"vocab_size 0 is too small.*at least 261"),
+    (dict(vocab_size=300, flavour="gpt", seed=-1), r"seed -1 is out of range"),
+    (dict(vocab_size=300, max_chars=0), r"max_chars 0 leaves no text"),
+    (dict(vocab_size=300.0), r"vocab_size must be an integer, got 300\.0"),
+    (dict(vocab_size=300, num_threads=0), r"num_threads must be between 1 and 1024"),
+])
+def test_options_are_checked_before_training(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train_tokenizer(["abc"], **kwargs)

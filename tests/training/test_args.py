@@ -80,7 +80,7 @@ def test_evaluation_needs_a_nonempty_valid_split(tmp_path):
 
 
 def test_timeout_defaults_to_no_limit():
-    from minimegatron.training.args import build_parser, parse_args
+    from minimegatron.training.cli import build_parser, parse_args
 
     assert TrainConfig().timeout == 0 and parse_args([]).timeout == 0
     assert "(0: none)" in build_parser().format_help()

@@ -1,4 +1,4 @@
-"""The training loop's files (training/loop.py): a resumed run rewrites its log atomically."""
+"""The training loop's files (training/log.py): a resumed run rewrites its log atomically."""
 import builtins
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("deepspeed")  # loop.py builds DeepSpeed engines
 from minimegatron.training.args import TrainConfig  # noqa: E402
-from minimegatron.training.loop import History, _LogWriter  # noqa: E402
+from minimegatron.training.log import History, LogWriter  # noqa: E402
 
 
 class _Killed(BaseException):
@@ -36,13 +36,13 @@ def test_resuming_rewrites_the_log_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", dying_open)
     try:
-        _LogWriter(cfg, History(config={"model": "llama"}), resume_at=4)
+        LogWriter(cfg, History(config={"model": "llama"}), resume_at=4)
     except _Killed:
         pass
     monkeypatch.setattr(builtins, "open", real_open)
     assert log.read_text() in ("".join(records), "".join(records[:4]))  # old or new, never lost
 
-    writer = _LogWriter(cfg, History(config={"model": "llama"}), resume_at=4)  # resume for real
+    writer = LogWriter(cfg, History(config={"model": "llama"}), resume_at=4)  # resume for real
     writer.write(step=4, loss=0.5)
     writer.log.close()
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3, 4]

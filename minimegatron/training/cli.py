@@ -1,0 +1,74 @@
+"""``python -m minimegatron.train``'s command line: flags -> :class:`TrainConfig` (nothing checked here).
+
+Every TrainConfig field but ``model_config`` and ``valid_data`` is a flag (``--micro-batch-size``
+for ``micro_batch_size``); :func:`validate <minimegatron.training.args.validate>` checks the values.
+A bad flag (unknown, not a number, not one of the choices) raises ``CLIError`` through
+:class:`minimegatron.errors.ArgumentParser`: ``train.py`` prints it as one line, exit status 2::
+
+    $ python -m minimegatron.train --tp x
+    python -m minimegatron.train: error: argument --tp: invalid int value: 'x'; see (...) --help
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from typing import Sequence
+
+from minimegatron.errors import ArgumentParser
+from minimegatron.training.config import DTYPES, MODELS, RECOMPUTE, TrainConfig
+
+__all__ = ["build_parser", "parse_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m minimegatron.train",
+        description="Pretrain a small GPT or LLaMA with tensor, pipeline and data parallelism "
+                    "(simulated CPU ranks, or under torchrun / the deepspeed launcher).")
+    d = TrainConfig()
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=d.pp, help="pipeline stages")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel replicas (default: WORLD_SIZE / (tp·pp) in a launcher, else 1)")
+    ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
+            "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_len", "steps", "warmup_steps", "zero_stage",
+            "eval_interval", "eval_iters", "seed")
+    for name in ints:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "dropout"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=getattr(d, name))
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--data", default=d.data, help="'random' (synthetic) or an indexed dataset's PREFIX")
+    p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
+    p.add_argument("--out-dir", dest="out_dir", default=None,
+                   help="where to write train_log.jsonl and loss.png (default runs/<model>_tp_pp_dp)")
+    p.add_argument("--save", default=None, help="checkpoint directory (iter_XXXXXXX/ + latest): full "
+                   "weights + optimizer state, loadable at any tp/pp/dp; saved at the end")
+    p.add_argument("--save-interval", dest="save_interval", type=int, default=d.save_interval,
+                   help="also save every N steps")
+    p.add_argument("--load", default=None, help="resume from this checkpoint directory (its latest "
+                   "checkpoint; none there: start from scratch); may equal --save")
+    p.add_argument("--load-step", dest="load_step", type=int, default=None,
+                   help="resume from the checkpoint of this step instead of the latest")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="wall-clock limit for the whole run on simulated ranks, seconds (0: none)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command line -> TrainConfig (dp defaults to WORLD_SIZE / (tp·pp) inside a launcher)."""
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("local_rank")
+    if ns["dp"] is None:
+        world = int(os.environ.get("WORLD_SIZE", 0)) if "RANK" in os.environ else 0
+        ns["dp"] = max(1, world // (ns["tp"] * ns["pp"])) if world and ns["tp"] * ns["pp"] > 0 else 1
+    if ns["out_dir"] is None:
+        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}_pp{ns['pp']}_dp{ns['dp']}")
+    return TrainConfig(**{k: v for k, v in ns.items() if k in {f.name for f in fields(TrainConfig)}})
