@@ -160,7 +160,8 @@ def breakdown(kind: str, size: str, reps: int = 10) -> list[tuple[str, float, fl
                      _min_cpu_ms(lambda: hf_blocks[name]().sum().backward(), reps)))
 
     def head_ours():
-        losses = vocab_parallel_cross_entropy(ours.lm_head(x), labels.t(), ours.state,
+        tied = ours.embedding.word_embeddings.weight if ours.config.tie_embeddings else None
+        losses = vocab_parallel_cross_entropy(ours.lm_head(x, weight=tied), labels.t(), ours.state,
                                               vocab_size=ours.config.vocab_size)  # (s, b)
         (losses.sum() / (labels != -100).sum()).backward()
 

@@ -54,7 +54,7 @@ def _rank_benchmark(kind: str, size: str, tp: int, sequence_parallel: bool, step
     from minimegatron.gpt import GPTModel
     from minimegatron.llama import LLaMAModel
     from minimegatron.measure import CommCounter
-    from minimegatron.mpu import allreduce_sequence_parallel_gradients, initialize_model_parallel
+    from minimegatron.mpu import initialize_model_parallel
 
     sizes = dict(SIZES[size])
     batch, seq = sizes.pop("batch"), sizes.pop("seq")
@@ -67,8 +67,7 @@ def _rank_benchmark(kind: str, size: str, tp: int, sequence_parallel: bool, step
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
 
     def step() -> None:
-        model(ids, labels=labels).backward()
-        allreduce_sequence_parallel_gradients(model, state)
+        model(ids, labels=labels).backward()  # under SP, f in the norms sums their grads over TP
         opt.step()
         opt.zero_grad(set_to_none=True)
 

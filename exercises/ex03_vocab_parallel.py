@@ -18,7 +18,7 @@ of the embedding table, and the same columns of the logits.
 
 Grade with:  grade_vocab_parallel_embedding(vocab_parallel_embedding_forward)
              grade_vocab_parallel_cross_entropy(vocab_parallel_cross_entropy_forward)
-The references are minimegatron/mpu/layers.py (VocabParallelEmbedding) and mpu/cross_entropy.py.
+The references are minimegatron/mpu/embedding.py (VocabParallelEmbedding) and mpu/cross_entropy.py.
 """
 from __future__ import annotations
 

@@ -15,11 +15,14 @@
 
           x (s, b, in/tp)  this rank's feature slice, whole sequence (the column layer's output)
           weight (out, in/tp), bias (out,) replicated
-          Y_r = reduce_scatter_dim0(x·weightᵀ) + bias          ->  (s/tp, b, out), this rank's rows
+          Y_r = reduce_scatter_dim0(x·weightᵀ) + f(bias)       ->  (s/tp, b, out), this rank's rows
 
       Use ONE reduce-scatter (``reduce_scatter_to_sequence_parallel_region``, imported below, or your
       own Function): an all-reduce followed by a split gives the same numbers but moves twice the bytes
-      — the grader counts them. Mind where the bias goes.
+      — the grader counts them. Mind where the bias goes — and its gradient: every rank holds the whole
+      bias but adds it to its own s/tp rows only, so ``∂L/∂b`` on rank r is a partial sum over those
+      rows. ``f`` (``copy_to_tensor_model_parallel_region``, imported below: identity forward,
+      all-reduce backward) sums it over TP — as the package does for the norms' weights too.
 
 The collectives (torch renamed them in 2.13; the aliases below work on every version)::
 
@@ -44,7 +47,8 @@ import torch.nn.functional as F  # noqa: F401  (you will need it)
 from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
                                run_graded)
 from minimegatron.compat import all_gather_single, reduce_scatter_single  # noqa: F401
-from minimegatron.mpu.mappings import (gather_from_sequence_parallel_region,  # noqa: F401
+from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,  # noqa: F401
+                                       gather_from_sequence_parallel_region,
                                        reduce_scatter_to_sequence_parallel_region)
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
@@ -68,9 +72,9 @@ class GatherFromSequenceParallelRegion(torch.autograd.Function):
 
 def sequence_parallel_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  state: ParallelState) -> torch.Tensor:
-    """Your code (05.2): partial x·weightᵀ (s, b, out), reduce-scatter dim 0 -> (s/tp, b, out), + bias."""
+    """Your code (05.2): partial x·weightᵀ (s, b, out), reduce-scatter dim 0 -> (s/tp, b, out), + f(bias)."""
     raise NotImplementedError("Exercise 05.2: implement the sequence-parallel row-parallel forward — the "
-                              "partial product, one reduce-scatter along the sequence, then the bias")
+                              "partial product, one reduce-scatter along the sequence, then f(bias)")
 
 
 # --- grading -----------------------------------------------------------------------------------------
@@ -144,6 +148,17 @@ def _row_inputs(state: ParallelState, g: torch.Generator):
     return [x[..., cols], w[:, cols], b], cotangent
 
 
+def _partial_over_the_tp_group(results: list[dict], rank: int, tp: int) -> bool:
+    """True if this rank's bias gradient is wrong but the sum over its TP group's ranks is right."""
+    first = rank // tp * tp  # the TP group of ``rank``: ranks first … first + tp - 1
+    grads = [results[q]["got"]["grads"][2] for q in range(first, first + tp)]
+    expected = results[rank]["expected"]["grads"][2]
+    if any(g is None or g.shape != expected.shape for g in grads):
+        return False
+    return (not torch.allclose(grads[rank - first], expected, rtol=1e-5, atol=1e-5)
+            and torch.allclose(sum(grads), expected, rtol=1e-4, atol=1e-5))
+
+
 def _check_common(where: str, got: dict, expected: dict, tp: int, world: int) -> None:
     if got.get("modified"):
         raise GradingError(f"{where}: your code modified its input in place; clone it first")
@@ -201,8 +216,8 @@ def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = MUL
     names = ["x", "weight", "bias"]
     hints = {"x": "∂L/∂x = all-gather(∂L/∂Y_r) · weight: the reduce-scatter's backward all-gathers",
              "weight": "∂L/∂W_r = all-gather(∂L/∂Y_r)ᵀ · x_r",
-             "bias": "the bias is added once, after the reduce-scatter, to this rank's rows: its "
-                     "gradient is the sum of ∂L/∂Y_r over this rank's rows"}
+             "bias": "the bias is added once, after the reduce-scatter, to each rank's rows: its "
+                     "gradient is the sum of ∂L/∂Y over all rows, of every rank (f sums them)"}
     for world, tp in LAYOUTS:
         results = run_graded(_case, world, "Exercise 05.2", tp, candidate,
                              package_sequence_parallel_row_linear, _row_inputs, timeout=timeout)
@@ -241,6 +256,12 @@ def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = MUL
                 if g_got is None:
                     raise GradingError(f"{where}: no gradient reached {name} — is it part of the "
                                        "computation, without .detach() or torch.no_grad()?")
+                if name == "bias" and _partial_over_the_tp_group(results, rank, tp):
+                    raise GradingError(f"{where}: the bias gradient is only this rank's partial sum over "
+                                       "its s/tp rows (the TP group's partials add up to the right one) — "
+                                       "every rank adds the whole bias to its own rows: pass it through f "
+                                       "(copy_to_tensor_model_parallel_region), whose backward all-reduces "
+                                       "∂L/∂b over TP")
                 assert_close(f"{where}, backward: gradient of {name} ({hints[name]})", g_got, g_exp,
                              rtol=1e-5, atol=1e-5)
     return passed("Exercise 05.2: the sequence-parallel row layer matches RowParallelLinear on tp=2, "

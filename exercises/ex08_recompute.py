@@ -18,7 +18,7 @@
               for ``run_function``).
 
       This is what ``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)`` does; the package
-      uses the newer non-reentrant form (``minimegatron.layers.attention.checkpoint``), the reference
+      uses the newer non-reentrant form (``minimegatron.layers.recompute.recompute``), the reference
       this is graded against.
 
 08.2  korthikanti_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none") — activation
@@ -80,8 +80,8 @@ S, B, H, HEADS = 16, 2, 32, 4
 
 def package_checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The package's full recomputation (non-reentrant torch.utils.checkpoint + RNG replay)."""
-    from minimegatron.layers.attention import checkpoint
-    return checkpoint(layer, hidden)
+    from minimegatron.layers.recompute import recompute
+    return recompute(layer, hidden, state=layer.state)
 
 
 def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]:

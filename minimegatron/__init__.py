@@ -3,8 +3,10 @@
 ``import minimegatron`` imports torch only; DeepSpeed, transformers and sentencepiece are imported by
 the modules that use them.
 """
-from minimegatron.config import ModelConfig, ParallelConfig, gpt_config, llama_config
+from minimegatron.config import ModelConfig, ParallelConfig
+from minimegatron.gpt import gpt_config
 from minimegatron.launch import LaunchTimeout, RankError, launch
+from minimegatron.llama import llama_config
 
 __version__ = "0.1.0"
 __all__ = ["launch", "RankError", "LaunchTimeout", "ModelConfig", "ParallelConfig", "gpt_config",

@@ -1,43 +1,42 @@
-"""Model and parallel configuration: two dataclasses, validated when built.
+"""Model and parallel configuration: two dataclasses, validated when built, and the porting points.
 
-GPT and LLaMA are the same model class with different values of these fields. The fields below the
-sizes are exactly the list one writes down when porting LLaMA into a GPT codebase:
+GPT and LLaMA are the same model class with different values of a few fields. Those fields are the
+**porting points** — the list one writes down when porting LLaMA into a GPT codebase — and
+:data:`PORTING_POINTS` is that list, the one copy the rest of the package reads (``model.changes``, the
+demo's table, notebook 04). Their values live in the two presets, :func:`minimegatron.gpt.gpt_config`
+and :func:`minimegatron.llama.llama_config`, written line for line alike: ``diff minimegatron/gpt.py
+minimegatron/llama.py`` shows the porting points and nothing else. (Both presets are importable from
+here too.)
 
-================  =======================  ==========================================
-field             GPT-2                    LLaMA
-================  =======================  ==========================================
-norm              ``layernorm``            ``rmsnorm``
-activation        ``gelu`` (tanh approx.)  ``swiglu``
-position_embedding ``learned``             ``rope`` (rope_theta)
-bias              True                     False
-tie_embeddings    True                     False
-final_norm        True (GPT-2's ln_f)      True (RMSNorm before the LM head)
-ffn_hidden_size   4·h                      8/3·h rounded up to ``multiple_of``
-num_kv_heads      = heads (MHA)            < heads for GQA (LLaMA-2 70B, LLaMA-3), 1 = MQA
-================  =======================  ==========================================
-
-(The original GPT was post-norm and had no final norm; GPT-2 moved to pre-norm and added ``ln_f``,
-which LLaMA keeps as an RMSNorm. ``final_norm=False`` exists so that the difference can be studied.)
+Two more switches are alike in both presets and there for study (:data:`STUDY_SWITCHES`):
+``final_norm`` (the original GPT was post-norm without one; GPT-2 added ``ln_f``, which LLaMA keeps as
+an RMSNorm — a difference of ``norm``, not of ``final_norm``) and ``num_kv_heads`` (grouped-query
+attention: LLaMA-2 70B and LLaMA-3 use fewer kv heads than query heads, LLaMA-1 does not).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Collection, Literal
+
+from minimegatron.sizes import divide, is_int, pad_vocab_size
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 Positions = Literal["learned", "rope", "alibi"]
 
+# field -> what it changes: the ModelConfig fields in which LLaMA differs from GPT-2 (their values:
+# gpt.py and llama.py). MLP width follows from the activation unless set (see ffn_hidden_size below).
+PORTING_POINTS: dict[str, str] = {"norm": "norm", "activation": "activation",
+                                  "position_embedding": "positions", "bias": "biases",
+                                  "tie_embeddings": "embeddings", "ffn_hidden_size": "MLP width"}
+STUDY_SWITCHES = ("final_norm", "num_kv_heads")  # alike in both presets (see above)
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    """An int that is not a bool (``True`` is an int to Python, never a size to us)."""
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_real(v: Any) -> bool:
@@ -85,7 +84,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
                      "max_seq_len", "ffn_hidden_size", "multiple_of", "make_vocab_size_divisible_by"):
             v = getattr(self, name)
-            _check(_is_int(v) and v > 0, f"ModelConfig.{name} must be a positive int, got {v!r}")
+            _check(is_int(v) and v > 0, f"ModelConfig.{name} must be a positive int, got {v!r}")
         _check(self.norm in ("layernorm", "rmsnorm"),
                f"ModelConfig.norm={self.norm!r}: use 'layernorm' (GPT) or 'rmsnorm' (LLaMA)")
         _check(self.activation in ("gelu", "swiglu"),
@@ -96,7 +95,7 @@ class ModelConfig:
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                f"{self.num_attention_heads}; choose sizes so that head_dim = hidden/heads is an int")
-        _check(_is_int(self.num_kv_heads) and 0 < self.num_kv_heads <= self.num_attention_heads
+        _check(is_int(self.num_kv_heads) and 0 < self.num_kv_heads <= self.num_attention_heads
                and self.num_attention_heads % self.num_kv_heads == 0,
                f"num_kv_heads={self.num_kv_heads} must divide num_attention_heads="
                f"{self.num_attention_heads} (1 = MQA, heads = MHA, a divisor in between = GQA)")
@@ -119,19 +118,29 @@ class ModelConfig:
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab rounded up to a multiple of make_vocab_size_divisible_by·tp (Megatron's padding)."""
-        m = self.make_vocab_size_divisible_by * tp
-        return m * math.ceil(self.vocab_size / m)
+        return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
 
     def validate_tp(self, tp: int) -> None:
-        """Raise (before any rank starts) if this model cannot be split over ``tp`` ranks."""
-        _check(self.num_attention_heads % tp == 0,
-               f"num_attention_heads={self.num_attention_heads} is not divisible by tensor-parallel "
-               f"size {tp}: each TP rank must own whole heads; choose tp dividing the head count")
+        """Raise (before any rank starts) if this model cannot be split over ``tp`` ranks: the heads
+        (:meth:`validate_tp_heads`) and the MLP's hidden units (:meth:`validate_tp_ffn`)."""
+        self.validate_tp_heads(tp)
+        self.validate_tp_ffn(tp)
+
+    def validate_tp_heads(self, tp: int) -> None:
+        """Query heads divisible by ``tp`` (whole heads per rank); kv heads and ``tp`` dividing one
+        another (split, or replicated when fewer than ranks). ParallelAttention asks this too."""
+        divide(self.num_attention_heads, tp, "num_attention_heads",
+               fix="each TP rank must own whole heads; choose tp dividing the head count")
         _check(self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0,
                f"num_kv_heads={self.num_kv_heads} and tensor-parallel size {tp}: one must divide the "
                "other (kv heads are split across ranks, or replicated when fewer than ranks)")
-        _check(self.ffn_hidden_size % tp == 0,
-               f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tensor-parallel size {tp}")
+
+    def validate_tp_ffn(self, tp: int) -> None:
+        """ffn_hidden_size divisible by ``tp`` (each rank holds ffn/tp hidden units). ParallelMLP asks
+        this too."""
+        divide(self.ffn_hidden_size, tp, "ffn_hidden_size",
+               fix=f"each TP rank holds ffn/tp hidden units; choose multiple_of (or ffn_hidden_size) "
+                   f"as a multiple of {tp}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,20 +158,29 @@ class ModelConfig:
         return replace(self, **derived, **changes)
 
 
-def gpt_config(**overrides: Any) -> ModelConfig:
-    """GPT-2 style: LayerNorm, GeLU(tanh), learned positions, biases, tied embeddings, 4h MLP."""
-    base = dict(name="gpt", norm="layernorm", activation="gelu", gelu_approximate="tanh",
-                position_embedding="learned", bias=True, tie_embeddings=True, final_norm=True)
-    base.update(overrides)
-    return ModelConfig(**base)
+def diff_fields(a: dict[str, Any], b: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """The fields (sorted) whose values differ between two config dicts, ``ignore``'s left out; a field
+    missing from one side counts as ``None`` there. The one config diff: loading a checkpoint
+    (``checkpoint.reshape.check_config_matches``) and resuming a run (``training.resume``) both list
+    what differs with it."""
+    return [k for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
 
 
-def llama_config(**overrides: Any) -> ModelConfig:
-    """LLaMA style: RMSNorm, SwiGLU, RoPE, no biases, untied embeddings, final norm, 8/3·h MLP."""
-    base = dict(name="llama", norm="rmsnorm", norm_eps=1e-5, activation="swiglu",
-                position_embedding="rope", bias=False, tie_embeddings=False, final_norm=True)
-    base.update(overrides)
-    return ModelConfig(**base)
+def flavour_changes(config: ModelConfig, preset: Callable[..., ModelConfig]) -> dict[str, Any]:
+    """The porting points and study switches where ``config`` differs from ``preset`` of the same
+    sizes, as {field: value}: ``{}`` for the preset itself."""
+    switches = (*PORTING_POINTS, *STUDY_SWITCHES)
+    sizes = {k: v for k, v in config.to_dict().items() if k not in switches and k != "name"}
+    reference = preset(**sizes)
+    return {k: getattr(config, k) for k in switches if getattr(config, k) != getattr(reference, k)}
+
+
+def __getattr__(name: str) -> Any:
+    """``from minimegatron.config import gpt_config, llama_config``: the presets, from their homes
+    (imported on first use: they import the model, which imports this file)."""
+    if name in ("gpt_config", "llama_config"):
+        return getattr(importlib.import_module(f"minimegatron.{name.removesuffix('_config')}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -178,7 +196,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
+            _check(is_int(v) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
         if self.dp is None and self.world_size is None:
             self.dp = 1
         if self.world_size is None:
@@ -188,7 +206,7 @@ class ParallelConfig:
                    f"world size {self.world_size} is not divisible by tp·pp = {self.tp}·{self.pp}; "
                    "choose sizes whose product divides the number of ranks")
             self.dp = self.world_size // (self.tp * self.pp)
-        _check(_is_int(self.dp) and self.dp >= 1, f"ParallelConfig.dp must be >= 1, got {self.dp!r}")
+        _check(is_int(self.dp) and self.dp >= 1, f"ParallelConfig.dp must be >= 1, got {self.dp!r}")
         _check(self.world_size == self.tp * self.pp * self.dp,
                f"world size {self.world_size} != tp·pp·dp = {self.tp}·{self.pp}·{self.dp} = "
                f"{self.tp * self.pp * self.dp}; launch tp·pp·dp ranks or change the sizes")

@@ -1,39 +1,47 @@
-"""GPTModel: GPT-2 (Radford et al. 2019) on tensor-parallel ranks.
+"""GPTModel: GPT-2 (Radford et al. 2019) — the LanguageModel with GPT-2's porting points.
 
-GPT-2 is a pre-norm decoder: LayerNorm, GeLU (tanh approximation), learned absolute positions, biases
-in every linear layer and norm, the LM head tied to the word embeddings, a ``4h`` MLP, a final
-LayerNorm (``ln_f``). All of it lives in :class:`~minimegatron.layers.language_model.LanguageModel`;
-this class only picks the defaults (:func:`~minimegatron.config.gpt_config`). Switch any field to its
-LLaMA value to study that one change: ``GPTModel(gpt_config(norm="rmsnorm"))``; ``model.changes``
-lists the switches that differ from GPT-2.
-
-Hugging Face ``GPT2LMHeadModel`` maps onto it as ``wte -> embedding.word_embeddings``,
-``wpe -> embedding.position_embeddings``, ``h.{i}.ln_1/ln_2 -> layers.{i}.input_norm/post_attention_norm``,
-``attn.c_attn -> attention.query_key_value`` ([Q; K; V]), ``attn.c_proj -> attention.dense``,
-``mlp.c_fc/c_proj -> mlp.dense_h_to_4h/dense_4h_to_h``, ``ln_f -> final_norm`` (Conv1D weights are
-stored (in, out): transpose them).
+``gpt_config`` sets every porting point (``minimegatron.config.PORTING_POINTS``) to its GPT-2 value;
+llama.py is this file with LLaMA's values: ``diff minimegatron/gpt.py minimegatron/llama.py`` is the
+porting list. Switch one field to study it alone, ``GPTModel(gpt_config(norm="rmsnorm"))``;
+``model.changes`` lists the fields that differ from GPT-2. Every layer lives in
+:class:`~minimegatron.layers.language_model.LanguageModel`; Hugging Face's ``GPT2LMHeadModel``
+converts both ways (``minimegatron.checkpoint.hf``, which maps every weight name).
 """
 from __future__ import annotations
 
-from minimegatron.config import ModelConfig, gpt_config
+from typing import Any
+
+from minimegatron.config import ModelConfig, flavour_changes
 from minimegatron.layers.attention import KVCache
-from minimegatron.layers.language_model import LanguageModel, count_parameters, flavour_changes
+from minimegatron.layers.language_model import LanguageModel, count_parameters
 from minimegatron.mpu.state import ParallelState
 
-__all__ = ["GPTModel", "KVCache", "count_parameters", "gpt_config"]
+__all__ = ["GPTModel", "gpt_config", "KVCache", "count_parameters"]
+
+
+def gpt_config(**overrides: Any) -> ModelConfig:
+    """GPT-2: its value of every porting point; ``overrides`` set the sizes or switch single fields."""
+    return ModelConfig(**{
+        "name": "gpt",
+        "norm": "layernorm",                # (x - mean)/sqrt(var + eps)·γ + β
+        "activation": "gelu",               # GeLU, tanh approximation (Hugging Face's "gelu_new")
+        "position_embedding": "learned",    # a (max_seq_len, h) table added to the token embeddings
+        "bias": True,                       # in every linear layer and norm
+        "tie_embeddings": True,             # the LM head reuses the word embeddings (LanguageModel.forward)
+        "ffn_hidden_size": None,            # None: 4·h
+        "final_norm": True,                 # a norm before the LM head
+        "num_kv_heads": None,               # None: one kv head per query head (MHA)
+        **overrides})
 
 
 class GPTModel(LanguageModel):
-    """GPT-2 flavoured LanguageModel; ``config=None`` is ``gpt_config()``."""
+    """The GPT-2 flavoured LanguageModel; ``config=None`` is ``gpt_config()``."""
 
     def __init__(self, config: ModelConfig | None = None, state: ParallelState | None = None,
-                 recompute: str = "none") -> None:
+                 recompute: str = "none", init_seed: int | None = None) -> None:
         config = gpt_config() if config is None else config
-        if config.name == "llama":
-            raise ValueError("GPTModel got a config named 'llama' (llama_config()): build it with "
-                             "minimegatron.llama.LLaMAModel, or switch single fields with gpt_config(...)")
-        super().__init__(config, state, recompute)
-        self.changes = flavour_changes(config, gpt_config)  # {} for plain GPT-2
+        super().__init__(config, state, recompute, init_seed)
+        self.changes = flavour_changes(config, gpt_config)  # {} for GPT-2 itself
 
     def extra_repr(self) -> str:
-        return f"GPT-2 with LLaMA switches {self.changes}, " + super().extra_repr()
+        return f"GPT-2 with changes {self.changes}, " + super().extra_repr()

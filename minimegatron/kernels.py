@@ -11,9 +11,10 @@ without the kernel, it runs the plain PyTorch formula. Both paths compute the sa
 ``apply_rotary(q, k, cos, sin)``
     plain: ``x·cos + rotate_half(x)·sin`` for x in (q, k)
     Gaudi: ``hpex.kernels.RotaryPosEmbeddingHelperV1.apply(x, cos, sin, 0)``
-``scaled_dot_product_attention(q, k, v, causal, scale)``
-    plain: ``F.scaled_dot_product_attention`` = ``softmax(q·kᵀ·scale + causal mask) · v``
-    Gaudi: ``hpex.kernels.FusedSDPA.apply(q, k, v, None, dropout_p, causal, scale)``
+``scaled_dot_product_attention(q, k, v, causal, scale, bias)``
+    plain: ``F.scaled_dot_product_attention`` = ``softmax(q·kᵀ·scale + causal mask) · v``; with an
+           additive ``bias`` (ALiBi) the formula spelled out, scores and softmax in fp32
+    Gaudi: ``hpex.kernels.FusedSDPA.apply(q, k, v, None, dropout_p, causal, scale)`` (no bias)
 
 **The switch** is the keyword ``fused: bool = True`` of every dispatcher; model code passes its
 ``ModelConfig.use_fused_kernels`` (nothing here reads a global or an environment variable).
@@ -30,8 +31,10 @@ without the kernel, it runs the plain PyTorch formula. Both paths compute the sa
 * ``scaled_dot_product_attention``: ``q (b, n_q, s_q, d)``, ``k``/``v`` ``(b, n_kv, s_k, d)`` — the
   layout of ``F.scaled_dot_product_attention`` and of ``FusedSDPA``. Grouped-query attention
   (``n_kv`` dividing ``n_q``) repeats each kv head for its ``n_q/n_kv`` query heads (query head ``j``
-  reads kv head ``j // (n_q/n_kv)``). With a KV cache (``s_q < s_k``) the causal mask is aligned to
-  the *end*: query ``i`` sits at position ``s_k - s_q + i``; that case always takes the plain path.
+  reads kv head ``j // (n_q/n_kv)``: :func:`repeat_kv`). With a KV cache (``s_q < s_k``) the causal
+  mask is aligned to the *end*: query ``i`` sits at position ``s_k - s_q + i`` (:func:`causal_mask`);
+  that case always takes the plain path. These two are the only GQA repeat and causal mask of the
+  package: attention calls this dispatcher with its unrepeated keys and values.
 """
 from __future__ import annotations
 
@@ -152,27 +155,50 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 # ---- attention -------------------------------------------------------------------------------------
-def _causal_mask(s_q: int, s_k: int, device: torch.device) -> torch.Tensor:
+def causal_mask(s_q: int, s_k: int, device: torch.device) -> torch.Tensor:
     """True where query ``i`` (at position ``s_k - s_q + i``) may see key ``j``: (s_q, s_k)."""
     return torch.ones(s_q, s_k, dtype=torch.bool, device=device).tril(diagonal=s_k - s_q)
 
 
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """GQA/MQA: ``(b, n_kv, s, d) -> (b, n_kv·group, s, d)``, query head ``j`` reads kv head ``j // group``."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         causal: bool, scale: float | None, dropout_p: float) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale + bias [+ causal mask])·v`` spelled out, scores in fp32; bias (…, s_q, s_k)."""
+    scores = (q @ k.transpose(-2, -1)).float()  # (b, n, s_q, s_k) fp32
+    scores = scores / math.sqrt(q.size(-1)) if scale is None else scores * scale
+    if causal:  # keys after the query: never seen
+        bias = bias.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    probs = torch.softmax(scores + bias, dim=-1).to(q.dtype)
+    probs = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
+    return probs @ v  # (b, n, s_q, d)
+
+
 def plain_scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        causal: bool = True, scale: float | None = None,
-                                       dropout_p: float = 0.0) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with the end-aligned causal mask when ``s_q != s_k``."""
+                                       dropout_p: float = 0.0, bias: torch.Tensor | None = None
+                                       ) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the end-aligned causal mask when ``s_q != s_k``, or the
+    spelled-out formula with an additive ``bias``; q, k, v share their head count here."""
     s_q, s_k = q.shape[-2], k.shape[-2]
+    if bias is not None:
+        return _attention_with_bias(q, k, v, bias, causal, scale, dropout_p)
     if causal and s_q != s_k:
-        mask = _causal_mask(s_q, s_k, q.device)
+        mask = causal_mask(s_q, s_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  causal: bool = True, scale: float | None = None, *,
-                                 dropout_p: float = 0.0, fused: bool = True) -> torch.Tensor:
-    """``softmax(q·kᵀ·scale [+ causal mask]) · v``: ``(b, n_q, s_q, d)``; ``scale`` None = 1/sqrt(d).
+                                 dropout_p: float = 0.0, bias: torch.Tensor | None = None,
+                                 fused: bool = True) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale [+ bias] [+ causal mask]) · v``: ``(b, n_q, s_q, d)``; ``scale`` None = 1/sqrt(d).
 
+    ``bias`` (broadcast to ``(b, n_q, s_q, s_k)``, e.g. ALiBi's ``(n_q, s_q, s_k)``) takes the plain path.
     ``dropout_p`` applies to the attention probabilities: pass 0 in eval, and run the call under the
     model-parallel RNG tracker when heads are split over TP ranks.
     """
@@ -183,11 +209,9 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if n_q % n_kv or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} do not fit: batch and "
                          f"head_dim must match and n_kv={n_kv} must divide n_q={n_q} (GQA groups)")
-    if n_kv != n_q:  # GQA/MQA: each kv head serves n_q/n_kv consecutive query heads
-        k = k.repeat_interleave(n_q // n_kv, dim=1)  # (b, n_q, s_k, d)
-        v = v.repeat_interleave(n_q // n_kv, dim=1)  # (b, n_q, s_k, d)
+    k, v = repeat_kv(k, n_q // n_kv), repeat_kv(v, n_q // n_kv)  # (b, n_q, s_k, d)
     kernel = fused_kernel("scaled_dot_product_attention", _device_type(q), fused)
-    if kernel is None or (causal and q.shape[-2] != k.shape[-2]):
-        return plain_scaled_dot_product_attention(q, k, v, causal, scale, dropout_p)
+    if kernel is None or bias is not None or (causal and q.shape[-2] != k.shape[-2]):
+        return plain_scaled_dot_product_attention(q, k, v, causal, scale, dropout_p, bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return kernel.apply(q, k, v, None, dropout_p, causal, scale)  # (q, k, v, mask, p, causal, scale)

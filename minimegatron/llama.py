@@ -1,40 +1,47 @@
-"""LLaMAModel: LLaMA (Touvron et al. 2023) on tensor-parallel ranks.
+"""LLaMAModel: LLaMA (Touvron et al. 2023) — the LanguageModel with LLaMA's porting points.
 
-LLaMA is GPT with seven changes, each a ModelConfig field: RMSNorm for LayerNorm, SwiGLU for GeLU,
-rotary positions (``rope_theta``) for the learned table, no biases, input and output embeddings
-untied, an RMSNorm before the LM head, and an ``≈ 8/3·h`` MLP (rounded up to ``multiple_of``);
-``num_kv_heads < heads`` gives grouped-query attention (LLaMA-2 70B, LLaMA-3). All of it lives in
-:class:`~minimegatron.layers.language_model.LanguageModel`; this class only picks the defaults
-(:func:`~minimegatron.config.llama_config`); ``model.changes`` lists fields switched back to GPT-2's.
-
-Hugging Face ``LlamaForCausalLM`` maps onto it as ``embed_tokens -> embedding.word_embeddings``,
-``input_layernorm/post_attention_layernorm -> input_norm/post_attention_norm``,
-``[q_proj; k_proj; v_proj] -> attention.query_key_value`` (MHA) or ``q_proj -> attention.query`` and
-``[k_proj; v_proj] -> attention.key_value`` (GQA), ``o_proj -> attention.dense``,
-``[gate_proj; up_proj] -> mlp.dense_h_to_4h``, ``down_proj -> mlp.dense_4h_to_h``,
-``norm -> final_norm``, ``lm_head -> lm_head``. RoPE uses HF's rotate_half layout: no permutation.
+``llama_config`` sets every porting point (``minimegatron.config.PORTING_POINTS``) to its LLaMA value;
+gpt.py is this file with GPT-2's values: ``diff minimegatron/gpt.py minimegatron/llama.py`` is the
+porting list. Switch one field to study it alone, ``LLaMAModel(llama_config(norm="layernorm"))``;
+``model.changes`` lists the fields that differ from LLaMA. Every layer lives in
+:class:`~minimegatron.layers.language_model.LanguageModel`; Hugging Face's ``LlamaForCausalLM``
+converts both ways (``minimegatron.checkpoint.hf``, which maps every weight name).
 """
 from __future__ import annotations
 
-from minimegatron.config import ModelConfig, llama_config
+from typing import Any
+
+from minimegatron.config import ModelConfig, flavour_changes
 from minimegatron.layers.attention import KVCache
-from minimegatron.layers.language_model import LanguageModel, count_parameters, flavour_changes
+from minimegatron.layers.language_model import LanguageModel, count_parameters
 from minimegatron.mpu.state import ParallelState
 
-__all__ = ["LLaMAModel", "KVCache", "count_parameters", "llama_config"]
+__all__ = ["LLaMAModel", "llama_config", "KVCache", "count_parameters"]
+
+
+def llama_config(**overrides: Any) -> ModelConfig:
+    """LLaMA: its value of every porting point; ``overrides`` set the sizes or switch single fields."""
+    return ModelConfig(**{
+        "name": "llama",
+        "norm": "rmsnorm",                  # x/sqrt(mean(x²) + eps)·γ: no centring, no β
+        "activation": "swiglu",             # SwiGLU: silu(x·W_gate) ⊙ (x·W_up), three matrices
+        "position_embedding": "rope",       # rotary: q and k rotated by position, no weights
+        "bias": False,                      # in no linear layer or norm
+        "tie_embeddings": False,            # the LM head has its own (V, h) matrix (LanguageModel.forward)
+        "ffn_hidden_size": None,            # None: 8/3·h rounded up to a multiple of multiple_of
+        "final_norm": True,                 # a norm before the LM head
+        "num_kv_heads": None,               # None: one kv head per query head (MHA)
+        **overrides})
 
 
 class LLaMAModel(LanguageModel):
-    """LLaMA flavoured LanguageModel; ``config=None`` is ``llama_config()``."""
+    """The LLaMA flavoured LanguageModel; ``config=None`` is ``llama_config()``."""
 
     def __init__(self, config: ModelConfig | None = None, state: ParallelState | None = None,
-                 recompute: str = "none") -> None:
+                 recompute: str = "none", init_seed: int | None = None) -> None:
         config = llama_config() if config is None else config
-        if config.name == "gpt":
-            raise ValueError("LLaMAModel got a config named 'gpt' (gpt_config()): build it with "
-                             "minimegatron.gpt.GPTModel, or switch single fields with llama_config(...)")
-        super().__init__(config, state, recompute)
-        self.changes = flavour_changes(config, llama_config)  # {} for plain LLaMA
+        super().__init__(config, state, recompute, init_seed)
+        self.changes = flavour_changes(config, llama_config)  # {} for LLaMA itself
 
     def extra_repr(self) -> str:
-        return f"LLaMA with GPT-2 switches {self.changes}, " + super().extra_repr()
+        return f"LLaMA with changes {self.changes}, " + super().extra_repr()

@@ -23,7 +23,7 @@ other to receive); DeepSpeed orders its sends and receives so that they pair up 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from torch import nn
 from minimegatron.mpu.state import ParallelState
 
 __all__ = ["Work", "Slot", "gpipe_order", "one_f_one_b_order", "deepspeed_order", "simulate",
-           "simulated_bubble_fraction", "ScheduleResult", "run_schedule"]
+           "simulated_bubble_fraction", "stage_bubble_fractions", "ScheduleResult", "run_schedule"]
 
 Work = tuple[str, int]  # ("F" | "B", micro-batch)
 
@@ -118,12 +118,21 @@ def simulate(order_fn: Callable[[int, int, int], Sequence[Work]], num_stages: in
     return slots
 
 
+def stage_bubble_fractions(busy: Mapping[int, float], span: float) -> dict[int, float]:
+    """The bubble of each stage, ``1 - busy / span``: the share of the step's span it sat idle.
+
+    The one formula behind both bubbles: :func:`simulated_bubble_fraction` (slots of a simulated
+    schedule) and :func:`minimegatron.measure.measured_bubble_fraction` (recorded DeepSpeed events);
+    their mean over stages is what ``(p - 1) / (m + p - 1)`` predicts."""
+    return {s: 1.0 - b / span for s, b in sorted(busy.items())}
+
+
 def simulated_bubble_fraction(slots: Sequence[Slot]) -> float:
     """Mean over stages of ``1 - busy / span`` (span: the first start to the last end)."""
     span = max(x.end for x in slots) - min(x.start for x in slots)
-    stages = sorted({x.stage for x in slots})
-    busy = [sum(x.end - x.start for x in slots if x.stage == s) for s in stages]
-    return sum(1 - b / span for b in busy) / len(stages)
+    busy = {s: sum(x.end - x.start for x in slots if x.stage == s) for s in {x.stage for x in slots}}
+    fractions = stage_bubble_fractions(busy, span)
+    return sum(fractions.values()) / len(fractions)
 
 
 # ---- a teaching executor on real ranks --------------------------------------------------------------

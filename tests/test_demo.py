@@ -18,7 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-from minimegatron.config import gpt_config, llama_config  # noqa: E402
+from minimegatron.config import PORTING_POINTS, gpt_config, llama_config  # noqa: E402
 from minimegatron.demo import main  # noqa: E402
 from minimegatron.demo.cli import DemoConfig  # noqa: E402
 from minimegatron.demo.report import differences  # noqa: E402
@@ -53,9 +53,8 @@ def test_table_and_differences_are_printed(demo):
     for label in ("parameters (closed form)", "parameters (tensors)", "train loss", "valid loss",
                   "tokens/s", "wall time"):
         assert label in text, label
-    for change in ("1 norm", "2 activation", "3 positions", "4 biases", "5 embeddings", "6 final norm",
-                   "7 MLP width"):
-        assert change in text, change
+    for i, change in enumerate(PORTING_POINTS.values(), 1):  # "1 norm" ... "6 MLP width"
+        assert f"{i} {change}" in text, change
     assert "RMSNorm" in text and "SwiGLU" in text and "RoPE" in text
 
 
@@ -83,7 +82,7 @@ def test_summary_numbers(demo):
         assert summary["timings_s"][f"train {model}"] == r["wall_s"]
         assert 0 < r["unigram_entropy"] < math.log(vocab)
     assert summary["models"]["llama"]["parameters_tensors"] != summary["models"]["gpt"]["parameters_tensors"]
-    assert len(summary["differences"]) == 7
+    assert len(summary["differences"]) == len(PORTING_POINTS)
 
 
 def test_loss_curve_is_a_valid_png(demo):
@@ -153,8 +152,8 @@ def test_unigram_baselines_match_the_formula(tmp_path):
 
 def test_differences_read_off_the_configs():
     rows = differences(gpt_config(hidden_size=96), llama_config(hidden_size=96))
-    assert [r[0] for r in rows][0] == "1 norm" and len(rows) == 7
-    assert rows[6][1].startswith("384") and rows[6][2].startswith("256")
+    assert [r[0] for r in rows][0] == "1 norm" and len(rows) == len(PORTING_POINTS)
+    assert rows[-1][1].startswith("384") and rows[-1][2].startswith("256")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from minimegatron.checkpoint import from_hf
-from minimegatron.generate import (beam_search, forward_flops, generate, sample_next_token,
-                                   top_k_filter, top_p_filter)
+from minimegatron.generate import forward_flops, generate, sample_next_token, top_k_filter, top_p_filter
+from minimegatron.generate_beam import beam_search
 from minimegatron.launch import launch
 from minimegatron.layers.attention import KVCache
 from minimegatron.mpu.state import initialize_model_parallel

@@ -82,6 +82,21 @@ def test_plain_attention_is_softmax_qk_v(causal, n_kv):
                                _attention_formula(q, ke, ve, causal, 0.3))
 
 
+def test_additive_bias_takes_the_spelled_out_formula_with_the_same_mask_and_repeat():
+    """ALiBi's path: softmax(q·kᵀ/√d + bias + causal mask)·v, kv heads repeated by the one repeat_kv."""
+    b, n, n_kv, d = 2, 4, 2, 8
+    q = torch.randn(b, n, 3, d)  # fp32: the bias path computes its scores in fp32
+    k, v = (torch.randn(b, n_kv, 6, d) for _ in range(2))
+    bias = torch.randn(n, 3, 6)  # (n, s_q, s_k), broadcast over the batch
+    ke, ve = kernels.repeat_kv(k, n // n_kv), kernels.repeat_kv(v, n // n_kv)  # (b, n, s_k, d)
+    assert torch.equal(ke[:, 3], k[:, 1]) and kernels.repeat_kv(k, 1) is k
+    mask = kernels.causal_mask(3, 6, q.device)  # end-aligned: query i sits at position 3 + i
+    assert torch.equal(mask, torch.arange(6)[None, :] <= torch.arange(3, 6)[:, None])
+    scores = (q @ ke.transpose(-1, -2) / math.sqrt(d) + bias).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v, True, bias=bias),
+                               torch.softmax(scores, -1) @ ve)
+
+
 def test_kv_cache_queries_see_everything_before_them():
     """3 new queries against 7 keys: the causal mask is aligned to the end, not the start."""
     b, n, d = 1, 2, 4

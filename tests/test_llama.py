@@ -1,12 +1,12 @@
 """LLaMAModel against Hugging Face LlamaForCausalLM (MHA and GQA), at TP = 1 and TP = 2, plus the
-KV cache and the seven GPT -> LLaMA switches one at a time."""
+KV cache and the GPT -> LLaMA switches (the porting points and the study switches) one at a time."""
 import dataclasses
 
 import pytest
 import torch
 
 from minimegatron import launch
-from minimegatron.config import gpt_config, llama_config
+from minimegatron.config import PORTING_POINTS, gpt_config, llama_config
 from minimegatron.gpt import GPTModel
 from minimegatron.layers import parameter_counts
 from minimegatron.llama import KVCache, LLaMAModel, count_parameters
@@ -41,13 +41,11 @@ def test_tp1_logits_and_loss_match_hugging_face(reference):
 
 
 def _tp2(config, full, ids, labels, sequence_parallel):
-    from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
     state = initialize_model_parallel(2, sequence_parallel=sequence_parallel)
     model = LLaMAModel(config, state)
     load_full(model, full)
     loss = model(ids, labels)
-    loss.backward()
-    allreduce_sequence_parallel_gradients(model, state)
+    loss.backward()  # under SP the norms' f already summed their gradients over TP
     with torch.no_grad():
         logits = model(ids)
     return logits, loss.detach(), full_grads(model)
@@ -71,7 +69,6 @@ TP4_CASES = {"gqa8-kv2": tiny_llama(num_attention_heads=8, num_kv_heads=2),
 
 
 def _tp4(cases, ids, labels):
-    from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
     out, plain = {}, initialize_model_parallel(4)
     for sp in (False, True):
         state = dataclasses.replace(plain, sequence_parallel=sp)
@@ -80,7 +77,6 @@ def _tp4(cases, ids, labels):
             load_full(model, full)
             loss = model(ids, labels)
             loss.backward()
-            allreduce_sequence_parallel_gradients(model, state)
             with torch.no_grad():
                 logits = model(ids)
             out[name, sp] = logits, loss.detach(), full_grads(model)
@@ -135,7 +131,7 @@ def test_kv_cache_decoding_equals_full_recomputation(reference):
         torch.testing.assert_close(decoded, reference["hf_logits"], **TOL)
 
 
-# ---- the seven changes, one at a time ---------------------------------------------------------------
+# ---- the changes, one at a time ---------------------------------------------------------------------
 
 SIZES = dict(vocab_size=VOCAB, hidden_size=48, num_layers=2, num_attention_heads=4, max_seq_len=32,
              multiple_of=16, make_vocab_size_divisible_by=8)
@@ -176,7 +172,7 @@ def test_parameter_formula_counts_real_tensors_for_both_presets():
         assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
 
 
-def test_llama_preset_is_the_seven_changes():
+def test_llama_preset_is_the_porting_points():
     gpt, llama = gpt_config(**SIZES), llama_config(**SIZES)
     differ = {f.name for f in dataclasses.fields(gpt) if getattr(gpt, f.name) != getattr(llama, f.name)}
     assert differ == {"name", "norm", "activation", "position_embedding", "bias", "tie_embeddings",
@@ -185,11 +181,13 @@ def test_llama_preset_is_the_seven_changes():
     assert LLaMAModel(llama).changes == {} and GPTModel(gpt).changes == {}
 
 
-def test_flavour_mixups_raise():
-    with pytest.raises(ValueError, match="LLaMAModel"):
-        GPTModel(llama_config(**SIZES))
-    with pytest.raises(ValueError, match="GPTModel"):
-        LLaMAModel(gpt_config(**SIZES))
+def test_the_class_picks_a_default_not_a_flavour():
+    """No guard on ``config.name``: GPTModel(llama_config()) is the LLaMA model, and says so."""
+    llama = llama_config(**SIZES)
+    as_gpt, as_llama = GPTModel(llama, init_seed=0), LLaMAModel(llama, init_seed=0)
+    assert as_gpt.changes.keys() == LLaMAModel(gpt_config(**SIZES)).changes.keys() == set(PORTING_POINTS)
+    mine, theirs = as_gpt.state_dict(), as_llama.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])

@@ -35,6 +35,7 @@ from minimegatron.checkpoint.hf_config import config_from_hf, config_to_hf, hf_f
 from minimegatron.checkpoint.reshape import (CheckpointError, barrier, full_state_dict, is_writer,
                                              load_full_state_dict, model_config, parallel_state_of)
 from minimegatron.config import ModelConfig
+from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState
 
 __all__ = ["from_hf", "to_hf", "state_dict_from_hf", "state_dict_to_hf", "load_hf_directory"]
@@ -135,11 +136,8 @@ def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
 
 
 def _model_class(config: ModelConfig) -> type[nn.Module]:
-    if config.position_embedding == "learned":
-        from minimegatron.gpt import GPTModel
-        return GPTModel
-    from minimegatron.llama import LLaMAModel
-    return LLaMAModel
+    """GPTModel for learned positions (GPT-2), else LLaMAModel (the registry: minimegatron.models)."""
+    return model_class("gpt" if config.position_embedding == "learned" else "llama")
 
 
 def load_hf_directory(directory: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:

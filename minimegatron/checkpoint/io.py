@@ -54,6 +54,7 @@ from minimegatron.checkpoint.reshape import (CheckpointError, barrier, check_con
                                              full_state_dict, is_writer, load_full_state_dict,
                                              model_config, parallel_state_of)
 from minimegatron.config import ModelConfig
+from minimegatron.models import family_of, model_class
 from minimegatron.mpu.state import ParallelState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "read_checkpoint", "write_iteration",
@@ -272,13 +273,11 @@ def load_model(directory: str | os.PathLike, state: ParallelState | None = None,
                ) -> torch.nn.Module:
     """Build the saved model class (GPTModel / LLaMAModel) from the checkpoint's config at ``state``'s
     TP size and load its weights: ``load_config`` + constructor + ``load_checkpoint`` in one call."""
-    from minimegatron.gpt import GPTModel
-    from minimegatron.llama import LLaMAModel
     name = read_json(checkpoint_dir(directory, step) / METADATA_NAME).get("model_class")
-    classes = {"GPTModel": GPTModel, "LLaMAModel": LLaMAModel}
-    if name not in classes:
+    family = family_of(name)  # the registry: minimegatron.models
+    if family is None:
         raise CheckpointError(f"checkpoint was saved from a {name!r}; build that model yourself from "
                               "load_config(path) and call load_checkpoint(model, path)")
-    model = classes[name](load_config(directory, step), state or ParallelState())
+    model = model_class(family)(load_config(directory, step), state or ParallelState())
     load_checkpoint(model, directory, step)
     return model

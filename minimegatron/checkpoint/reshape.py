@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimegatron.config import ModelConfig
-from minimegatron.mpu.layers import ParallelLMHead, VocabParallelEmbedding, gather_weight, shard_weight
+from minimegatron.config import ModelConfig, diff_fields
+from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
+from minimegatron.mpu.layers import gather_weight, shard_weight
 from minimegatron.mpu.state import ParallelState
 
 __all__ = ["CheckpointError", "full_state_dict", "is_writer", "barrier", "load_full_state_dict",
@@ -190,7 +191,7 @@ def check_config_matches(saved: ModelConfig, model: ModelConfig, where: str = "c
     """Raise naming every field that differs (fields of IGNORED_CONFIG_FIELDS may differ)."""
     a, b = saved.to_dict(), model.to_dict()
     diff = [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} in the model"
-            for k in sorted(set(a) | set(b)) if k not in IGNORED_CONFIG_FIELDS and a.get(k) != b.get(k)]
+            for k in diff_fields(a, b, ignore=IGNORED_CONFIG_FIELDS)]
     if diff:
         raise CheckpointError(
             f"{where} was saved from a different model configuration:\n  " + "\n  ".join(diff) +

@@ -3,7 +3,9 @@
     corpus.py           documents from the Python stdlib (default, no download) or your text / JSON lines
     tokenizer.py        sentencepiece BPE with byte fallback (llama and gpt flavours): train, save, load
     tokenizer_training.py  what sentencepiece's trainer is given (options, sentences), its errors explained
-    indexed_dataset.py  Megatron's on-disk format, bit for bit, read through numpy.memmap
+    indexed_format.py   Megatron's on-disk .bin/.idx format, bit for bit: header, dtype codes, file names
+    indexed_builder.py  writes a .bin/.idx pair, atomically
+    indexed_dataset.py  reads one through numpy.memmap (and re-exports the two above)
     preprocess.py       CLI: corpus + tokenizer -> PREFIX.bin / PREFIX.idx
     samples.py          doc / sample / shuffle indices, train/valid/test split, GPTDataset
 

@@ -11,7 +11,7 @@ Five steps, each a call into the package (nothing here re-implements it):
     2  train      GPT, then LLaMA: same sizes, same data, same steps, on TP=2 x PP=2 simulated ranks
                   (forked gloo processes, DeepSpeed's pipeline engine), eval on the valid split, a
                   checkpoint of full weights at the end                minimegatron.training
-    3  compare    the seven GPT -> LLaMA differences and a table: parameters (closed form and
+    3  compare    the GPT -> LLaMA porting points and a table: parameters (closed form and
                   counted), train / valid loss, tokens/s, wall time   (demo/report.py)
     4  plot       loss_curves.png: train and valid loss of both models in one figure
     5  sample     each checkpoint loaded as a plain TP=1 model; greedy and top-p text from "def ",

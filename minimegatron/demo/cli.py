@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from minimegatron.errors import ArgumentParser, cli_errors
 from minimegatron.training.args import check_split, validate
-from minimegatron.training.config import MODELS, TrainConfig
+from minimegatron.models import MODELS
+from minimegatron.training.config import TrainConfig
 from minimegatron.training.preflight import check_writable
 
 PROG = "python -m minimegatron.demo"
@@ -242,7 +243,7 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
         walls[model] = timings[f"train {model}"] = time.perf_counter() - t0
         _say(f"  {histories[model].summary()}  [{walls[model]:.1f} s]  -> {tc.out_dir}/")
 
-    _say("\n[3/5] GPT-2 -> LLaMA: the seven differences (each one ModelConfig field)")
+    _say("\n[3/5] GPT-2 -> LLaMA: the porting points (each one ModelConfig field)")
     diffs = report.differences(cfg.train_config("gpt").to_model_config(),
                                cfg.train_config("llama").to_model_config())
     _say(report.format_differences(diffs))

@@ -1,4 +1,4 @@
-"""What the demo shows after training: the GPT -> LLaMA differences, a side-by-side table, loss curves.
+"""What the demo shows after training: the GPT -> LLaMA porting points, a side-by-side table, loss curves.
 
 Everything here reads results (ModelConfig, History, PreparedData); nothing trains. The table's two
 parameter counts come from two independent places: the closed form of
@@ -9,44 +9,36 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, Callable
 
-from minimegatron.config import ModelConfig
+from minimegatron.config import PORTING_POINTS, ModelConfig
 
 NAMES = {"gpt": "GPT", "llama": "LLaMA"}
 
 
-def _norm_name(config: ModelConfig) -> str:
-    return "LayerNorm (weight + bias)" if config.norm == "layernorm" else "RMSNorm (weight only)"
+def _positions(c: ModelConfig) -> str:
+    if c.position_embedding == "learned":
+        return f"learned table ({c.max_seq_len} x {c.hidden_size})"
+    return f"rotary (RoPE, theta={c.rope_theta:g}), no weights" if c.position_embedding == "rope" \
+        else c.position_embedding
+
+
+# one porting point's value in words, for each field of config.PORTING_POINTS
+_IN_WORDS: dict[str, Callable[[ModelConfig], str]] = {
+    "norm": lambda c: "LayerNorm (weight + bias)" if c.norm == "layernorm" else "RMSNorm (weight only)",
+    "activation": lambda c: "GeLU (tanh)" if c.activation == "gelu" else "SwiGLU (gate · up, 3 matrices)",
+    "position_embedding": _positions,
+    "bias": lambda c: "in every linear and norm" if c.bias else "none",
+    "tie_embeddings": lambda c: "LM head tied to input" if c.tie_embeddings else "untied: own LM head",
+    "ffn_hidden_size": lambda c: f"{c.ffn_hidden_size} (" + (
+        "4h" if c.activation == "gelu" else f"8h/3 -> multiple of {c.multiple_of}") + ")",
+}
 
 
 def differences(gpt: ModelConfig, llama: ModelConfig) -> list[tuple[str, str, str]]:
-    """The seven changes from GPT-2 to LLaMA, as (what, GPT, LLaMA), read off the two configs."""
-    def act(c: ModelConfig) -> str:
-        return "GeLU (tanh)" if c.activation == "gelu" else "SwiGLU (gate · up, 3 matrices)"
-
-    def pos(c: ModelConfig) -> str:
-        if c.position_embedding == "learned":
-            return f"learned table ({c.max_seq_len} x {c.hidden_size})"
-        return f"rotary (RoPE, theta={c.rope_theta:g}), no weights" if c.position_embedding == "rope" \
-            else c.position_embedding
-
-    def ffn(c: ModelConfig) -> str:
-        rule = "4h" if c.activation == "gelu" else f"8h/3 -> multiple of {c.multiple_of}"
-        return f"{c.ffn_hidden_size} ({rule})"
-
-    return [
-        ("1 norm", _norm_name(gpt), _norm_name(llama)),
-        ("2 activation", act(gpt), act(llama)),
-        ("3 positions", pos(gpt), pos(llama)),
-        ("4 biases", "in every linear and norm" if gpt.bias else "none",
-         "in every linear and norm" if llama.bias else "none"),
-        ("5 embeddings", "LM head tied to input" if gpt.tie_embeddings else "untied",
-         "LM head tied to input" if llama.tie_embeddings else "untied: own LM head"),
-        ("6 final norm", ("LayerNorm (ln_f)" if gpt.norm == "layernorm" else "RMSNorm") if gpt.final_norm
-         else "none", ("RMSNorm" if llama.norm == "rmsnorm" else "LayerNorm") if llama.final_norm else "none"),
-        ("7 MLP width", ffn(gpt), ffn(llama)),
-    ]
+    """The porting points (``config.PORTING_POINTS``) as (what, GPT, LLaMA), read off the two configs."""
+    return [(f"{i} {label}", _IN_WORDS[field](gpt), _IN_WORDS[field](llama))
+            for i, (field, label) in enumerate(PORTING_POINTS.items(), 1)]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,21 +1,29 @@
-"""LanguageModel: token ids -> embedding -> ParallelTransformer -> final norm -> LM head -> logits/loss.
+"""LanguageModel: token ids -> embedding -> transformer layers -> final norm -> LM head -> logits/loss.
 
-GPTModel and LLaMAModel are this class with different ModelConfig values. The data flow, with this
-rank's shapes under tensor parallelism (tp) and sequence parallelism (SP)::
+GPTModel and LLaMAModel are this class with different ModelConfig values (``gpt.py``, ``llama.py``).
+The data flow, with this rank's shapes under tensor parallelism (tp) and sequence parallelism (SP)::
 
     input_ids (b, s)
-      └─ word_embeddings (vocab-parallel, all-reduce) + position_embeddings (learned only)  (b, s, h)
-      └─ transpose to Megatron's layout                                                  (s, b, h)
-      └─ [SP: scatter along the sequence]                                                (s/tp, b, h)
-      └─ layers 0 … L-1, final_norm                                                      (s[/tp], b, h)
-      └─ lm_head (vocab-parallel, tied to word_embeddings unless untied)                 (s, b, V_pad/tp)
-      └─ labels given: vocab-parallel cross-entropy, mean over labels != -100            ()
-         labels None: all-gather the vocab, drop the padding, back to (b, s, V)          (b, s, V)
+      └─ embedding: word_embeddings (vocab-parallel, all-reduce) + position_embeddings (learned)  (b, s, h)
+         transposed to Megatron's layout, [SP: scattered along the sequence]               (s[/tp], b, h)
+      └─ layers 0 … L-1 (RoPE's angles from ``rotary``)                                    (s[/tp], b, h)
+      └─ final_norm                                                                        (s[/tp], b, h)
+      └─ lm_head (vocab-parallel; GPT: multiplies by the word embeddings' table)           (s, b, V_pad/tp)
+      └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
+         labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
-Subclassing ParallelTransformer (rather than holding one) keeps the state_dict names flat —
-``embedding.*``, ``layers.{i}.*``, ``final_norm.*``, ``lm_head.weight`` — the names checkpoint
-conversion and the pipeline model rely on. Weights are drawn embedding first, then the layers, then
-the head, from torch's default generator: seeded alike, a TP=k model holds the shards of the TP=1 one.
+The children are declared in that order, so the state_dict names are flat — ``embedding.*``,
+``layers.{i}.*``, ``final_norm.*``, ``lm_head.weight`` (untied only) — the names checkpoints and the
+Hugging Face conversion use. **The tie** (GPT, ``tie_embeddings``): the head has no weight of its own
+(``lm_head.weight is None``); ``forward`` hands it the word embeddings' current table,
+``self.lm_head(hidden, weight=head_weight)`` (Megatron's ``output_layer(hidden, weight=...)``), and that
+table's gradient collects both uses.
+
+The pipeline (``minimegatron.pipe``) is this model cut into stages, built from the same pieces: the
+builders below (:func:`build_rotary`, :func:`build_lm_head`, :func:`lm_loss`,
+:func:`check_sequence_parallel`) and ``transformer.py``'s (``build_layers``, ``build_final_norm``).
+Weights are drawn per layer index (``init_seed.py``), so a model built with a seed holds the same
+weights as a TP=k model's shards and as every pipeline stage built with it.
 
 Parameter count (:func:`parameter_counts`, closed form, unpadded vocab ``V``; ``d`` = head_dim, ``kv``
 = num_kv_heads, ``f`` = ffn_hidden_size, ``[·]`` = 1 if the condition holds else 0)::
@@ -32,7 +40,7 @@ tables carry (``(V_pad - V)·h`` per table), so both agree for any TP size.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,27 +48,69 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimegatron.config import ModelConfig
-from minimegatron.layers.attention import KVCache, model_parallel_rng
+from minimegatron.layers.attention import KVCache
+from minimegatron.layers.init_seed import init_rng, model_seed
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
-from minimegatron.layers.transformer import ParallelTransformer
+from minimegatron.layers.transformer import build_final_norm, build_layers, check_recompute
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
-from minimegatron.mpu.layers import ParallelLMHead, VocabParallelEmbedding, init_normal
+from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
+from minimegatron.mpu.layers import init_normal
 from minimegatron.mpu.mappings import (gather_from_tensor_model_parallel_region,
                                        scatter_to_sequence_parallel_region)
+from minimegatron.mpu.random import model_parallel_rng
 from minimegatron.mpu.state import ParallelState
+from minimegatron.sizes import divide
+
+__all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_head_kwargs", "lm_loss",
+           "check_sequence_parallel", "sequence_parallel_split", "parameter_counts", "count_parameters"]
 
 
-# The fields in which LLaMA differs from GPT-2 (ModelConfig names): each can be switched alone.
-SWITCHES = ("norm", "activation", "position_embedding", "bias", "tie_embeddings", "final_norm",
-            "ffn_hidden_size", "num_kv_heads")
+# ---- the builders the plain model and the pipeline share ------------------------------------------
+def build_rotary(config: ModelConfig) -> RotaryEmbedding | None:
+    """RoPE's angles (no weights) when ``position_embedding="rope"``, else None."""
+    return (RotaryEmbedding(config.head_dim, config.rope_theta)
+            if config.position_embedding == "rope" else None)
 
 
-def flavour_changes(config: ModelConfig, preset: Callable[..., ModelConfig]) -> dict[str, Any]:
-    """The switch fields where ``config`` differs from ``preset`` of the same sizes: {field: value}."""
-    keep = {k: v for k, v in config.to_dict().items()
-            if k not in SWITCHES and k not in ("name", "gelu_approximate", "norm_eps")}
-    reference = preset(**keep)
-    return {k: getattr(config, k) for k in SWITCHES if getattr(config, k) != getattr(reference, k)}
+def lm_head_kwargs(config: ModelConfig, state: ParallelState) -> dict[str, Any]:
+    """``ParallelLMHead``'s arguments for this model (the pipeline's heads take the same)."""
+    return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, state=state,
+                make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+                tied=config.tie_embeddings, sequence_parallel=state.sequence_parallel,
+                init_method=init_normal(config.init_std))
+
+
+def build_lm_head(config: ModelConfig, state: ParallelState) -> ParallelLMHead:
+    """The vocab-parallel head, (s[/tp], b, h) -> logits shard (s, b, V_pad/tp).
+
+    Untied (LLaMA): its own (V_pad/tp, h) weight, drawn N(0, init_std²). Tied (GPT): no weight at all
+    (``head.weight is None``, nothing in the state_dict); its caller hands it the word embeddings'
+    table, ``head(hidden, weight=word_embeddings.weight)`` — ``LanguageModel.forward`` and the
+    pipeline's ``tied_lm_head``.
+    """
+    return ParallelLMHead(**lm_head_kwargs(config, state))
+
+
+def check_sequence_parallel(seq_len: int, state: ParallelState) -> None:
+    """Under SP every TP rank holds s/tp tokens: ``seq_len`` must split evenly (raise before any comm)."""
+    if state.sequence_parallel:
+        sequence_parallel_split(seq_len, state.tp)
+
+
+def sequence_parallel_split(seq_len: int, tp: int) -> int:
+    """``seq_len / tp``, the tokens each TP rank holds under SP, or the ValueError that says so
+    (:func:`~minimegatron.sizes.divide`; ``training.args.validate`` asks it of a TrainConfig)."""
+    return divide(seq_len, tp, "seq_len", fix=f"sequence parallelism splits each sequence over the "
+                                              f"{tp} TP ranks; seq_len must be a multiple of {tp}")
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, state: ParallelState, vocab_size: int,
+            ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over the labels != ``ignore_index``: logits shard (s, b, V_pad/tp), labels (b, s)."""
+    labels = labels.t()  # (s, b), the logits' layout
+    losses = vocab_parallel_cross_entropy(logits, labels, state, vocab_size=vocab_size,
+                                          ignore_index=ignore_index)  # (s, b)
+    return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 
 class Embedding(nn.Module):
@@ -69,7 +119,7 @@ class Embedding(nn.Module):
     def __init__(self, config: ModelConfig, state: ParallelState) -> None:
         super().__init__()
         self.state, self.dropout = state, config.dropout
-        self.sequence_parallel = state.sequence_parallel and state.tp > 1
+        self.sequence_parallel = state.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, state=state, init_method=init_normal(config.init_std),
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by)  # (V_pad/tp, h)
@@ -90,27 +140,37 @@ class Embedding(nn.Module):
         return x
 
 
-class LanguageModel(ParallelTransformer):
-    """A decoder-only language model built from ``config`` on this rank's slice of ``state``."""
+class LanguageModel(nn.Module):
+    """A decoder-only language model built from ``config`` on this rank's slice of ``state``.
+
+    ``recompute``: ``"none"``, ``"selective"`` or ``"full"`` (``transformer.py``), every layer alike.
+    ``init_seed``: the weights of layer index i come from ``init_rng(model_seed(init_seed), i)``;
+    None takes the seed from torch's default generator (so ``torch.manual_seed(s)`` first is the same).
+    """
 
     def __init__(self, config: ModelConfig, state: ParallelState | None = None,
-                 recompute: str = "none") -> None:
+                 recompute: str = "none", init_seed: int | None = None) -> None:
+        super().__init__()
         state = state or ParallelState()
         config.validate_tp(state.tp)
-        embedding = Embedding(config, state)  # drawn first
-        super().__init__(config, state, recompute)  # the layers and the final norm
-        self.embedding = embedding
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
-                       if config.position_embedding == "rope" else None)
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, state=state,
-            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-            weight=embedding.word_embeddings.weight if config.tie_embeddings else None,
-            sequence_parallel=state.sequence_parallel and state.tp > 1,
-            init_method=init_normal(config.init_std))  # (V_pad/tp, h)
-        for name in ("layers", "final_norm", "lm_head"):  # list modules in data-flow order
-            if name in self._modules:
-                self._modules[name] = self._modules.pop(name)
+        self.config, self.state = config, state
+        seed, L = model_seed(init_seed), config.num_layers
+        with init_rng(seed, 0):
+            self.embedding = Embedding(config, state)  # index 0
+        self.rotary = build_rotary(config)  # no weights
+        self.layers = build_layers(config, state, check_recompute(recompute), seed)  # indices 1 … L
+        self.final_norm = build_final_norm(config, state)  # index L+1: ones (and zeros), nothing drawn
+        with init_rng(seed, L + 2):
+            self.lm_head = build_lm_head(config, state)  # index L+2 (tied: no weight, nothing drawn)
+
+    @property
+    def recompute(self) -> str:
+        return self.layers[0].recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        for layer in self.layers:  # each layer owns its mode; this sets them all
+            layer.recompute = check_recompute(mode)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
@@ -130,9 +190,7 @@ class LanguageModel(ParallelTransformer):
             raise ValueError(f"sequence length {offset + s} (cached {offset} + new {s}) exceeds {what}, "
                              f"max_seq_len={limit}: shorten the input or build the model with "
                              f"max_seq_len >= {offset + s}")
-        if self.embedding.sequence_parallel and s % self.state.tp:
-            raise ValueError(f"sequence parallelism splits the sequence over {self.state.tp} ranks: "
-                             f"seq length {s} must be a multiple of {self.state.tp}")
+        check_sequence_parallel(s, self.state)
         if position_ids is None:
             position_ids = torch.arange(offset, offset + s, device=input_ids.device).expand(b, s)
         elif position_ids.shape not in ((b, s), (1, s)):
@@ -142,26 +200,21 @@ class LanguageModel(ParallelTransformer):
             position_ids = position_ids.expand(b, s)  # (b, s)
         hidden = self.embedding(input_ids, position_ids)  # (s[/tp], b, h)
         rotary = None if self.rotary is None else self.rotary(position_ids, hidden.dtype)
-        hidden = super().forward(hidden, rotary, kv_cache)  # (s[/tp], b, h)
-        tied = self.embedding.word_embeddings.weight if self.config.tie_embeddings else None
-        logits = self.lm_head(hidden, weight=tied)  # (s, b, V_pad/tp): the embedding's current weight
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, kv_cache)  # (s[/tp], b, h)
+        if kv_cache is not None:
+            kv_cache.offset += s  # these tokens are cached now
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)  # (s[/tp], b, h)
+        # THE TIE (GPT): the head has no weight of its own and multiplies by the word embeddings' table
+        head_weight = self.embedding.word_embeddings.weight if self.config.tie_embeddings else None
+        logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
         if labels is None:
             logits = gather_from_tensor_model_parallel_region(logits, self.state)  # (s, b, V_pad)
             return logits[..., :self.config.vocab_size].transpose(0, 1).contiguous()  # (b, s, V)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-        labels = labels.t()  # (s, b)
-        losses = vocab_parallel_cross_entropy(logits, labels, self.state,
-                                              vocab_size=self.config.vocab_size)  # (s, b)
-        return losses.sum() / (labels != -100).sum().clamp(min=1)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module's, then re-tie: ``assign=True`` replaces the embedding's Parameter, and the
-        head's borrowed reference must follow it (forward passes the current one anyway)."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.config.tie_embeddings:
-            object.__setattr__(self.lm_head, "weight", self.embedding.word_embeddings.weight)
-        return result
+        return lm_loss(logits, labels, self.state, self.config.vocab_size)
 
     def num_parameters(self, include_padding: bool = False) -> int:
         """Parameters of the whole model (all TP ranks), without the vocab padding rows by default."""

@@ -37,13 +37,10 @@ class ParallelMLP(nn.Module):
     def __init__(self, config: ModelConfig, state: ParallelState | None = None) -> None:
         super().__init__()
         state = state or ParallelState()
-        if config.ffn_hidden_size % state.tp:
-            raise ValueError(f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by "
-                             f"tensor-parallel size {state.tp}; choose multiple_of (or ffn_hidden_size) "
-                             f"as a multiple of {state.tp}")
+        config.validate_tp_ffn(state.tp)  # ffn divisible by tp, else the fix (before any comm)
         self.activation, self.gelu_approximate = config.activation, config.gelu_approximate
         gated = config.activation == "swiglu"
-        sp = state.sequence_parallel and state.tp > 1
+        sp = state.sequence_parallel  # requested and tp > 1: decided once, by ParallelState
         ffn, h = config.ffn_hidden_size, config.hidden_size
         self.dense_h_to_4h = ColumnParallelLinear(
             h, 2 * ffn if gated else ffn, state=state, bias=config.bias, gather_output=False,

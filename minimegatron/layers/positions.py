@@ -2,7 +2,10 @@
 
 **Learned absolute** (GPT-2): a table ``P`` of ``max_seq_len × h`` rows, added to the token embedding
 before the first layer: ``x_t = E[token_t] + P[t]``. It is replicated on every TP rank (small) and a
-position ``>= max_seq_len`` has no row — :class:`LearnedPositionEmbedding` raises.
+position ``>= max_seq_len`` has no row. Checking the ids reads them on the host (a device sync), so
+it is :func:`validate_position_ids`, run where positions enter (``LanguageModel`` checks its
+sequence length against ``max_seq_len`` with no sync), or on every forward of a table built with
+``check_positions=True`` (for debugging).
 
 **Rotary** (RoPE, Su et al. 2021; LLaMA): no parameters. Inside attention, each query/key head vector
 is rotated by an angle proportional to its position ``m``, pairing dimension ``i`` with ``i + d/2``::
@@ -34,25 +37,39 @@ from minimegatron.kernels import plain_rotary as apply_rotary
 from minimegatron.kernels import rotate_half
 
 __all__ = ["LearnedPositionEmbedding", "RotaryEmbedding", "apply_rotary", "rotate_half", "alibi_slopes",
-           "alibi_bias"]
+           "alibi_bias", "validate_position_ids"]
+
+
+def validate_position_ids(position_ids: torch.Tensor, max_seq_len: int) -> None:
+    """Raise a ValueError if a position lies outside [0, max_seq_len) (reads on the host: a sync)."""
+    if position_ids.numel() == 0:
+        return
+    lo, hi = int(position_ids.min()), int(position_ids.max())
+    if hi >= max_seq_len:
+        raise ValueError(
+            f"position {hi} is beyond the learned position table of "
+            f"max_seq_len={max_seq_len} rows: shorten the sequence (prompt + generated "
+            f"tokens) to at most {max_seq_len}, or build the model with a larger max_seq_len")
+    if lo < 0:
+        raise ValueError(f"negative position id {lo}")
 
 
 class LearnedPositionEmbedding(nn.Embedding):
-    """GPT-2's position table: ``position_ids (b, s) -> (b, s, h)``; replicated over TP."""
+    """GPT-2's position table: ``position_ids (b, s) -> (b, s, h)``; replicated over TP.
 
-    def __init__(self, max_seq_len: int, hidden_size: int, init_std: float = 0.02) -> None:
+    ``check_positions=True`` runs :func:`validate_position_ids` on every forward (a host sync).
+    """
+
+    def __init__(self, max_seq_len: int, hidden_size: int, init_std: float = 0.02,
+                 check_positions: bool = False) -> None:
         table = torch.empty(max_seq_len, hidden_size).normal_(0.0, init_std)  # same on every rank
         super().__init__(max_seq_len, hidden_size, _weight=table)
+        self.check_positions = check_positions
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        if position_ids.numel() and int(position_ids.max()) >= self.num_embeddings:
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond the learned position table of "
-                f"max_seq_len={self.num_embeddings} rows: shorten the sequence (prompt + generated "
-                f"tokens) to at most {self.num_embeddings}, or build the model with a larger max_seq_len")
-        if position_ids.numel() and int(position_ids.min()) < 0:
-            raise ValueError(f"negative position id {int(position_ids.min())}")
-        return super().forward(position_ids)
+        if self.check_positions:
+            validate_position_ids(position_ids, self.num_embeddings)
+        return super().forward(position_ids)  # (b, s, h)
 
 
 class RotaryEmbedding(nn.Module):

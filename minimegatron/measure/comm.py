@@ -34,9 +34,9 @@ all-reduce, the gathered output of an all-gather, the input of a reduce-scatter,
     send / recv                                                   n · e
 
 So an all-reduce costs the same on the wire as a reduce-scatter plus an all-gather: sequence
-parallelism's conjugate pairs move the same volume as plain tensor parallelism (plus, like Megatron,
-one backward all-gather per column-parallel layer to re-gather the input shard it kept instead of the
-full input: see :func:`tp_layer_comm`).
+parallelism's conjugate pairs move the same volume as plain tensor parallelism, plus (as in Megatron)
+one backward re-gather per column layer and the small replicated-weight gradient all-reduces
+(:func:`tp_layer_comm`).
 """
 from __future__ import annotations
 
@@ -245,10 +245,9 @@ def format_comm_table(rows: dict) -> str:
 
 
 # ---- the formula ----------------------------------------------------------------------------------
-
 def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel: bool = False,
-                  bytes_per_element: int = 4, by_phase: bool = False,
-                  separate_kv: bool = False) -> dict:
+                  bytes_per_element: int = 4, by_phase: bool = False, separate_kv: bool = False,
+                  norm: str = "layernorm", bias: bool = True) -> dict:
     """Collectives of one transformer layer's forward + backward under tensor parallelism.
 
     Megatron (Shoeybi et al. 2019, §3): attention and MLP each sit between an ``f`` and a ``g``, so a
@@ -273,25 +272,29 @@ def tp_layer_comm(seq: int, batch: int, hidden: int, tp: int, sequence_parallel:
     gradient takes one more all-reduce backward (under SP: one more all-gather forward, and one more
     reduce-scatter and re-gather all-gather backward).
 
-    (The all-reduce of the sequence-parallel norm gradients, ``allreduce_sequence_parallel_gradients``,
-    runs once per step over all layers, not per layer, and is not counted here.) Returns
-    ``{op: OpTotal}`` comparable with :meth:`CommCounter.totals` (``{(phase, op): ...}`` with
-    ``by_phase``, phases "forward"/"backward"). Empty for ``tp == 1``.
+    Under SP the replicated weights applied to the (s/t, b, h) slice (the norms' γ, β; the ``dense``
+    and ``fc2`` biases) enter through ``f``: backward all-reduces each one's h-element gradient::
+
+        TP+SP:  + k × all-reduce(h) backward     k = 2·(1 + [norm = layernorm, bias]) + 2·[bias]
+                                                 (GPT 6, LLaMA 2: ``norm``, ``bias`` of the model)
+
+    Returns ``{op: OpTotal}`` as :meth:`CommCounter.totals` (``{(phase, op): …}``: ``by_phase``), {} at t=1.
     """
     if tp == 1:
         return {}
     n = seq * batch * hidden
     f = 3 if separate_kv else 2  # column-parallel entries (f): QKV [or query + key_value], fc1
-    if sequence_parallel:
-        phases = {"forward": {"all_gather": f, "reduce_scatter": 2},  # + f re-gathers backward:
-                  "backward": {"all_gather": 2 + f, "reduce_scatter": f}}
+    if sequence_parallel:  # (phase, op, calls, elements); + f re-gathers backward
+        k = 2 * (1 + int(norm == "layernorm" and bias)) + 2 * int(bias)  # replicated h-vectors
+        calls = [("forward", "all_gather", f, n), ("forward", "reduce_scatter", 2, n),
+                 ("backward", "all_gather", 2 + f, n), ("backward", "reduce_scatter", f, n),
+                 ("backward", "all_reduce", k, hidden)]
     else:
-        phases = {"forward": {"all_reduce": 2}, "backward": {"all_reduce": f}}
+        calls = [("forward", "all_reduce", 2, n), ("backward", "all_reduce", f, n)]
     out: dict = {}
-    for phase, per_phase in phases.items():
-        for op, count in per_phase.items():
-            one = OpTotal(1, n * bytes_per_element, ring_wire_bytes(op, n, bytes_per_element, tp))
-            key = (phase, op) if by_phase else op
-            for _ in range(count):
-                out[key] = out.get(key, OpTotal()) + one
+    for phase, op, count, numel in calls:
+        one = OpTotal(1, numel * bytes_per_element, ring_wire_bytes(op, numel, bytes_per_element, tp))
+        key = (phase, op) if by_phase else op
+        for _ in range(count):
+            out[key] = out.get(key, OpTotal()) + one
     return out

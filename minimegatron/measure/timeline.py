@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minimegatron.schedules import stage_bubble_fractions  # the one bubble formula
+
 __all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction",
            "measured_bubble_fraction",
            "idle_intervals", "plot_timeline"]
@@ -211,7 +213,7 @@ def measured_bubble_fraction(events: list[PipeEvent], step: int | None = None,
         if e.kind in COMPUTE:
             per_rank = busy.setdefault(e.stage, {})
             per_rank[e.rank] = per_rank.get(e.rank, 0.0) + e.duration
-    fractions = {s: 1.0 - (sum(r.values()) / len(r)) / span for s, r in sorted(busy.items())}
+    fractions = stage_bubble_fractions({s: sum(r.values()) / len(r) for s, r in busy.items()}, span)
     return fractions if per_stage else sum(fractions.values()) / len(fractions)
 
 

@@ -16,6 +16,10 @@ Backward needs no communication: ``∂ℓ/∂z_v = softmax(z)_v − 1[v = t]``, 
 
 Padded vocab columns (``≥ vocab_size``) are set to −inf: probability 0, gradient 0. Targets equal to
 ``ignore_index`` get loss 0 and gradient 0. The math is fp32 whatever the logits' dtype.
+
+Targets out of range are checked by :func:`validate_targets`, which reads on the host (a device
+sync): the data side checks its token ids before ranks start (``training.args.check_token_range``),
+and ``check_targets=True`` runs it on every call, for debugging. The hot path has static shapes only.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch.distributed as dist
 
 from minimegatron.mpu.state import ParallelState
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "validate_targets"]
 
 
 def _all_reduce_(x: torch.Tensor, state: ParallelState, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -82,14 +86,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None
 
 
+def validate_targets(target: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise a ValueError naming a target outside [0, vocab_size) that is not ``ignore_index``.
+
+    Static shapes (a mask, no boolean indexing); reads on the host only when a target is bad.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))  # (…)
+    if bool(bad.any()):
+        worst = torch.where(bad, target, 0)  # (…) the bad ids, 0 elsewhere
+        hi, lo = int(worst.max()), int(worst.min())
+        raise ValueError(f"target token id {hi if hi >= vocab_size else lo} is outside the vocabulary "
+                         f"[0, {vocab_size}) (and is not ignore_index={ignore_index}); check the labels "
+                         f"and the model's vocab_size")
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, state: ParallelState,
-                                 vocab_size: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+                                 vocab_size: int | None = None, ignore_index: int = -100,
+                                 check_targets: bool = False) -> torch.Tensor:
     """Per-token loss (…) from this rank's logit shard (…, V_pad/tp) and the full targets (…).
 
     Equals ``F.cross_entropy(full_logits[..., :vocab_size], target, reduction="none",
     ignore_index=ignore_index)`` with the full logits never built. ``vocab_size=None`` means no padding.
-    Every TP rank passes the same ``target`` and gets the same loss. Bad targets raise before any
-    collective.
+    Every TP rank passes the same ``target`` and gets the same loss. Bad arguments raise before any
+    collective; bad target ids too with ``check_targets=True`` (a host sync: off in the hot path).
     """
     padded = logits.size(-1) * state.tp
     vocab_size = padded if vocab_size is None else vocab_size
@@ -101,12 +120,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, sta
                          f"{tuple(logits.shape[:-1])} (logits are (…, V_pad/tp), targets (…))")
     if target.is_floating_point():
         raise TypeError(f"targets must be integer token ids, got dtype {target.dtype}")
-    real = target[target != ignore_index]
-    if real.numel() > 0:
-        lo, hi = int(real.min()), int(real.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = hi if hi >= vocab_size else lo
-            raise ValueError(f"target token id {bad} is outside the vocabulary [0, {vocab_size}) "
-                             f"(and is not ignore_index={ignore_index}); check the labels and the "
-                             f"model's vocab_size")
+    if check_targets:
+        validate_targets(target, vocab_size, ignore_index)
     return _VocabParallelCrossEntropy.apply(logits, target, state, vocab_size, ignore_index)

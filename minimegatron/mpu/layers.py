@@ -1,4 +1,4 @@
-"""Tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding and LM head.
+"""Tensor-parallel linear layers: column-parallel, row-parallel, and replicated inside a TP region.
 
 A linear layer computes ``Y = X·A + b`` with ``A = Wᵀ`` of shape (in, out); torch stores ``W`` as
 (out, in). Megatron (Shoeybi et al. 2019, §3) splits ``A`` two ways over ``p`` TP ranks:
@@ -13,9 +13,18 @@ A linear layer computes ``Y = X·A + b`` with ``A = Wᵀ`` of shape (in, out); t
 Column then Row (the MLP, attention) needs exactly one all-reduce forward and one backward: the
 column output ``Y_i`` is exactly the row layer's input slice ``X_i``.
 
+* **Replicated** (:class:`ReplicatedLinear`): the whole ``A`` on every rank, for a matrix too small to
+  split (GQA/MQA key/value heads when ``num_kv_heads < tp``). Each rank uses only part of ``Y``, so
+  both ``∂L/∂X`` and ``∂L/∂A`` are partial sums per rank: ``X`` *and* ``A`` enter through ``f``
+  (identity forward, all-reduce backward).
+
+The vocab-parallel embedding and LM head (the same split, over the vocabulary) are in ``embedding.py``.
+
 Under sequence parallelism the column layer's input arrives as the (s/tp, b, h) shard and is
 all-gathered first; :class:`_LinearWithSequenceParallelGather` keeps only the shard for backward and
-gathers it again there (Korthikanti et al. 2022, §4.2.2), as Megatron does.
+gathers it again there (Korthikanti et al. 2022, §4.2.2), as Megatron does. The row layer's output
+is the (s/tp, b, out) shard; its replicated bias, added there, enters through ``f`` (its gradient is
+a partial sum over this rank's rows, all-reduced over TP in backward).
 
 Initialisation rule: every layer draws its FULL (unpadded) master weight on the CPU from torch's
 default generator, then keeps its shard. So after ``torch.manual_seed(s)`` on every rank, a TP=k
@@ -23,7 +32,6 @@ layer holds exactly the shards of the TP=1 layer built with seed s (independent 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -37,12 +45,12 @@ from minimegatron.mpu.mappings import (_gather_first_dim, _reduce_scatter_first_
                                        reduce_scatter_to_sequence_parallel_region,
                                        scatter_to_tensor_model_parallel_region)
 from minimegatron.mpu.state import ParallelState
+from minimegatron.sizes import divide
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
-           "linear_with_sequence_parallel_gather",
-           "shard_weight", "gather_weight", "init_normal", "pad_vocab_size", "vocab_range"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ReplicatedLinear",
+           "linear_with_sequence_parallel_gather", "shard_weight", "gather_weight", "init_normal"]
 
 
 def init_normal(std: float = 0.02) -> InitMethod:
@@ -51,14 +59,13 @@ def init_normal(std: float = 0.02) -> InitMethod:
 
 
 def _check_split(size: int, tp: int, what: str, stride: int = 1) -> int:
-    """size / (tp·stride) blocks, or a ValueError naming the size, the TP size and the fix."""
+    """size / (tp·stride) blocks, or a ValueError naming the size, the TP size and the fix
+    (:func:`minimegatron.sizes.divide`, with the stride in the message when there is one)."""
     parts = tp * stride
-    if size % parts != 0:
-        how = f"tensor-parallel size {tp}" + (f" × stride {stride} = {parts}" if stride > 1 else "")
-        raise ValueError(f"{what}={size} is not divisible by {how}: every TP rank must "
-                         f"hold an equal slice; make {what} a multiple of {parts} or pick a "
-                         f"tensor-parallel size that divides it")
-    return size // parts
+    how = f"tensor-parallel size {tp}" + (f" × stride {stride} = {parts}" if stride > 1 else "")
+    return divide(size, parts, what, by=how,
+                  fix=f"every TP rank must hold an equal slice; make {what} a multiple of {parts} or "
+                      "pick a tensor-parallel size that divides it")
 
 
 def shard_weight(full: torch.Tensor, dim: int, tp_rank: int, tp: int, stride: int = 1) -> torch.Tensor:
@@ -84,26 +91,41 @@ def gather_weight(shard: torch.Tensor, dim: int, state: ParallelState, stride: i
     return full.reshape(-1, *x.shape[1:]).movedim(0, dim)  # (…, n, …) block-major
 
 
+def _as_param(t: torch.Tensor, dtype, device, split: bool, partition_dim: int = -1,
+              stride: int = 1) -> nn.Parameter:
+    """A Parameter with Megatron's attributes (``tensor_model_parallel``, ``partition_dim``, stride)."""
+    param = nn.Parameter(t.to(device=device, dtype=dtype or torch.get_default_dtype()))
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = split, partition_dim, stride
+    return param
+
+
+def _master_weight(full_shape: tuple[int, ...], init_method: InitMethod) -> torch.Tensor:
+    """The full master weight: fp32, on the CPU, drawn from torch's default generator."""
+    master = torch.empty(full_shape, dtype=torch.float32)
+    init_method(master)
+    return master
+
+
 def _parallel_param(full_shape: tuple[int, ...], partition_dim: int, state: ParallelState,
                     init_method: InitMethod, dtype, device, stride: int = 1,
                     pad_dim0_to: int | None = None) -> nn.Parameter:
-    """Draw the full master weight (fp32, CPU, default generator), zero-pad dim 0, keep this shard."""
-    master = torch.empty(full_shape, dtype=torch.float32)
-    init_method(master)
+    """Draw the full master weight, zero-pad dim 0, keep this rank's shard."""
+    master = _master_weight(full_shape, init_method)
     if pad_dim0_to is not None and pad_dim0_to > full_shape[0]:
         zeros = master.new_zeros(pad_dim0_to - full_shape[0], *full_shape[1:])
         master = torch.cat([master, zeros])  # (V_pad, h): padded rows are zero
     shard = shard_weight(master, partition_dim, state.tp_rank, state.tp, stride)
-    param = nn.Parameter(shard.to(device=device, dtype=dtype or torch.get_default_dtype()))
-    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, partition_dim, stride
-    return param
+    return _as_param(shard, dtype, device, True, partition_dim, stride)
+
+
+def _replicated_param(full_shape: tuple[int, ...], init_method: InitMethod, dtype, device) -> nn.Parameter:
+    """The same draw as :func:`_parallel_param`, kept whole: every TP rank holds all of it."""
+    return _as_param(_master_weight(full_shape, init_method), dtype, device, False)
 
 
 def _replicated_zeros(n: int, dtype, device, sequence_parallel: bool = False) -> nn.Parameter:
-    param = nn.Parameter(torch.zeros(n, dtype=dtype or torch.get_default_dtype(), device=device))
-    param.tensor_model_parallel, param.partition_dim, param.partition_stride = False, -1, 1
-    if sequence_parallel:
-        param.sequence_parallel = True  # its grad is partial per rank: allreduce_sequence_parallel_gradients
+    param = _replicated_param((n,), nn.init.zeros_, dtype, device)
+    param.sequence_parallel = sequence_parallel  # Megatron's mark: added on s/tp tokens (grad: via f)
     return param
 
 
@@ -201,7 +223,9 @@ class RowParallelLinear(nn.Module):
 
     Forward: (split X unless ``input_is_parallel``), partial product, then g = all-reduce — or under
     sequence parallelism ḡ = reduce-scatter to (s/tp, b, out) — then the bias, once.
-    Backward: identity for ∂L/∂Y (all-gather of it under SP).
+    Backward: identity for ∂L/∂Y (all-gather of it under SP). Under SP the bias is added to this
+    rank's s/tp rows only, so ``∂L/∂b = Σ_r Σ_{rows of r} ∂L/∂Y_r``: it enters through ``f`` (identity
+    forward, all-reduce of its gradient backward), as ReplicatedLinear's weight does.
     """
 
     def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
@@ -223,114 +247,47 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.state)  # (s, b, out) -> (s/tp, b, out)
         else:
             y = reduce_from_tensor_model_parallel_region(y, self.state)  # (…, out), g
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        bias = self.bias
+        if self.sequence_parallel:  # added to this rank's s/tp rows only: f sums its gradient over TP
+            bias = copy_to_tensor_model_parallel_region(bias, self.state)
+        return y + bias  # (…, out) or (s/tp, b, out)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size} (/{self.state.tp} per rank), out={self.output_size}, "
                 f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
 
 
-def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
-    """Round the vocab up to a multiple of make_vocab_size_divisible_by·tp (Megatron's padding)."""
-    if make_vocab_size_divisible_by < 1:
-        raise ValueError(f"make_vocab_size_divisible_by={make_vocab_size_divisible_by} must be >= 1")
-    m = make_vocab_size_divisible_by * tp
-    return m * math.ceil(vocab_size / m)
+class ReplicatedLinear(nn.Module):
+    """``Y = X·A + b`` with the whole ``A`` (out, in) on every TP rank, inside a TP region.
 
-
-def vocab_range(padded_vocab_size: int, tp_rank: int, tp: int) -> tuple[int, int]:
-    """[start, end) of the vocab rows rank ``tp_rank`` holds."""
-    per = _check_split(padded_vocab_size, tp, "padded vocab size")
-    return tp_rank * per, (tp_rank + 1) * per
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocab rows: rank i holds rows [vocab_start_index, vocab_end_index).
-
-    Each rank looks up the tokens it owns, writes zeros for the others, and g (all-reduce) sums the
-    p partial results: exactly one rank contributed each row. Backward: identity; each rank's weight
-    gradient lands in its own rows only.
+    For a weight too small to split, of which each rank then uses only part of ``Y`` (the kv heads
+    its queries read). Every rank's ∂L/∂A and ∂L/∂X are partial sums, so both enter through ``f``:
+    Forward: identity for ``A``, ``b`` and ``X`` — or under sequence parallelism the all-gather of the
+    (s/tp, b, in) input — then ``X·Aᵀ + b`` (s, b, out). Backward: all-reduce of ∂L/∂A, ∂L/∂b and
+    ∂L/∂X (reduce-scatter of ∂L/∂X to (s/tp, b, in) under SP).
+    Parameters: ``tensor_model_parallel = False``, drawn exactly like the TP=1 column layer.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, state: ParallelState,
-                 make_vocab_size_divisible_by: int = 128, init_method: InitMethod | None = None,
-                 dtype=None, device=None, check_token_ids: bool = True) -> None:
-        super().__init__()
-        self.state, self.num_embeddings, self.embedding_dim = state, num_embeddings, embedding_dim
-        self.check_token_ids = check_token_ids  # False: skip the id-range check (a host sync)
-        self.padded_vocab_size = pad_vocab_size(num_embeddings, make_vocab_size_divisible_by, state.tp)
-        self.vocab_start_index, self.vocab_end_index = vocab_range(self.padded_vocab_size,
-                                                                   state.tp_rank, state.tp)
-        self.weight = _parallel_param((num_embeddings, embedding_dim), 0, state,
-                                      init_method or init_normal(), dtype, device,
-                                      pad_dim0_to=self.padded_vocab_size)  # (V_pad/tp, h)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.check_token_ids and input_ids.numel() > 0:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise ValueError(f"token id {hi if hi >= self.num_embeddings else lo} is outside the "
-                                 f"vocabulary [0, {self.num_embeddings}); check that the tokenizer's "
-                                 f"vocab size matches the model's vocab_size={self.num_embeddings}")
-        if self.state.tp == 1:  # one rank holds the whole table: a plain lookup
-            return F.embedding(input_ids, self.weight)  # (b, s, h)
-        outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)  # (b, s)
-        local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)  # (b, s)
-        out = F.embedding(local_ids, self.weight)  # (b, s, h): rows of this rank's slice
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # tokens owned by other ranks -> 0
-        return reduce_from_tensor_model_parallel_region(out, self.state)  # (b, s, h)
-
-    def extra_repr(self) -> str:
-        return (f"vocab={self.num_embeddings} (padded {self.padded_vocab_size}), h={self.embedding_dim}, "
-                f"rows [{self.vocab_start_index}, {self.vocab_end_index})")
-
-
-class ParallelLMHead(nn.Module):
-    """Vocab-parallel output projection: logits shard ``h·W_iᵀ`` of shape (…, V_pad/tp), no gather.
-
-    Same padding and row split as :class:`VocabParallelEmbedding`, so ``weight=embedding.weight`` ties
-    them (the tied weight is borrowed, not registered: ``state_dict`` has no ``lm_head.weight``).
-    A borrowed reference goes stale when the owner's Parameter is *replaced* (``load_state_dict(...,
-    assign=True)``), so an owner that holds both should pass its current weight at call time:
-    ``head(hidden, weight=embedding.weight)`` (LanguageModel does). Feed
-    the shard straight to ``vocab_parallel_cross_entropy``. The input goes through f (or the SP
-    all-gather, keeping only the (s/tp, b, h) shard for backward), whose backward sums ∂L/∂h over
-    the vocab slices.
-    """
-
-    def __init__(self, vocab_size: int, hidden_size: int, *, state: ParallelState,
-                 make_vocab_size_divisible_by: int = 128, weight: nn.Parameter | None = None,
+    def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
                  sequence_parallel: bool = False, init_method: InitMethod | None = None,
                  dtype=None, device=None) -> None:
         super().__init__()
-        self.state, self.vocab_size, self.hidden_size = state, vocab_size, hidden_size
+        self.state, self.input_size, self.output_size = state, input_size, output_size
         self.sequence_parallel = sequence_parallel
-        self.padded_vocab_size = pad_vocab_size(vocab_size, make_vocab_size_divisible_by, state.tp)
-        self.vocab_start_index, self.vocab_end_index = vocab_range(self.padded_vocab_size,
-                                                                   state.tp_rank, state.tp)
-        self.tied = weight is not None
-        if weight is None:
-            self.weight = _parallel_param((vocab_size, hidden_size), 0, state, init_method or init_normal(),
-                                          dtype, device, pad_dim0_to=self.padded_vocab_size)
-        else:
-            expected = (self.padded_vocab_size // state.tp, hidden_size)
-            if tuple(weight.shape) != expected:
-                raise ValueError(f"tied weight has shape {tuple(weight.shape)}, expected {expected} "
-                                 "(V_pad/tp, h): tie to a VocabParallelEmbedding with the same vocab, "
-                                 "hidden size, make_vocab_size_divisible_by and state")
-            object.__setattr__(self, "weight", weight)  # borrowed: not a parameter of this module
+        self.weight = _replicated_param((output_size, input_size), init_method or init_normal(),
+                                        dtype, device)  # (out, in), whole
+        self.bias = _replicated_param((output_size,), nn.init.zeros_, dtype, device) if bias else None
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(…, h) -> (…, V_pad/tp) with ``weight`` (the tied embedding's, (V_pad/tp, h)) or our own."""
-        weight = self.weight if weight is None else weight
-        if weight.shape != self.weight.shape:
-            raise ValueError(f"LM head weight has shape {tuple(weight.shape)}, expected "
-                             f"{tuple(self.weight.shape)} (V_pad/tp, h): pass the tied embedding's weight")
-        if self.sequence_parallel:  # (s/tp, b, h) -> (s, b, V_pad/tp), keeps the shard only
-            return linear_with_sequence_parallel_gather(hidden, weight, None, self.state)
-        hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
-        return F.linear(hidden, weight)  # (…, V_pad/tp)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.state)  # f: sums ∂L/∂A
+        bias = None if self.bias is None else copy_to_tensor_model_parallel_region(self.bias, self.state)
+        if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, out), keeps the shard only
+            return linear_with_sequence_parallel_gather(x, weight, bias, self.state)
+        x = copy_to_tensor_model_parallel_region(x, self.state)  # (…, in), f
+        return F.linear(x, weight, bias)  # (…, out)
 
     def extra_repr(self) -> str:
-        return (f"vocab={self.vocab_size} (padded {self.padded_vocab_size}), h={self.hidden_size}, "
-                f"rows [{self.vocab_start_index}, {self.vocab_end_index}), tied={self.tied}")
+        return (f"in={self.input_size}, out={self.output_size} (whole on each of {self.state.tp} ranks), "
+                f"sequence_parallel={self.sequence_parallel}")

@@ -26,7 +26,10 @@ Careful with the letters: the SP paper reuses ``g``/``ḡ`` for its own pair, an
 all-reduce ``g``; SP's ``ḡ`` (reduce-scatter) is what stands where TP's ``g`` stood.
 
 An all-reduce *is* a reduce-scatter followed by an all-gather, so SP moves the same bytes as plain TP
-while the norms and dropouts between the two run on ``s/tp`` tokens only.
+while the norms and dropouts between the two run on ``s/tp`` tokens only. A weight every rank holds
+whole but applies to its own ``s/tp`` tokens (a norm's γ, β; a row-parallel bias) gets only a partial
+gradient per rank; it enters through ``f`` too — ``f(γ)``: identity forward, all-reduce of ∂L/∂γ
+backward — so the sum is autograd's own (``layers/norms.py``), in every engine.
 
 Every function takes ``(x, state)`` and is the identity when ``state.tp == 1``.
 """
@@ -38,15 +41,7 @@ import torch.distributed as dist
 from minimegatron.compat import all_gather_single as _all_gather_single
 from minimegatron.compat import reduce_scatter_single as _reduce_scatter_single
 from minimegatron.mpu.state import ParallelState
-
-
-def divide(numerator: int, denominator: int, what: str = "size") -> int:
-    """``numerator // denominator``, raising a ValueError that names the sizes and the fix if inexact."""
-    if numerator % denominator != 0:
-        raise ValueError(f"{what}={numerator} is not divisible by tensor-parallel size {denominator}: "
-                         f"every rank must hold an equal slice; choose {what} as a multiple of "
-                         f"{denominator} (or a tensor-parallel size that divides {numerator})")
-    return numerator // denominator
+from minimegatron.sizes import divide  # the one divisibility check (re-exported: mpu.mappings.divide)
 
 
 # ---- the raw collectives (no autograd) ------------------------------------------------------------
@@ -223,36 +218,3 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, state: ParallelState,
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, state: ParallelState) -> torch.Tensor:
     """SP's ḡ: (s, b, h) partial sums → (s/tp, b, h) of the total; bwd all-gather dim 0."""
     return x if state.tp == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, state)
-
-
-def allreduce_sequence_parallel_gradients(module: torch.nn.Module, state: ParallelState) -> None:
-    """Sum over TP the grads of replicated params that saw only s/tp tokens (``param.sequence_parallel``).
-
-    Under SP a LayerNorm weight (or a row-parallel bias) is replicated on every TP rank but each rank
-    applies it to its own s/tp tokens, so each holds a partial gradient. Call after backward, before
-    the optimizer step. Every rank must call it with the same set of marked params.
-    """
-    if state.tp == 1:
-        return
-    params = [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
-    for dtype in sorted({p.dtype for p in params}, key=str):  # one flat all-reduce per dtype
-        same = [p for p in params if p.dtype == dtype]
-        # A param without a grad on this rank (unused here, or grads set to None) still takes its
-        # place as zeros, so every rank sends a flat of the same size; one presence flag per param
-        # rides along, so a rank missing a grad that another rank has gets the sum, not nothing.
-        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
-                          for p in same]
-                         + [same[0].new_tensor([float(q.grad is not None) for q in same])])  # (Σ numel + n,)
-        dist.all_reduce(flat, group=state.tp_group)
-        present = None
-        offset = 0
-        for i, p in enumerate(same):
-            reduced = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            if p.grad is not None:
-                p.grad.copy_(reduced)
-                continue
-            if present is None:  # only ranks missing a grad read the flags (a host sync)
-                present = flat[-len(same):].tolist()
-            if present[i] > 0:
-                p.grad = reduced.clone()

@@ -16,87 +16,25 @@ A tracker is a dict name → saved generator state. ``fork`` is a context manage
 reads ``with tracker.fork(): probs = dropout(probs)``. ``get_states`` / ``set_states`` let activation
 recomputation replay the exact same masks.
 
-Device-agnostic: the tracker swaps the default generator of its device type — ``torch.get_rng_state``
-on the CPU, ``torch.get_device_module(kind)`` (the cuda or hpu module, without naming it) elsewhere.
+The tracker itself is :mod:`.rng_tracker` (below :mod:`.state`, whose every ParallelState owns one).
+Nothing here is global: every :class:`~minimegatron.mpu.state.ParallelState` owns its tracker
+(``state.rng_tracker``), :func:`model_parallel_seed` seeds it, and layers reach it through the state
+they already receive — :func:`model_parallel_rng` for dropout, ``layers/recompute.py`` for the replay.
+
+Device-agnostic: the tracker (:mod:`.rng_tracker`) swaps the default generator of its device type.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from minimegatron.mpu.rng_tracker import MODEL_PARALLEL_RNG, RNGStatesTracker
 from minimegatron.mpu.state import ParallelState
 
-MODEL_PARALLEL_RNG = "model-parallel-rng"
 MODEL_PARALLEL_SEED_OFFSET = 2718  # Megatron's offset between the data- and model-parallel seeds
 
-__all__ = ["RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "MODEL_PARALLEL_RNG"]
-
-
-def _rng_functions(device_type: str) -> tuple[Callable, Callable, Callable]:
-    """(get_state, set_state, manual_seed) of the default generator of one device type only."""
-    if device_type == "cpu":
-        return torch.get_rng_state, torch.set_rng_state, torch.default_generator.manual_seed
-    module = torch.get_device_module(device_type)
-    return module.get_rng_state, module.set_rng_state, module.manual_seed
-
-
-class RNGStatesTracker:
-    """Named generator states that can be swapped in around a block of code."""
-
-    def __init__(self, device_type: str = "cpu") -> None:
-        self.device_type = device_type
-        self.states_: dict[str, torch.Tensor] = {}
-        self.seeds_: set[int] = set()
-
-    def reset(self) -> None:
-        self.states_, self.seeds_ = {}, set()
-
-    def add(self, name: str, seed: int) -> None:
-        """Register a generator ``name`` seeded ``seed`` (the default generator is left as it was)."""
-        if seed in self.seeds_:
-            raise ValueError(f"seed {seed} is already used by this tracker; two streams with one "
-                             "seed would give identical masks")
-        if name in self.states_:
-            raise ValueError(f"RNG state {name!r} already exists; call reset() first to re-seed")
-        get_state, set_state, manual_seed = _rng_functions(self.device_type)
-        original = get_state()
-        manual_seed(seed)
-        self.states_[name] = get_state()
-        set_state(original)
-        self.seeds_.add(seed)
-
-    def get_states(self) -> dict[str, torch.Tensor]:
-        """A copy of every named state (save it before a forward you will recompute)."""
-        return {name: state.clone() for name, state in self.states_.items()}
-
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self.states_ = {name: state.clone() for name, state in states.items()}
-
-    @contextmanager
-    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
-        """Run the block with generator ``name``; its advanced state is kept for next time, and the
-        default generator is restored exactly as it was."""
-        if name not in self.states_:
-            raise KeyError(f"RNG state {name!r} is not registered (have {sorted(self.states_)}); "
-                           "call model_parallel_seed(seed, state) on every rank first")
-        get_state, set_state, _ = _rng_functions(self.device_type)
-        original = get_state()
-        set_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = get_state()
-            set_state(original)
-
-
-_TRACKER = RNGStatesTracker()
-
-
-def get_rng_tracker() -> RNGStatesTracker:
-    """The tracker seeded last by :func:`model_parallel_seed` in this process (convenience accessor)."""
-    return _TRACKER
+__all__ = ["RNGStatesTracker", "model_parallel_seed", "model_parallel_rng", "MODEL_PARALLEL_RNG"]
 
 
 def model_parallel_seed(seed: int, state: ParallelState, device_type: str | None = None,
@@ -107,14 +45,19 @@ def model_parallel_seed(seed: int, state: ParallelState, device_type: str | None
     * the tracker's ``"model-parallel-rng"``: ``seed + 2718 + tp_rank`` — different per TP rank.
 
     ``device_type`` (default: the device minimegatron runs on) is where dropout draws its masks.
-    Returns the tracker (the process-wide one unless ``tracker`` is given).
+    Returns the tracker: ``state.rng_tracker`` unless another ``tracker`` is given.
     """
     if device_type is None:
         from minimegatron.device import device_type as current_device_type
         device_type = current_device_type()
-    tracker = _TRACKER if tracker is None else tracker
+    tracker = state.rng_tracker if tracker is None else tracker
     torch.manual_seed(seed)
     tracker.reset()
     tracker.device_type = device_type
     tracker.add(MODEL_PARALLEL_RNG, seed + MODEL_PARALLEL_SEED_OFFSET + state.tp_rank)
     return tracker
+
+
+def model_parallel_rng(state: ParallelState) -> AbstractContextManager:
+    """Context for dropout inside a TP region: ``state.rng_tracker``'s per-rank stream (nothing at tp = 1)."""
+    return state.rng_tracker.fork() if state.tp > 1 else nullcontext()

@@ -15,13 +15,19 @@ and the ones DeepSpeed's pipeline engine makes are the same sets of ranks::
 Tensor-parallel ranks sit next to each other because they talk the most (every layer, forward and
 backward); on a real node they share the fastest links.
 
-The object offers the methods DeepSpeed calls on an ``mpu`` (``get_model_parallel_rank``,
-``get_data_parallel_group``, ``get_tensor_model_parallel_world_size``, ...), so it can be handed to
-``deepspeed.initialize(mpu=...)``. "Model parallel" there means Megatron's definition: the TP×PP
-ranks that together hold one copy of the model.
+The object speaks only its own names (``tp_rank``, ``dp_group``, ``mp_group``, ...). DeepSpeed asks an
+``mpu`` for Megatron's (``get_model_parallel_rank``, ``get_data_parallel_group``, ...): the adapter
+``minimegatron.compat.DeepSpeedMPU(state)`` answers them, and is what ``deepspeed.initialize(mpu=...)``
+receives. ("Model parallel" there means Megatron's definition: the TP×PP ranks that together hold one
+copy of the model, ``mp_group`` here.)
 
-Nothing here is global: layers receive the ParallelState they live in. ``get_parallel_state()`` is
-only a convenience for notebooks, returning the one made last by ``initialize_model_parallel``.
+Decided once, here: ``state.sequence_parallel`` is True only when sequence parallelism was requested
+*and* ``tp > 1`` (at tp = 1 there is no sequence to split); layers read it as it is, never re-deciding.
+The request itself stays readable as ``state.sequence_parallel_requested``.
+
+Nothing here is global: layers receive the ParallelState they live in, and it carries everything
+rank-local they need — the groups and the RNG tracker of dropout inside TP regions
+(``state.rng_tracker``, seeded by ``minimegatron.mpu.random.model_parallel_seed``).
 """
 from __future__ import annotations
 
@@ -31,11 +37,16 @@ from typing import Any
 import torch.distributed as dist
 
 from minimegatron.config import ParallelConfig
+from minimegatron.mpu.rng_tracker import RNGStatesTracker
 
 
 @dataclass
 class ParallelState:
-    """Sizes, this rank's coordinates and its groups. ``group=None`` means "no communication needed"."""
+    """Sizes, this rank's coordinates, its groups and its RNG tracker. ``group=None``: no communication.
+
+    ``sequence_parallel`` given to the constructor is the request; after construction it reads
+    ``requested and tp > 1``.
+    """
 
     tp: int = 1
     pp: int = 1
@@ -49,6 +60,12 @@ class ParallelState:
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
+    rng_tracker: RNGStatesTracker = field(default_factory=RNGStatesTracker, repr=False, compare=False)
+    sequence_parallel_requested: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sequence_parallel_requested = self.sequence_parallel
+        self.sequence_parallel = self.sequence_parallel and self.tp > 1  # the one place it is decided
 
     # ---- grid arithmetic ------------------------------------------------------------------------
     @property
@@ -68,6 +85,11 @@ class ParallelState:
         return self.rank // (self.tp * self.dp)
 
     @property
+    def mp_rank(self) -> int:
+        """This rank's index in ``mp_group`` (its model replica's TP×PP ranks, in rank order)."""
+        return self.pp_rank * self.tp + self.tp_rank
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -79,67 +101,12 @@ class ParallelState:
     def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
         return (pp_rank * dp + dp_rank) * tp + tp_rank
 
-    # ---- the interface DeepSpeed's engine calls on an `mpu` -------------------------------------
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_tensor_model_parallel_group(self):
-        return self.tp_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.tp_ranks[0]
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.pp
-
-    def get_pipeline_model_parallel_group(self):
-        return self.pp_group
-
-    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
-    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
-    get_pipe_parallel_group = get_pipeline_model_parallel_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.dp
-
-    def get_data_parallel_group(self):
-        return self.dp_group
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(self.dp_ranks)
-
-    def get_model_parallel_rank(self) -> int:
-        return self.pp_rank * self.tp + self.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.tp * self.pp
-
-    def get_model_parallel_group(self):
-        return self.mp_group
-
-    # DeepSpeed calls the TP group the "slice" group in its pipeline grid
-    get_slice_parallel_rank = get_tensor_model_parallel_rank
-    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
-    get_slice_parallel_group = get_tensor_model_parallel_group
-
     def __deepcopy__(self, memo):  # process groups are process-wide handles: share them, never copy
         return self
 
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.rank}: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/"
                 f"{self.pp}, dp {self.dp_rank}/{self.dp}, sequence_parallel={self.sequence_parallel})")
-
-
-_CURRENT: ParallelState | None = None
 
 
 def grid_groups(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
@@ -161,14 +128,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     Every rank must call it (``new_group`` is collective). Without torch.distributed initialised,
     only tp = pp = 1 is possible and a single-rank state is returned (plain single-device model).
     """
-    global _CURRENT
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if not dist.is_initialized():
         if tp * pp != 1:
             raise RuntimeError(f"tp={tp}, pp={pp} needs {tp * pp}+ ranks but torch.distributed is not "
                                "initialised; run inside minimegatron.launch(fn, world_size) or torchrun")
-        _CURRENT = ParallelState(sequence_parallel=sequence_parallel)
-        return _CURRENT
+        return ParallelState(sequence_parallel=sequence_parallel)
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp > world or pp > world:
         raise ValueError(f"tensor/pipeline parallel size ({tp}/{pp}) is larger than the world of "
@@ -183,18 +148,4 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                 setattr(state, f"{kind}_group", g)
                 if kind != "mp":
                     setattr(state, f"{kind}_ranks", ranks)
-    _CURRENT = state
     return state
-
-
-def get_parallel_state() -> ParallelState:
-    """The state made last in this process (a single-rank one if none was made)."""
-    global _CURRENT
-    if _CURRENT is None:
-        _CURRENT = ParallelState()
-    return _CURRENT
-
-
-def destroy_model_parallel() -> None:
-    global _CURRENT
-    _CURRENT = None

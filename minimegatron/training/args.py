@@ -23,6 +23,8 @@ import os
 from typing import Any
 
 from minimegatron.config import ModelConfig
+from minimegatron.layers.language_model import sequence_parallel_split
+from minimegatron.sizes import is_int
 from minimegatron.training.config import DTYPES, MODEL_CLASS, MODELS, RECOMPUTE, TrainConfig
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
 from minimegatron.training.resume import check_resume
@@ -32,10 +34,6 @@ __all__ = ["validate", "check_float", "check_split", "FLOAT_RULES", "TrainConfig
 
 def _fail(msg: str) -> None:
     raise ValueError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a size
 
 
 def _flag(name: str) -> str:
@@ -103,17 +101,17 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "steps", "seq_len",
                  "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters"):
         v = getattr(cfg, name)
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             _fail(f"{name} must be a positive int, got {v!r} ({type(v).__name__}); give {_flag(name)} 1 "
                   "or more")
     for name in ("num_kv_heads", "ffn_hidden_size"):
         v = getattr(cfg, name)
-        if v is not None and (not _is_int(v) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):
             _fail(f"{name} must be a positive int (or left out: the model's default), got {v!r} "
                   f"({type(v).__name__}); give {_flag(name)} 1 or more, or leave it out")
     for name in ("warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed", "load_step"):
         v = getattr(cfg, name)
-        if v is not None and (not _is_int(v) or v < 0):
+        if v is not None and (not is_int(v) or v < 0):
             _fail(f"{name} must be >= 0 (an int), got {v!r} ({type(v).__name__}); give {_flag(name)} 0 "
                   "or more")
     for name in FLOAT_RULES:  # finite, in range: lr > 0, 0 <= min_lr <= lr, 0 <= dropout < 1, ...
@@ -152,9 +150,8 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
               "transformer layer; use more layers or fewer stages")
     if cfg.seq_len > model.max_seq_len:
         _fail(f"seq_len={cfg.seq_len} > the model's max_seq_len={model.max_seq_len}")
-    if cfg.sequence_parallel and cfg.tp > 1 and cfg.seq_len % cfg.tp:
-        _fail(f"sequence parallelism splits each sequence over tp={cfg.tp} ranks: seq_len={cfg.seq_len} "
-              f"must be a multiple of {cfg.tp}")
+    if cfg.sequence_parallel and cfg.tp > 1:
+        sequence_parallel_split(cfg.seq_len, cfg.tp)  # the layers' own check, before any rank starts
     if not isinstance(cfg.data, str):
         for name in ("data", "valid_data"):
             d = getattr(cfg, name)

@@ -17,15 +17,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from minimegatron.config import ModelConfig, gpt_config, llama_config
+from minimegatron.layers.transformer import RECOMPUTE_MODES as RECOMPUTE  # the one list of modes
+from minimegatron.models import MODEL_CLASS, MODELS  # the one model registry
 
 __all__ = ["TrainConfig", "MODELS", "MODEL_CLASS", "CLI_MODEL_FIELDS", "DTYPES", "RECOMPUTE"]
 
-MODELS = ("gpt", "llama")
-MODEL_CLASS = {"gpt": "GPTModel", "llama": "LLaMAModel"}  # the plain model each trains
 CLI_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                     "ffn_hidden_size")  # the ModelConfig fields the command line sets
 DTYPES = ("fp32", "bf16")
-RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The DeepSpeed engine for a TrainConfig: model, optimizer, ZeRO, precision, LR schedule.
 
 ==================  ===========================================================================
-pp = 1              ``GPTModel`` / ``LLaMAModel`` in DeepSpeed's plain engine, ``mpu=ParallelState``
+pp = 1              ``GPTModel`` / ``LLaMAModel`` in DeepSpeed's plain engine, ``mpu=DeepSpeedMPU(state)``
                     (DeepSpeed all-reduces gradients over our data-parallel group)
 pp > 1              ``GPTModelPipe`` / ``LLaMAModelPipe`` in DeepSpeed's PipelineEngine (1F1B)
 ZeRO stage 1        ``"zero_optimization": {"stage": 1}``: each of the dp replicas keeps the fp32
@@ -15,34 +15,35 @@ one zero-gradient Adam step when it is built: the first real step then has Adam'
 correction and one extra weight decay (on a tiny test model its losses drift from fp32 by ~5e-3,
 those of the ZeRO-1 and pipeline bf16 paths by ~2e-4). Prefer ``--zero-stage 1`` with bf16.)
 
-Weights come from ``torch.manual_seed(seed)`` in model order, so every layout starts from the same
-model (the pipeline model replays the draws; see ``minimegatron.pipe``).
+Weights come from ``init_seed=seed``, drawn per layer index (``minimegatron.layers.init_seed``), so
+every layout — any tp, pp, dp — starts from the same model.
 
-Two details DeepSpeed leaves to us:
+Sequence parallelism needs nothing here: the replicated weights that see only ``s/tp`` tokens (norms,
+row-parallel biases) sum their gradients over TP in their own backward (``f``, ``layers/norms.py``),
+in both engines and every ZeRO stage.
 
-* Sequence parallelism: replicated norm weights see only ``s/tp`` tokens, their gradients must be
-  summed over TP. The pipeline model hands them to the engine (with the tied embedding); for the
-  plain engine a gradient hook all-reduces each one as backward produces it (per micro-batch: ZeRO
-  moves gradients out of ``.grad`` inside the last ``backward``, so a later call would be too late).
+One detail DeepSpeed leaves to us:
+
 * Gradient clipping with ZeRO stage 0 in fp32: under a pipeline, DeepSpeed's fp32 path counts the
   replicated weights only on model-parallel rank 0 (the first stage) and the tied embedding twice, so
   the norm is wrong (and it is not recorded). :func:`clip_grad_norm` computes ‖g‖ over TP × PP and
-  replaces it on every such engine. (ZeRO-1 and bf16 compute the norm correctly themselves.)
+  replaces it on every such engine (``compat.replace_fp32_gradient_clipping``: the DeepSpeed glue).
+  (ZeRO-1 and bf16 compute the norm correctly themselves.)
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import types
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from minimegatron.compat import (DeepSpeedMPU, init_deepspeed_comm, is_pipeline_tied_copy,
+                                 quiet_deepspeed, replace_fp32_gradient_clipping)
 from minimegatron.config import ModelConfig
+from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState
 from minimegatron.training.config import TrainConfig
 from minimegatron.training.schedule import warmup_cosine
@@ -78,32 +79,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_model(cfg: TrainConfig, model_config: ModelConfig, state: ParallelState) -> nn.Module:
     """GPTModel/LLaMAModel (pp = 1) or GPTModelPipe/LLaMAModelPipe (pp > 1), seeded by ``cfg.seed``."""
-    if state.pp > 1:
-        from minimegatron.pipe import GPTModelPipe, LLaMAModelPipe
-
-        pipe = GPTModelPipe if cfg.model == "gpt" else LLaMAModelPipe
-        return pipe(model_config, state, recompute=cfg.recompute, init_seed=cfg.seed)
-    from minimegatron.gpt import GPTModel
-    from minimegatron.llama import LLaMAModel
-
-    torch.manual_seed(cfg.seed)
-    return (GPTModel if cfg.model == "gpt" else LLaMAModel)(model_config, state, recompute=cfg.recompute)
-
-
-def register_sequence_parallel_grad_hooks(model: nn.Module, state: ParallelState) -> int:
-    """All-reduce over TP each SP-replicated parameter's gradient as backward produces it."""
-    if not (state.sequence_parallel and state.tp > 1):
-        return 0
-
-    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=state.tp_group)
-        return grad
-
-    params = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
-    for p in params:
-        p.register_hook(all_reduce)
-    return len(params)
+    model = model_class(cfg.model, pipeline=state.pp > 1)  # the registry: minimegatron.models
+    return model(model_config, state, recompute=cfg.recompute, init_seed=cfg.seed)
 
 
 @torch.no_grad()
@@ -117,7 +94,7 @@ def clip_grad_norm(parameters, max_norm: float, state: ParallelState) -> torch.T
     params = [p for p in parameters if p.grad is not None]
     total = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
     for p in params:
-        if getattr(p, "ds_pipe_replicated", False):
+        if is_pipeline_tied_copy(p):
             continue
         if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
             total += p.grad.detach().float().pow(2).sum()
@@ -130,33 +107,20 @@ def clip_grad_norm(parameters, max_norm: float, state: ParallelState) -> torch.T
     return norm
 
 
-def _quiet_deepspeed() -> None:
-    import deepspeed
-
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
-
-
 def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelState):
     """``(engine, model)`` for this rank: the hook notebooks and checkpointing use to reach the state."""
     import deepspeed
 
-    from minimegatron.pipe import init_deepspeed_comm
-
-    _quiet_deepspeed()
+    quiet_deepspeed()
     init_deepspeed_comm()
     model = build_model(cfg, model_config, state)
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
-            config=deepspeed_config(cfg), lr_scheduler=schedule, mpu=None if state.pp > 1 else state)
-    if state.pp == 1:
-        register_sequence_parallel_grad_hooks(model, state)
+            config=deepspeed_config(cfg), lr_scheduler=schedule,
+            mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
     if cfg.zero_stage == 0 and cfg.dtype == "fp32" and cfg.clip_grad > 0:  # see the module docstring
-        def clip_fp32_gradients(self) -> None:
-            self._global_grad_norm = clip_grad_norm(self.module.parameters(), self.gradient_clipping(),
-                                                    state).item()
-        engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+        replace_fp32_gradient_clipping(
+            engine, lambda: clip_grad_norm(model.parameters(), cfg.clip_grad, state).item())
     return engine, model

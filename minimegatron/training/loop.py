@@ -12,7 +12,7 @@ One step on a replica, for ``m = num_micro_batches``::
     pp = 1 (DeepSpeedEngine)                      pp > 1 (PipelineEngine)
     for each of the m micro-batches:              engine.train_batch(iterator over m micro-batches)
         loss = engine(tokens, labels)               runs the 1F1B schedule: forwards and backwards
-        engine.backward(loss)   # ∇ · 1/m           interleaved across stages, then the tied/SP
+        engine.backward(loss)   # ∇ · 1/m           interleaved across stages, then the tied
         engine.step()           # steps on the m-th  all-reduce, the DP all-reduce and the step
 
 The reported loss is the mean over the global batch (micro-batches, then data-parallel replicas).

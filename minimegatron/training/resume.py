@@ -25,7 +25,8 @@ from minimegatron.checkpoint.files import (LATEST_NAME, METADATA_NAME, OPTIMIZER
                                            WEIGHTS_NAME, find_checkpoint, iteration_name, load_config,
                                            read_json, verify_checkpoint)
 from minimegatron.checkpoint.reshape import IGNORED_CONFIG_FIELDS, CheckpointError
-from minimegatron.config import ModelConfig
+from minimegatron.config import ModelConfig, diff_fields
+from minimegatron.models import family_of
 from minimegatron.training.checkpointing import read_trainer
 from minimegatron.training.config import CLI_MODEL_FIELDS, MODEL_CLASS, TrainConfig
 
@@ -45,8 +46,8 @@ def check_resume(cfg: TrainConfig, model: ModelConfig) -> None:
     saved_class = read_json(path / METADATA_NAME).get("model_class")
     mine = model.to_dict()
     free = [k for k in IGNORED_CONFIG_FIELDS if k != "max_seq_len" or model.position_embedding != "learned"]
-    diff = [k for k in sorted(saved) if k not in free and saved[k] != mine.get(k)]  # learned: seq_len rows
-    lines = [f"{k}: {saved[k]!r} in the checkpoint, {mine.get(k)!r} in this run" for k in diff]
+    diff = diff_fields(saved, mine, ignore=free)  # learned positions: max_seq_len is the table's rows
+    lines = [f"{k}: {saved.get(k)!r} in the checkpoint, {mine.get(k)!r} in this run" for k in diff]
     if saved_class != MODEL_CLASS[cfg.model]:
         lines.insert(0, f"model: {saved_class} in the checkpoint, {MODEL_CLASS[cfg.model]} in this run")
     if lines:
@@ -119,15 +120,14 @@ def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> 
     flags = {k: saved[k] for k in CLI_MODEL_FIELDS[:4] if saved[k] != getattr(cfg, k)}
     if saved.get("position_embedding") == "learned" and saved.get("max_seq_len") != cfg.seq_len:
         flags["seq_len"] = saved["max_seq_len"]  # the learned position table's rows
-    family = {v: k for k, v in MODEL_CLASS.items()}.get(saved_class, cfg.model)
+    family = family_of(saved_class) or cfg.model
     try:
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
         flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:] if trial[k] != saved[k]})  # not derived
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
     except ValueError:  # these flags alone make no valid model
         trial = {}
-    if cfg.model_config is None and all(trial.get(k) == v for k, v in saved.items()
-                                        if k not in IGNORED_CONFIG_FIELDS):
+    if cfg.model_config is None and not diff_fields(saved, trial, ignore=IGNORED_CONFIG_FIELDS):
         words = ([f"--model {family}"] if family != cfg.model else []) + [
             f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
         return f"train with the checkpoint's model ({' '.join(words)})"

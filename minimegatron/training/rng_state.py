@@ -26,22 +26,21 @@ from minimegatron.training.config import TrainConfig
 __all__ = ["gather_rng_states", "restore_rng_states"]
 
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    """This rank's generators: the default one(s) and the tracker's model-parallel stream."""
+def _rng_states(state: ParallelState) -> dict[str, torch.Tensor]:
+    """This rank's generators: the default one(s) and the model-parallel stream of ``state.rng_tracker``."""
     from minimegatron.device import device_type
-    from minimegatron.mpu.random import get_rng_tracker
 
     states = {"cpu": torch.get_rng_state()}
     kind = device_type()
     if kind != "cpu":
         states[kind] = torch.get_device_module(kind).get_rng_state()
-    states.update(get_rng_tracker().get_states())
+    states.update(state.rng_tracker.get_states())
     return states
 
 
 def gather_rng_states(state: ParallelState, device: torch.device) -> dict[str, torch.Tensor]:
     """rank<r>/<generator> for every rank (all ranks hold generators of the same sizes)."""
-    mine = _rng_states()
+    mine = _rng_states(state)
     blob = torch.cat([v.reshape(-1).to(torch.uint8) for v in mine.values()]).to(device)  # (bytes,)
     blobs = [torch.empty_like(blob) for _ in range(state.world_size)]
     dist.all_gather(blobs, blob)
@@ -56,7 +55,7 @@ def restore_rng_states(path: Path, trainer: dict, cfg: TrainConfig, state: Paral
     """This rank's generators from ``path``'s rng.safetensors if the layout is the one it was saved at;
     else reseeded from ``seed + step`` (with a warning when dropout makes the difference visible)."""
     from minimegatron.device import device_type
-    from minimegatron.mpu.random import get_rng_tracker, model_parallel_seed
+    from minimegatron.mpu.random import model_parallel_seed
 
     saved = trainer["layout"]
     if (saved["tp"], saved["pp"], saved["dp"]) == (state.tp, state.pp, state.dp) and \
@@ -68,7 +67,7 @@ def restore_rng_states(path: Path, trainer: dict, cfg: TrainConfig, state: Paral
         kind = device_type()
         if kind in states:
             torch.get_device_module(kind).set_rng_state(states.pop(kind))
-        get_rng_tracker().set_states(states)
+        state.rng_tracker.set_states(states)
         return
     model_parallel_seed(cfg.seed + step, state)
     if cfg.dropout > 0 and state.rank == 0:

@@ -406,7 +406,7 @@ def _no_space(final, *args, **kwargs):
 @pytest.mark.parametrize("what", ["unreadable-corpus", "unreadable-tokenizer", "read-only-dir-preprocess",
                                   "read-only-dir-tokenizer", "disk-full-preprocess", "disk-full-tokenizer"])
 def test_permission_and_disk_errors(what: str, workspace: Path, capfd, monkeypatch):
-    from minimegatron.data import _files, indexed_dataset, tokenizer
+    from minimegatron.data import _files, indexed_builder, tokenizer
 
     module, argv = PREPROCESS, ["--input", "good.txt", *TOK, *OLD]
     if what == "unreadable-corpus":
@@ -424,7 +424,7 @@ def test_permission_and_disk_errors(what: str, workspace: Path, capfd, monkeypat
             module, argv = TOKENIZER, TOKENIZER_ARGV
         patterns = [r"the directory out is not writable", r"choose a directory you can write"]
     else:
-        monkeypatch.setattr(indexed_dataset, "create_temporary", _no_space)
+        monkeypatch.setattr(indexed_builder, "create_temporary", _no_space)
         monkeypatch.setattr(tokenizer, "create_temporary", _no_space)
         if what.endswith("tokenizer"):
             module, argv = TOKENIZER, TOKENIZER_ARGV

@@ -93,14 +93,26 @@ def test_gathering_the_last_dim_is_named():
         ex05.grade_gather_from_sequence_parallel(last_dim)
 
 
-def _row(x, w, b, state, bias_first=False, all_reduce=False):
+def _row(x, w, b, state, bias_first=False, all_reduce=False, f_on_bias=True):
     y = F.linear(x, w, b if bias_first else None)
     if all_reduce:  # same numbers, twice the bytes
         y = mappings.scatter_to_sequence_parallel_region(
             mappings.reduce_from_tensor_model_parallel_region(y, state), state)
     else:
         y = mappings.reduce_scatter_to_sequence_parallel_region(y, state)
+    if f_on_bias:
+        b = mappings.copy_to_tensor_model_parallel_region(b, state)
     return y if bias_first else y + b
+
+
+def test_a_hand_written_row_layer_with_f_on_the_bias_passes():
+    assert ex05.grade_sequence_parallel_row_linear(_row).startswith("✓")
+
+
+def test_row_bias_without_f_is_a_partial_gradient_and_named():
+    with pytest.raises(GradingError, match=r"bias gradient is only this rank's partial sum over its s/tp "
+                                           r"rows.*pass it through f \(copy_to_tensor_model_parallel_region\)"):
+        ex05.grade_sequence_parallel_row_linear(lambda *a: _row(*a, f_on_bias=False))
 
 
 def test_row_bias_before_the_reduce_scatter_is_named():

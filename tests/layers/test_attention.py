@@ -11,7 +11,6 @@ from minimegatron.config import llama_config
 from minimegatron.layers.attention import KVCache, ParallelAttention
 from minimegatron.mpu import ParallelState, initialize_model_parallel
 from minimegatron.mpu.layers import gather_weight, shard_weight
-from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
 
 S, B, H = 8, 2, 32
 
@@ -87,12 +86,11 @@ def _run(name, state):
     x.requires_grad_(True)
     enc.requires_grad_(True)
     x_in, weigh = x, torch.linspace(-1, 1, x.numel()).view_as(x)  # loss = Σ weigh·out
-    sp = state.sequence_parallel and state.tp > 1
+    sp = state.sequence_parallel
     if sp:  # this rank's (s/tp, b, h) slice of the sequence
         x_in, weigh = x.chunk(state.tp)[state.tp_rank], weigh.chunk(state.tp)[state.tp_rank]
     out = layer(x_in, encoder_output=enc if attention_type == "cross" else None)
-    (out * weigh).sum().backward()
-    allreduce_sequence_parallel_gradients(layer, state)  # row bias saw s/tp tokens only
+    (out * weigh).sum().backward()  # the row bias saw s/tp tokens only: its f summed over TP
     dx = x.grad.chunk(state.tp)[state.tp_rank] if sp else x.grad
     grads = {}
     for n, p in layer.named_parameters():
@@ -173,6 +171,19 @@ def test_mqa_at_tp2_replicates_the_key_value_weights():
     assert not layer.key_value.weight.tensor_model_parallel
     gqa = ParallelAttention(_config(heads=8, kv=2), ParallelState(tp=4, rank=3))
     assert gqa.kv_replicated and gqa.first_kv_head == 1  # rank 3's query heads 6, 7 read kv head 1
+
+
+def test_layout_is_decided_once_and_recompute_core_is_a_constructor_argument():
+    from minimegatron.mpu.layers import ReplicatedLinear
+
+    assert ParallelAttention(_config()).layout == "fused"
+    assert ParallelAttention(_config(kv=2)).layout == "split"
+    assert ParallelAttention(_config(), attention_type="cross").layout == "split"
+    mqa = ParallelAttention(_config(kv=1), ParallelState(tp=2, rank=0))
+    assert mqa.layout == "replicated-kv" and isinstance(mqa.key_value, ReplicatedLinear)
+    assert all(not p.tensor_model_parallel and p.partition_dim == -1 for p in mqa.key_value.parameters())
+    assert ParallelAttention(_config(), recompute_core=True).recompute_core
+    assert not ParallelAttention(_config()).recompute_core
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa", "alibi-mqa"])

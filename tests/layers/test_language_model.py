@@ -38,7 +38,7 @@ def test_tied_head_follows_the_embedding_after_load_state_dict_with_assign():
         expected = _hidden_before_head(model, ids) @ table.T  # logits = h·Eᵀ with the loaded E
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, other.eval()(ids), rtol=1e-5, atol=1e-5)
-    assert model.lm_head.weight is model.embedding.word_embeddings.weight  # re-tied, not two copies
+    assert not list(model.lm_head.parameters())  # the tied head owns no weight: one table, not two copies
     model.zero_grad()
     model(ids, ids).backward()  # both uses of the table reach the one parameter
     assert model.embedding.word_embeddings.weight.grad is not None
@@ -84,3 +84,19 @@ def test_gpt_and_llama_are_one_language_model_with_two_configs():
     assert type(gpt).__mro__[1] is LanguageModel and type(llama).__mro__[1] is LanguageModel
     as_base = LanguageModel(llama.config)
     assert as_base.state_dict().keys() == llama.state_dict().keys()
+
+
+def test_weights_are_drawn_per_layer_index():
+    """Layer i's weights depend on (seed, i) only: torch.manual_seed(s) first or init_seed=s build the
+    same model, and the bare stack (ParallelTransformer) holds the same layers; unseeded models differ."""
+    from minimegatron.layers.transformer import ParallelTransformer
+
+    config = gpt_config(**SMALL)
+    torch.manual_seed(5)
+    seeded_first, second = GPTModel(config).state_dict(), GPTModel(config).state_dict()
+    by_seed = GPTModel(config, init_seed=5).state_dict()
+    assert all(torch.equal(seeded_first[k], by_seed[k]) for k in by_seed)
+    assert not torch.equal(second["layers.0.mlp.dense_h_to_4h.weight"],
+                           by_seed["layers.0.mlp.dense_h_to_4h.weight"])  # the next draw: a new model
+    stack = ParallelTransformer(config, init_seed=5).state_dict()
+    assert all(torch.equal(v, by_seed[k]) for k, v in stack.items())  # layers.* and final_norm.*

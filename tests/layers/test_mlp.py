@@ -10,7 +10,6 @@ from minimegatron.config import gpt_config, llama_config
 from minimegatron.layers.mlp import ParallelMLP
 from minimegatron.mpu import ParallelState, initialize_model_parallel
 from minimegatron.mpu.layers import gather_weight
-from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
 
 S, B, H = 8, 2, 32
 CONFIGS = {"gelu": gpt_config(hidden_size=H, num_attention_heads=4),
@@ -26,13 +25,12 @@ def _run(name, state):
     mlp = ParallelMLP(CONFIGS[name], state)
     x = _x().requires_grad_(True)
     weigh = torch.linspace(-1, 1, x.numel()).view_as(x)
-    sp = state.sequence_parallel and state.tp > 1
+    sp = state.sequence_parallel
     x_in, w_in = x, weigh
     if sp:  # this rank's (s/tp, b, h) slice
         x_in, w_in = x.chunk(state.tp)[state.tp_rank], weigh.chunk(state.tp)[state.tp_rank]
     out = mlp(x_in)
-    (out * w_in).sum().backward()
-    allreduce_sequence_parallel_gradients(mlp, state)
+    (out * w_in).sum().backward()  # under SP the fc2 bias's f sums its gradient over TP
     grads = {n: gather_weight(p.grad, p.partition_dim, state, p.partition_stride)
              if p.tensor_model_parallel else p.grad for n, p in mlp.named_parameters()}
     dx = x.grad.chunk(state.tp)[state.tp_rank] if sp else x.grad

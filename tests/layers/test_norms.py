@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from minimegatron import launch
 from minimegatron.layers.norms import LayerNorm, RMSNorm, build_norm
+from minimegatron.mpu import ParallelState, initialize_model_parallel
 
 
 def _x(*shape, dtype=torch.float32):
@@ -50,8 +52,39 @@ def test_rmsnorm_in_low_precision_computes_in_fp32():
 
 
 def test_sequence_parallel_marks_the_weights_and_build_norm_checks_the_kind():
-    assert all(p.sequence_parallel for p in build_norm("layernorm", 8, sequence_parallel=True).parameters())
+    state = ParallelState(tp=2, sequence_parallel=True)  # constructing never communicates
+    sp_norm = build_norm("layernorm", 8, sequence_parallel=True, state=state)
+    assert all(p.sequence_parallel for p in sp_norm.parameters()) and sp_norm.state is state
     assert not any(p.sequence_parallel for p in build_norm("rmsnorm", 8).parameters())
+    with pytest.raises(ValueError, match=r"RMSNorm\(sequence_parallel=True\) needs the ParallelState"):
+        build_norm("rmsnorm", 8, sequence_parallel=True)  # no state: no TP group to sum the grads over
     assert isinstance(build_norm("rmsnorm", 8, bias=True), RMSNorm)  # RMSNorm never has a bias
     with pytest.raises(ValueError, match="unknown norm 'batchnorm'"):
         build_norm("batchnorm", 8)
+
+
+def _sequence_parallel_norm_grads(kind):
+    """Rank r normalises its s/tp tokens; f(γ), f(β) make every rank's gradients the dense ones."""
+    state = initialize_model_parallel(2, sequence_parallel=True)
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(8, 2, 6, generator=g), torch.randn(8, 2, 6, generator=g)  # (s, b, h)
+    norm = build_norm(kind, 6, sequence_parallel=True, state=state, fused=False)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    rows = slice(state.tp_rank * 4, (state.tp_rank + 1) * 4)  # this rank's (s/tp, b, h) slice
+    (norm(x[rows]) * c[rows]).sum().backward()
+    return {n: p.grad for n, p in norm.named_parameters()}, {n: p.detach() for n, p in norm.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_sequence_parallel_norm_gradients_are_the_dense_ones_on_every_rank(kind):
+    results = launch(_sequence_parallel_norm_grads, 2, kind, timeout=60)
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(8, 2, 6, generator=g), torch.randn(8, 2, 6, generator=g)
+    dense = build_norm(kind, 6, fused=False)
+    dense.load_state_dict(results[0][1])
+    (dense(x) * c).sum().backward()
+    for grads, _ in results:
+        for name, p in dense.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minimegatron.layers.positions import (LearnedPositionEmbedding, RotaryEmbedding, alibi_bias,
-                                           alibi_slopes, apply_rotary, rotate_half)
+                                           alibi_slopes, apply_rotary, rotate_half,
+                                           validate_position_ids)
 
 
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
@@ -64,8 +65,11 @@ def test_alibi_bias_is_minus_slope_times_distance():
 
 
 def test_learned_positions_stop_at_the_table():
-    table = LearnedPositionEmbedding(8, 4)
+    table = LearnedPositionEmbedding(8, 4, check_positions=True)  # the debugging switch (a host sync)
     assert table(torch.arange(8)[None]).shape == (1, 8, 4)
     assert math.isclose(table.weight.std().item(), 0.02, rel_tol=0.5)
     with pytest.raises(ValueError, match="position 8 is beyond the learned position table of max_seq_len=8"):
         table(torch.arange(9)[None])
+    with pytest.raises(ValueError, match="position 8 is beyond the learned position table of max_seq_len=8"):
+        validate_position_ids(torch.tensor([[3, 8]]), 8)  # the same check, where positions enter
+    assert not LearnedPositionEmbedding(8, 4).check_positions  # off by default: no sync per forward

@@ -57,9 +57,9 @@ def test_recompute_modes_save_less_and_compute_the_same():
 
 def test_recompute_setting_reaches_every_attention_and_is_checked():
     model = ParallelTransformer(_config(num_layers=3), recompute="selective")
-    assert all(layer.attention.checkpoint_core for layer in model.layers)
+    assert all(layer.attention.recompute_core for layer in model.layers)
     model.recompute = "full"
-    assert not any(layer.attention.checkpoint_core for layer in model.layers)
+    assert not any(layer.attention.recompute_core for layer in model.layers)
     with pytest.raises(ValueError, match="recompute='all'"):
         ParallelTransformer(_config(), recompute="all")
 

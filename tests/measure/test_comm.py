@@ -37,22 +37,32 @@ def _layer_comm(tp):
     return out
 
 
+LAYERS = {"gpt": dict(norm="layernorm", bias=True), "llama": dict(norm="rmsnorm", bias=False),
+          "llama-gqa": dict(norm="rmsnorm", bias=False)}
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_transformer_layer_bytes_equal_the_formula(tp):
     measured = launch(_layer_comm, tp, tp, timeout=120)
     for rank_result in measured:
         for (name, sp), totals in rank_result.items():
             expected = tp_layer_comm(S, B, 32, tp, sequence_parallel=sp, by_phase=True,
-                                     separate_kv=name == "llama-gqa")
+                                     separate_kv=name == "llama-gqa", **LAYERS[name])
             assert totals == expected, f"{name} sp={sp} tp={tp}: {totals} != {expected}"
     # the point of sequence parallelism: its RS/AG pairs move the same bytes as the all-reduces; on
-    # top, each column layer (QKV, fc1) re-gathers its kept input shard in backward, as Megatron does
+    # top, each column layer (QKV, fc1) re-gathers its kept input shard in backward, as Megatron does,
+    # and each replicated h-vector on the s/tp slice (GPT: 2 LayerNorms × (γ, β), 2 row biases) has
+    # its gradient all-reduced by its f
     plain, sp = (sum(tp_layer_comm(S, B, 32, tp, s).values(), OpTotal()) for s in (False, True))
     one = (tp - 1) * S * B * 32 * 4 // tp  # wire bytes/rank of one all-gather of s·b·h fp32
     assert plain.wire_bytes == 4 * 2 * one
-    assert sp.wire_bytes == plain.wire_bytes + 2 * one
     backward = tp_layer_comm(S, B, 32, tp, True, by_phase=True)
     assert backward["backward", "all_gather"].count == 2 + 2  # ḡ's backward + the two re-gathers
+    small = ring_wire_bytes("all_reduce", 32, 4, tp)  # one h = 32 element fp32 all-reduce
+    assert sp.wire_bytes == plain.wire_bytes + 2 * one + 6 * small
+    assert backward["backward", "all_reduce"] == OpTotal(6, 6 * 32 * 4, 6 * small)
+    llama = tp_layer_comm(S, B, 32, tp, True, by_phase=True, norm="rmsnorm", bias=False)
+    assert llama["backward", "all_reduce"].count == 2  # the two RMSNorms' γ
 
 
 def _all_kinds():

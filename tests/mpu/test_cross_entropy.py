@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from minimegatron.launch import launch
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
-from minimegatron.mpu.layers import pad_vocab_size
+from minimegatron.mpu.embedding import pad_vocab_size
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
 V, S, B = 50, 6, 3
@@ -64,7 +64,8 @@ def _cases():
     errors = []
     for bad_target in (torch.tensor([1, V]), torch.tensor([-1, 2])):
         try:
-            vocab_parallel_cross_entropy(torch.zeros(2, 32), bad_target, st, vocab_size=V)
+            vocab_parallel_cross_entropy(torch.zeros(2, 32), bad_target, st, vocab_size=V,
+                                         check_targets=True)  # the debugging switch
         except ValueError as e:
             errors.append(str(e))
     t = torch.ones(1)  # errors came before any collective: ranks still in step
@@ -76,6 +77,19 @@ def test_matches_torch_cross_entropy_tp_1_2_4():
     for errors in launch(_cases, 4, timeout=120):
         assert errors[0].startswith(f"target token id {V} is outside the vocabulary [0, {V})")
         assert errors[1].startswith(f"target token id -1 is outside the vocabulary [0, {V})")
+
+
+def test_target_check_is_a_switch_and_skips_ignore_index():
+    from minimegatron.mpu.cross_entropy import validate_targets
+
+    st, logits = ParallelState(), torch.zeros(3, 8)
+    validate_targets(torch.tensor([-100, 0, 7]), 8)  # ignore_index and the edges are fine
+    with pytest.raises(ValueError, match=r"target token id 8 is outside the vocabulary \[0, 8\)"):
+        vocab_parallel_cross_entropy(logits, torch.tensor([-100, 8, 1]), st, check_targets=True)
+    with pytest.raises(ValueError, match="target token id -3 is outside"):
+        validate_targets(torch.tensor([-3, 1, -100]), 8)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([-100, 1, 2]), st)  # default: no host sync
+    assert loss.shape == (3,) and loss[0] == 0
 
 
 def test_bad_arguments_are_named():

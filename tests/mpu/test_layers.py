@@ -10,10 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from minimegatron.launch import launch
-from minimegatron.mpu.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                                     VocabParallelEmbedding, gather_weight, pad_vocab_size,
-                                     shard_weight)
-from minimegatron.mpu.mappings import allreduce_sequence_parallel_gradients
+from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding, pad_vocab_size
+from minimegatron.mpu.layers import ColumnParallelLinear, RowParallelLinear, gather_weight, shard_weight
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
 S, B, H, OUT, V = 8, 2, 12, 24, 50
@@ -83,8 +81,7 @@ def _row(st, g, input_is_parallel, sp, seed=8):
     y = layer(x)
     if sp:
         close(y, yd.chunk(tp, 0)[r], f"{what}: output chunk (s/tp, b, h)")
-        (y * c.chunk(tp, 0)[r]).sum().backward()
-        allreduce_sequence_parallel_gradients(layer, st)  # bias saw s/tp tokens per rank
+        (y * c.chunk(tp, 0)[r]).sum().backward()  # the bias saw s/tp tokens per rank: f summed it
     else:
         close(y, yd, f"{what}: output")
         (y * c).sum().backward()
@@ -249,21 +246,21 @@ def _vocab_cases():
             close(h.grad, hd.grad.chunk(tp, 0)[r] if sp else hd.grad, f"LM head tp={tp} sp={sp}: input grad")
             close(gather_weight(head.weight.grad, 0, st), wd.grad, f"LM head tp={tp} sp={sp}: weight grad")
 
-        # tied: embedding and head share one weight; its gradient is the sum of both uses
+        # tied: the head owns no weight, it multiplies by the embedding's; the gradient sums both uses
         emb.weight.grad = None
-        head = ParallelLMHead(V, H, state=st, make_vocab_size_divisible_by=8, weight=emb.weight)
-        assert head.weight is emb.weight and "weight" not in head.state_dict()
+        head = ParallelLMHead(V, H, state=st, make_vocab_size_divisible_by=8, tied=True)
+        assert head.weight is None and not list(head.parameters()) and not head.state_dict()
         wd = leaf(table)
         logits_d = F.embedding(ids, wd) @ wd.t()  # (b, s, V_pad)
         c = torch.randn(B, S, padded, generator=g)
         (logits_d * c).sum().backward()
-        y = head(emb(ids))
+        y = head(emb(ids), weight=emb.weight)
         close(y, logits_d.chunk(tp, -1)[r], f"tied tp={tp}: logits shard")
         (y * c.chunk(tp, -1)[r]).sum().backward()
         close(gather_weight(emb.weight.grad, 0, st), wd.grad, f"tied tp={tp}: weight grad")
 
     st = initialize_model_parallel(2)
-    emb = VocabParallelEmbedding(V, H, state=st, make_vocab_size_divisible_by=8)
+    emb = VocabParallelEmbedding(V, H, state=st, make_vocab_size_divisible_by=8, check_token_ids=True)
     errors = []
     for bad in (V, -1):
         try:
@@ -271,7 +268,8 @@ def _vocab_cases():
         except ValueError as e:
             errors.append(str(e))
     try:
-        ParallelLMHead(V + 100, H, state=st, make_vocab_size_divisible_by=8, weight=emb.weight)
+        ParallelLMHead(V + 100, H, state=st, make_vocab_size_divisible_by=8, tied=True)(
+            torch.zeros(S, B, H), weight=emb.weight)
     except ValueError as e:
         errors.append(str(e))
     t = torch.ones(1)
@@ -322,21 +320,30 @@ def test_megatron_param_attributes():
     assert emb.padded_vocab_size == 16 and emb.weight.dtype == torch.float64
 
 
-def test_lm_head_uses_the_weight_passed_at_call_time():
-    """An owner whose embedding Parameter was replaced passes the current one: the head must use it."""
+def test_tied_lm_head_takes_its_weight_at_call_time_and_untied_owns_it():
+    """One way to tie: a tied head has no weight and multiplies by the one it is handed, always."""
     emb = VocabParallelEmbedding(V, H, state=DENSE, make_vocab_size_divisible_by=8)
-    head = ParallelLMHead(V, H, state=DENSE, make_vocab_size_divisible_by=8, weight=emb.weight)
+    head = ParallelLMHead(V, H, state=DENSE, make_vocab_size_divisible_by=8, tied=True)
+    assert head.weight is None and "tied=True" in repr(head)
     hidden = torch.randn(3, H)
-    close(head(hidden), hidden @ emb.weight.T, "borrowed weight")
-    other = torch.randn_like(emb.weight)
+    close(head(hidden, weight=emb.weight), hidden @ emb.weight.T, "the embedding's table")
+    other = torch.randn_like(emb.weight)  # e.g. the owner's Parameter was replaced: the current one counts
     close(head(hidden, weight=other), hidden @ other.T, "weight passed at call time")
+    with pytest.raises(ValueError, match=r"tied \(tied=True\) and owns no weight: call it as "
+                                         r"head\(hidden, weight=embedding.weight\)"):
+        head(hidden)
     with pytest.raises(ValueError, match=r"shape \(4, 12\), expected \(56, 12\)"):
         head(hidden, weight=torch.zeros(4, H))
+    untied = ParallelLMHead(V, H, state=DENSE, make_vocab_size_divisible_by=8)
+    assert untied.weight.shape == (56, H) and list(untied.state_dict()) == ["weight"]
+    close(untied(hidden), hidden @ untied.weight.T, "untied: its own weight")
+    with pytest.raises(ValueError, match="untied and multiplies by its own weight"):
+        untied(hidden, weight=emb.weight)
 
 
 def test_token_id_check_is_a_per_instance_constructor_switch():
-    checked = VocabParallelEmbedding(V, H, state=DENSE)
-    unchecked = VocabParallelEmbedding(V, H, state=DENSE, check_token_ids=False)
+    checked = VocabParallelEmbedding(V, H, state=DENSE, check_token_ids=True)
+    unchecked = VocabParallelEmbedding(V, H, state=DENSE)  # the default: no host sync in the hot path
     assert "check_token_ids" not in vars(VocabParallelEmbedding)  # no class-wide (hidden global) switch
     assert checked.check_token_ids and not unchecked.check_token_ids
     bad = torch.tensor([[1, V]])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from minimegatron.launch import launch
-from minimegatron.mpu.random import RNGStatesTracker, get_rng_tracker, model_parallel_seed
+from minimegatron.mpu.random import RNGStatesTracker, model_parallel_seed
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
 ONES = torch.ones(2000)
@@ -13,7 +13,7 @@ ONES = torch.ones(2000)
 def _masks():
     st = initialize_model_parallel(2)  # 4 ranks: TP groups [0,1] [2,3]
     tracker = model_parallel_seed(1234, st, device_type="cpu")
-    assert tracker is get_rng_tracker()
+    assert tracker is st.rng_tracker  # the state owns it: nothing global
     outside = F.dropout(ONES, 0.5)
     with tracker.fork():
         inside = F.dropout(ONES, 0.5)

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from minimegatron.compat import DeepSpeedMPU
 from minimegatron.launch import launch
-from minimegatron.mpu.state import ParallelState, get_parallel_state, initialize_model_parallel
+from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
 # every (tp, pp) whose product divides 8; dp = 8 / (tp·pp)
 GRIDS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8)]
@@ -23,7 +24,7 @@ def _groups_on_ranks():
         out[(tp, pp)] = dict(coords=(st.tp_rank, st.dp_rank, st.pp_rank), dp=st.dp,
                              tp=st.tp_ranks, dp_ranks=st.dp_ranks, pp=st.pp_ranks, sums=sums,
                              first=st.is_first_stage, last=st.is_last_stage,
-                             mp_rank=st.get_model_parallel_rank())
+                             mp_rank=DeepSpeedMPU(st).get_model_parallel_rank())
     return out
 
 
@@ -79,7 +80,8 @@ def test_single_device_state_without_distributed():
     st = initialize_model_parallel()
     assert (st.tp, st.pp, st.dp, st.rank, st.tp_group) == (1, 1, 1, 0, None)
     assert st.is_first_stage and st.is_last_stage
-    assert get_parallel_state() is st
+    assert initialize_model_parallel() is not st  # nothing global: every call builds its own state
+    assert st.rng_tracker is not ParallelState().rng_tracker  # and every state its own RNG tracker
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         initialize_model_parallel(2)
 
@@ -89,4 +91,7 @@ def test_grid_arithmetic_matches_docstring_example():
     st = ParallelState(tp=2, pp=2, dp=2, rank=6)
     assert (st.tp_rank, st.dp_rank, st.pp_rank) == (0, 1, 1)
     assert ParallelState.rank_of(1, 0, 1, tp=2, dp=2) == 5
-    assert st.get_model_parallel_world_size() == 4 and st.get_data_parallel_world_size() == 2
+    mpu = DeepSpeedMPU(st)  # the names DeepSpeed asks for; the state keeps only its own
+    assert mpu.get_model_parallel_world_size() == 4 and mpu.get_data_parallel_world_size() == 2
+    assert mpu.get_model_parallel_rank() == st.mp_rank == 2
+    assert not hasattr(st, "get_model_parallel_rank") and not hasattr(mpu, "get_sequence_parallel_group")
