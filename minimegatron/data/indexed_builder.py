@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from minimegatron.processes import sigint_deferred
 from minimegatron.data._files import (check_output_file, create_temporary, make_parents, remove_dirs,
                                       write_error)
 from minimegatron.data.indexed_format import (INDEX_HEADER, INDEX_VERSION, best_dtype, data_file_path,
@@ -66,16 +67,25 @@ class IndexedDatasetBuilder:
         self._idx_tmp: Path | None = None
         check_output_prefix(prefix)
         self._created_dirs: list[Path] = []
-        try:
-            self._created_dirs = make_parents(self._bin_path)
-            self._bin_tmp, fd = create_temporary(self._bin_path)
-        except OSError as err:
-            remove_dirs(self._created_dirs)
-            raise self._write_error(err) from None
-        self._bin = open(fd, "wb")
+        self._bin_tmp: Path | None = None
+        self._bin = None
+        self._done = False  # before _open: __del__ cleans up after an interrupted start
+        self._open()
         self.sequence_lengths: list[int] = []
         self.document_indices: list[int] = [0]
         self._done = False
+
+    def _open(self) -> None:
+        """Create the .bin's temporary file. Ctrl-C is held until the builder knows the file's name,
+        so that abort() can always remove it (a KeyboardInterrupt right after is handled by the caller)."""
+        with sigint_deferred():
+            try:
+                self._created_dirs = make_parents(self._bin_path)
+                self._bin_tmp, fd = create_temporary(self._bin_path)
+            except OSError as err:
+                remove_dirs(self._created_dirs)
+                raise self._write_error(err) from None
+            self._bin = open(fd, "wb")
 
     def _write_error(self, err: OSError) -> OSError:
         return write_error(err, f"the dataset {self.prefix}.bin/.idx", "an --output-prefix")
@@ -155,6 +165,13 @@ class IndexedDatasetBuilder:
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
+
+    def __del__(self) -> None:  # built, then interrupted before the with block took over: clean up
+        if not getattr(self, "_done", True) and getattr(self, "_bin_tmp", None) is not None:
+            try:
+                self.abort()
+            except Exception:  # noqa: BLE001 - best effort at interpreter exit
+                pass
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
