@@ -51,7 +51,8 @@ from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache
 from minimegatron.layers.init_seed import init_rng, model_seed
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
-from minimegatron.layers.transformer import build_final_norm, build_layers, check_recompute
+from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
+                                            check_recompute)
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
 from minimegatron.mpu.layers import init_normal
@@ -140,7 +141,7 @@ class Embedding(nn.Module):
         return x
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(RecomputeSwitch, nn.Module):
     """A decoder-only language model built from ``config`` on this rank's slice of ``state``.
 
     ``recompute``: ``"none"``, ``"selective"`` or ``"full"`` (``transformer.py``), every layer alike.
@@ -162,15 +163,6 @@ class LanguageModel(nn.Module):
         self.final_norm = build_final_norm(config, state)  # index L+1: ones (and zeros), nothing drawn
         with init_rng(seed, L + 2):
             self.lm_head = build_lm_head(config, state)  # index L+2 (tied: no weight, nothing drawn)
-
-    @property
-    def recompute(self) -> str:
-        return self.layers[0].recompute
-
-    @recompute.setter
-    def recompute(self, mode: str) -> None:
-        for layer in self.layers:  # each layer owns its mode; this sets them all
-            layer.recompute = check_recompute(mode)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None

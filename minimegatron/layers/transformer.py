@@ -126,16 +126,9 @@ def build_final_norm(config: ModelConfig, state: ParallelState) -> nn.Module | N
                       sequence_parallel=state.sequence_parallel, state=state, fused=config.use_fused_kernels)
 
 
-class ParallelTransformer(nn.Module):
-    """``num_layers`` blocks and the final norm (if ``config.final_norm``): (s[/tp], b, h) -> same."""
-
-    def __init__(self, config: ModelConfig, state: ParallelState | None = None,
-                 recompute: str = "none", init_seed: int | None = None) -> None:
-        super().__init__()
-        state = state or ParallelState()
-        self.config, self.state = config, state
-        self.layers = build_layers(config, state, check_recompute(recompute), model_seed(init_seed))
-        self.final_norm = build_final_norm(config, state)
+class RecomputeSwitch:
+    """``model.recompute``: read from the first layer, set on every layer (each layer owns its mode).
+    For modules holding their transformer layers in ``self.layers``."""
 
     @property
     def recompute(self) -> str:
@@ -145,6 +138,18 @@ class ParallelTransformer(nn.Module):
     def recompute(self, mode: str) -> None:
         for layer in self.layers:  # each layer owns its mode; this sets them all
             layer.recompute = check_recompute(mode)
+
+
+class ParallelTransformer(RecomputeSwitch, nn.Module):
+    """``num_layers`` blocks and the final norm (if ``config.final_norm``): (s[/tp], b, h) -> same."""
+
+    def __init__(self, config: ModelConfig, state: ParallelState | None = None,
+                 recompute: str = "none", init_seed: int | None = None) -> None:
+        super().__init__()
+        state = state or ParallelState()
+        self.config, self.state = config, state
+        self.layers = build_layers(config, state, check_recompute(recompute), model_seed(init_seed))
+        self.final_norm = build_final_norm(config, state)
 
     def forward(self, hidden: torch.Tensor, rotary: Rotary | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
