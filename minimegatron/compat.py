@@ -62,6 +62,10 @@ pipeline: ``clip_fp32_gradients``                       the engine's method for 
 counts replicated weights on model-                     engine.clip_grad_norm``), which also records
 parallel rank 0 only and the tied                       the norm (``get_global_grad_norm``)
 weight twice, and does not record ‖g‖
+``DistributedAttention`` (Ulysses):   < 0.15          :func:`deepspeed_ulysses` calls it once per
+its reverse all-to-all is right for                     sequence there; passes ``batch_dim_idx=1``
+batch 1 only (it transposes dims 0, 2);                 where the signature has it
+≥ 0.15 takes ``batch_dim_idx``
 ``PipelineModule`` names its            0.14.4 – 0.19   :func:`pipe_layer_key` reads a state_dict
 state_dict ``{index}.*`` and tied                       key back as (layer index, rest): the one
 modules ``tied_modules.{key}.*``                        place that layout is spelled out
@@ -242,10 +246,11 @@ _MPU_ANSWERS: dict[str, Callable[[ParallelState], Any]] = {
     "get_pipeline_model_parallel_rank": lambda s: s.pp_rank,
     "get_pipeline_model_parallel_world_size": lambda s: s.pp,
     "get_pipeline_model_parallel_group": lambda s: s.pp_group,
-    "get_data_parallel_rank": lambda s: s.dp_rank,
-    "get_data_parallel_world_size": lambda s: s.dp,
-    "get_data_parallel_group": lambda s: s.dp_group,
-    "get_data_parallel_group_ranks": lambda s: list(s.dp_ranks),
+    # DeepSpeed's "data parallel" = the ranks that average gradients: DP × CP (``state.dp_cp_group``)
+    "get_data_parallel_rank": lambda s: s.dp_cp_rank,
+    "get_data_parallel_world_size": lambda s: s.dp * s.cp,
+    "get_data_parallel_group": lambda s: s.dp_cp_group,
+    "get_data_parallel_group_ranks": lambda s: list(s.dp_cp_ranks),
     "get_model_parallel_rank": lambda s: s.mp_rank,
     "get_model_parallel_world_size": lambda s: s.tp * s.pp,
     "get_model_parallel_group": lambda s: s.mp_group,
@@ -288,6 +293,22 @@ def pipe_layer_key(key: str) -> tuple[int | None, str]:
     if head == "tied_modules":
         return None, rest.split(".", 1)[1]
     return int(head), rest
+
+
+def deepspeed_ulysses(local_attention: Callable, group) -> Callable:
+    """DeepSpeed's ``DistributedAttention`` (scatter heads = dim 2, gather the sequence = dim 0) around
+    ``local_attention``, as ``f(q, k, v)`` for q/k/v ``(s/cp, b, heads, d)`` on every release."""
+    import inspect
+
+    import deepspeed.comm
+    from deepspeed.sequence.layer import DistributedAttention
+    if not deepspeed.comm.is_initialized():
+        init_deepspeed_comm()
+    attention = DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=0)
+    if "batch_dim_idx" in inspect.signature(attention.forward).parameters:
+        return lambda q, k, v: attention(q, k, v, 1)  # (s, b, ...): the batch is dim 1
+    return lambda q, k, v: torch.cat([attention(*(t[:, i:i + 1] for t in (q, k, v)))  # one sequence
+                                      for i in range(q.size(1))], dim=1)              # at a time
 
 
 def quiet_deepspeed() -> None:

@@ -135,6 +135,22 @@ class ModelConfig:
                f"num_kv_heads={self.num_kv_heads} and tensor-parallel size {tp}: one must divide the "
                "other (kv heads are split across ranks, or replicated when fewer than ranks)")
 
+    def validate_cp(self, cp: int, cp_comm: str = "p2p", tp: int = 1) -> None:
+        """Raise (before any rank starts) if attention cannot be split over ``cp`` context-parallel
+        ranks: all-to-all needs each TP rank's ``heads/tp`` query heads divisible by ``cp``; both
+        algorithms run attention without dropout and with RoPE or learned positions (no ALiBi)."""
+        if cp == 1:
+            return
+        if cp_comm == "a2a":
+            heads = divide(self.num_attention_heads, tp, "num_attention_heads")
+            divide(heads, cp, "query heads per TP rank",
+                   fix=f"all-to-all context parallelism gives each of the {cp} CP ranks whole heads; "
+                       f"choose cp dividing num_attention_heads/tp = {heads}, or --cp-comm p2p")
+        _check(self.dropout == 0, f"context parallelism with dropout={self.dropout}: attention over "
+               "a split sequence runs without dropout here; set dropout 0 or cp 1")
+        _check(self.position_embedding != "alibi", "context parallelism with ALiBi positions is not "
+               "supported (its bias needs every block's global positions); use rope/learned or cp 1")
+
     def validate_tp_ffn(self, tp: int) -> None:
         """ffn_hidden_size divisible by ``tp`` (each rank holds ffn/tp hidden units). ParallelMLP asks
         this too."""
@@ -183,30 +199,43 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+CP_COMM_TYPES = ("p2p", "a2a")  # Megatron's cp_comm_type: ring attention | all-to-all (Ulysses)
+
+
 @dataclass
 class ParallelConfig:
-    """How the world is cut: world_size = tp · pp · dp. ``dp=None`` derives it from world_size."""
+    """How the world is cut: world_size = tp · cp · pp · dp. ``dp=None`` derives it from world_size.
+
+    ``cp``: context parallelism, the sequence split over ``cp`` ranks for attention; ``cp_comm``
+    how attention reaches the rest of the sequence: ``"p2p"`` (ring attention, k/v blocks passed
+    round the ring) or ``"a2a"`` (all-to-all: scatter heads, gather the sequence; DeepSpeed-Ulysses).
+    """
 
     tp: int = 1
     pp: int = 1
     dp: int | None = None
     world_size: int | None = None
     sequence_parallel: bool = False   # with tp = 1 it changes nothing
+    cp: int = 1
+    cp_comm: str = "p2p"
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "cp"):
             v = getattr(self, name)
             _check(is_int(v) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
+        _check(self.cp_comm in CP_COMM_TYPES, f"cp_comm={self.cp_comm!r} is not a context-parallel "
+               f"communication: use 'p2p' (ring attention) or 'a2a' (all-to-all, Ulysses)")
+        model = self.tp * self.cp * self.pp
         if self.dp is None and self.world_size is None:
             self.dp = 1
         if self.world_size is None:
-            self.world_size = self.tp * self.pp * self.dp
+            self.world_size = model * self.dp
         if self.dp is None:
-            _check(self.world_size % (self.tp * self.pp) == 0,
-                   f"world size {self.world_size} is not divisible by tp·pp = {self.tp}·{self.pp}; "
-                   "choose sizes whose product divides the number of ranks")
-            self.dp = self.world_size // (self.tp * self.pp)
+            _check(self.world_size % model == 0,
+                   f"world size {self.world_size} is not divisible by tp·cp·pp = {self.tp}·{self.cp}·"
+                   f"{self.pp}; choose sizes whose product divides the number of ranks")
+            self.dp = self.world_size // model
         _check(is_int(self.dp) and self.dp >= 1, f"ParallelConfig.dp must be >= 1, got {self.dp!r}")
-        _check(self.world_size == self.tp * self.pp * self.dp,
-               f"world size {self.world_size} != tp·pp·dp = {self.tp}·{self.pp}·{self.dp} = "
-               f"{self.tp * self.pp * self.dp}; launch tp·pp·dp ranks or change the sizes")
+        _check(self.world_size == model * self.dp,
+               f"world size {self.world_size} != tp·cp·pp·dp = {self.tp}·{self.cp}·{self.pp}·{self.dp} = "
+               f"{model * self.dp}; launch tp·cp·pp·dp ranks or change the sizes")

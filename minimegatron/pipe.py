@@ -28,9 +28,10 @@ GPT ties the LM head to the input embedding: the first and the last stage each h
 time. DeepSpeed broadcasts stage 0's copy at start and, once per batch, all-reduces the two copies'
 gradients over {first, last stage}. LLaMA keeps them apart: its last layer is ``LMHeadPipe``.
 
-3D parallelism: DeepSpeed's ``PipeModelDataParallelTopology(pp, tp, dp)`` (axes pipe, data, model:
-``rank = (pp_rank·dp + dp_rank)·tp + tp_rank``) is the grid of
-:class:`~minimegatron.mpu.state.ParallelState` (checked at construction). Under sequence parallelism
+3D parallelism: DeepSpeed's ``PipeModelDataParallelTopology(pp, tp, dp·cp)`` (axes pipe, data, model:
+``rank = (pp_rank·dp·cp + data)·tp + tp_rank``) is the grid of
+:class:`~minimegatron.mpu.state.ParallelState` (checked at construction): DeepSpeed's data index is
+``dp_rank·cp + cp_rank``, since CP ranks average their gradients like data-parallel ones. Under sequence parallelism
 nothing is added here: the replicated norm weights and row-parallel biases, which see only ``s/tp``
 tokens per rank, sum their gradients over TP themselves, through ``f`` in their forward
 (``layers/norms.py``). (DeepSpeed's internals this needs: ``minimegatron.compat``.)
@@ -52,7 +53,8 @@ from minimegatron.config import ModelConfig
 from minimegatron.gpt import gpt_config
 from minimegatron.layers.init_seed import init_rng, model_seed
 from minimegatron.layers.language_model import (Embedding, build_lm_head, build_rotary,
-                                                check_sequence_parallel, lm_head_kwargs, lm_loss)
+                                                check_sequence_parallel, default_position_ids,
+                                                lm_head_kwargs, lm_loss)
 from minimegatron.layers.transformer import ParallelTransformerLayer, build_final_norm
 from minimegatron.llama import llama_config
 from minimegatron.mpu.embedding import ParallelLMHead
@@ -87,7 +89,7 @@ class EmbeddingPipe(Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, s = input_ids.shape
         check_sequence_parallel(s, self.state)
-        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)  # (b, s)
+        position_ids = default_position_ids(b, s, self.state, input_ids.device)  # (b, s), global under CP
         return super().forward(input_ids, position_ids)  # (s[/tp], b, h)
 
 
@@ -112,8 +114,8 @@ class TransformerLayerPipe(ParallelTransformerLayer):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rotary = None
         if self.rotary is not None:
-            s = hidden.size(0) * (self.state.tp if self.sequence_parallel else 1)  # full sequence
-            positions = torch.arange(s, device=hidden.device).expand(hidden.size(1), s)  # (b, s)
+            s = hidden.size(0) * (self.state.tp if self.sequence_parallel else 1)  # this rank's s[/cp]
+            positions = default_position_ids(hidden.size(1), s, self.state, hidden.device)  # (b, s)
             rotary = self.rotary(positions, hidden.dtype)
         return super().forward(hidden, rotary)  # (s[/tp], b, h)
 
@@ -152,6 +154,7 @@ class LanguageModelPipe(PipelineModule):
                  init_seed: int | None = None, partition_method: str = "type:TransformerLayerPipe",
                  verbose: bool = False, **pipeline_kwargs: Any) -> None:
         config.validate_tp(state.tp)
+        config.validate_cp(state.cp, state.cp_comm, state.tp)
         if config.num_layers < state.pp:
             raise ValueError(f"num_layers={config.num_layers} < pipeline stages pp={state.pp}: every "
                              "stage needs at least one transformer layer; use more layers or fewer stages")
@@ -176,14 +179,15 @@ class LanguageModelPipe(PipelineModule):
                             type(layer).__name__ for layer in layers]
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with torch.no_grad(), quiet:  # no_grad: DeepSpeed broadcasts the tied weight in place
-            topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
+            topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp,
+                                                     num_dp=state.dp * state.cp)  # CP ranks: data
             super().__init__(layers=layers, topology=topology,
                              loss_fn=functools.partial(lm_loss, state=state, vocab_size=config.vocab_size),
                              partition_method=partition_method, **pipeline_kwargs)
         coord = self.topology().get_coord(state.rank)
-        if (coord.pipe, coord.data, coord.model) != (state.pp_rank, state.dp_rank, state.tp_rank):
+        if (coord.pipe, coord.data, coord.model) != (state.pp_rank, state.dp_cp_rank, state.tp_rank):
             raise RuntimeError(f"DeepSpeed's grid puts rank {state.rank} at {coord}, ParallelState at "
-                               f"(pipe={state.pp_rank}, data={state.dp_rank}, model={state.tp_rank})")
+                               f"(pipe={state.pp_rank}, data={state.dp_cp_rank}, model={state.tp_rank})")
 
     @property
     def layer_range(self) -> tuple[int, int]:

@@ -78,7 +78,7 @@ def test_padded_vocab():
 def test_parallel_config():
     assert ParallelConfig(tp=2, pp=2, world_size=8).dp == 2
     assert ParallelConfig(tp=2).world_size == 2
-    with pytest.raises(ValueError, match="world size 6 is not divisible by tp·pp = 2·2"):
+    with pytest.raises(ValueError, match="world size 6 is not divisible by tp·cp·pp = 2·1·2"):
         ParallelConfig(tp=2, pp=2, world_size=6)
     with pytest.raises(ValueError, match="ParallelConfig.tp must be an int >= 1"):
         ParallelConfig(tp=0)

@@ -144,7 +144,7 @@ def test_bad_configurations_fail_before_spawning(overrides, message):
 def test_world_size_must_match_the_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    with pytest.raises(ValueError, match="WORLD_SIZE=8 ranks but tp·pp·dp"):
+    with pytest.raises(ValueError, match="WORLD_SIZE=8 ranks but tp·cp·pp·dp"):
         validate(TrainConfig(**{**TINY, "tp": 2, "pp": 2}))
 
 

@@ -43,6 +43,11 @@ KV cache: :class:`KVCache` keeps each layer's keys/values (after RoPE) so decodi
 (prefill) and then one token at a time; new queries sit at the *last* positions, so the causal mask
 is ``j ≤ i + (s_k - s_q)``.
 
+Context parallelism (``state.cp > 1``): the input holds this CP rank's zig-zag piece of the sequence,
+(s/cp, b, h) (and (s/(cp·tp), b, h) under SP); the projections and RoPE (at the tokens' global
+positions) are local, and only the core needs the rest of the sequence: ring attention or
+all-to-all, ``mpu/context_parallel.py``, by ``state.cp_comm``.
+
 The core ``softmax(QKᵀ/√d)V`` is ``kernels.scaled_dot_product_attention`` (fused kernels where the
 backend has them), which also holds the one GQA repeat and the one causal mask; ALiBi passes its
 per-head bias there (the explicit formula). Dropout on the probabilities runs under the
@@ -62,6 +67,7 @@ from minimegatron.config import ModelConfig
 from minimegatron import kernels
 from minimegatron.layers.positions import alibi_bias, alibi_slopes
 from minimegatron.layers.recompute import recompute
+from minimegatron.mpu.context_parallel import context_parallel_attention
 from minimegatron.mpu.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, init_normal
 from minimegatron.mpu.random import model_parallel_rng
 from minimegatron.mpu.state import ParallelState
@@ -112,6 +118,10 @@ class ParallelAttention(nn.Module):
         tp, h, d = state.tp, config.hidden_size, config.head_dim
         heads, kv_heads = config.num_attention_heads, config.num_kv_heads
         config.validate_tp_heads(tp)  # whole heads per rank; kv heads and tp divide one another
+        config.validate_cp(state.cp, state.cp_comm, tp)
+        if state.cp > 1 and attention_type == "cross":
+            raise ValueError("cross-attention under context parallelism is not supported (the encoder "
+                             "output is not split over CP ranks); use cp 1")
         self.state, self.config, self.layer_number = state, config, layer_number
         self.attention_type, self.head_dim = attention_type, d
         self.sequence_parallel = state.sequence_parallel
@@ -173,7 +183,13 @@ class ParallelAttention(nn.Module):
 
     # ---- softmax(QKᵀ/√d)V ------------------------------------------------------------------------
     def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (sq, b, n/tp, d), k/v (sk, b, kv/tp, d) -> context (sq, b, n/tp·d)."""
+        """q (sq, b, n/tp, d), k/v (sk, b, kv/tp, d) -> context (sq, b, n/tp·d).
+
+        Under context parallelism sq = sk = s/cp, this rank's piece; the rest of the sequence comes
+        by ring or all-to-all (``context_parallel_attention``)."""
+        if self.state.cp > 1:
+            return context_parallel_attention(q, k, v, self.state,
+                                              fused=self.config.use_fused_kernels).flatten(2)
         sq, sk = q.size(0), k.size(0)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # (b, n/tp | kv/tp, s, d)
         bias = None
@@ -193,9 +209,10 @@ class ParallelAttention(nn.Module):
         """hidden (s, b, h) — (s/tp, b, h) under sequence parallelism — -> same shape."""
         if self.attention_type == "cross" and encoder_output is None:
             raise ValueError("cross-attention needs encoder_output (s_enc, b, h) for its keys/values")
-        if kv_cache is not None and (self.attention_type == "cross" or self.sequence_parallel):
-            raise ValueError("the KV cache is for causal self-attention without sequence parallelism "
-                             "(decoding one token cannot be split over the sequence)")
+        if kv_cache is not None and (self.attention_type == "cross" or self.sequence_parallel
+                                     or self.state.cp > 1):
+            raise ValueError("the KV cache is for causal self-attention without sequence or context "
+                             "parallelism (decoding one token cannot be split over the sequence)")
         q, k, v = self._project(hidden, encoder_output)  # (s, b, n/tp, d), (s_k, b, kv/tp, d) ×2
         if rotary is not None and self.attention_type == "self":
             cos, sin = rotary  # (s, b, 1, d): angles of the new tokens' positions

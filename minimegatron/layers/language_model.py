@@ -12,6 +12,12 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
+Context parallelism (``state.cp > 1``): ``input_ids`` and ``labels`` are this CP rank's zig-zag piece
+of the sequences, (b, s/cp) (``mpu.context_parallel.split_for_context_parallel``); positions default to
+those tokens' global positions (:func:`default_position_ids`); only attention talks across CP ranks;
+the loss is the mean over the *whole* sequences (:func:`lm_loss`) and the logits are this rank's
+tokens' (``gather_from_context_parallel`` puts whole sequences together).
+
 The children are declared in that order, so the state_dict names are flat — ``embedding.*``,
 ``layers.{i}.*``, ``final_norm.*``, ``lm_head.weight`` (untied only) — the names checkpoints and the
 Hugging Face conversion use. **The tie** (GPT, ``tie_embeddings``): the head has no weight of its own
@@ -53,6 +59,7 @@ from minimegatron.layers.init_seed import init_rng, model_seed
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
 from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
                                             check_recompute)
+from minimegatron.mpu.context_parallel import context_parallel_index
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
 from minimegatron.mpu.layers import init_normal
@@ -63,7 +70,8 @@ from minimegatron.mpu.state import ParallelState
 from minimegatron.sizes import divide
 
 __all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_head_kwargs", "lm_loss",
-           "check_sequence_parallel", "sequence_parallel_split", "parameter_counts", "count_parameters"]
+           "check_sequence_parallel", "sequence_parallel_split", "default_position_ids",
+           "parameter_counts", "count_parameters"]
 
 
 # ---- the builders the plain model and the pipeline share ------------------------------------------
@@ -93,9 +101,25 @@ def build_lm_head(config: ModelConfig, state: ParallelState) -> ParallelLMHead:
 
 
 def check_sequence_parallel(seq_len: int, state: ParallelState) -> None:
-    """Under SP every TP rank holds s/tp tokens: ``seq_len`` must split evenly (raise before any comm)."""
+    """Under SP every TP rank holds s/tp tokens: ``seq_len`` (this rank's, s/cp under CP) must split
+    evenly; under CP the local piece is two zig-zag chunks, so even (raise before any comm)."""
     if state.sequence_parallel:
         sequence_parallel_split(seq_len, state.tp)
+    if state.cp > 1 and seq_len % 2:
+        raise ValueError(f"context parallelism: this rank's piece of {seq_len} tokens is not two zig-zag "
+                         f"chunks; give each CP rank split_for_context_parallel(...) of sequences whose "
+                         f"length is a multiple of 2·cp = {2 * state.cp}")
+
+
+def default_position_ids(batch: int, local_len: int, state: ParallelState, device=None, offset: int = 0
+                         ) -> torch.Tensor:
+    """(b, s) positions of this rank's tokens: ``offset … offset+s-1``, or under context parallelism
+    the global positions of its zig-zag piece (``context_parallel_index``)."""
+    if state.cp > 1:
+        pos = context_parallel_index(local_len * state.cp, state.cp_rank, state.cp, device=device)
+    else:
+        pos = torch.arange(offset, offset + local_len, device=device)
+    return pos.expand(batch, local_len)
 
 
 def sequence_parallel_split(seq_len: int, tp: int) -> int:
@@ -107,11 +131,24 @@ def sequence_parallel_split(seq_len: int, tp: int) -> int:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, state: ParallelState, vocab_size: int,
             ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the labels != ``ignore_index``: logits shard (s, b, V_pad/tp), labels (b, s)."""
+    """Mean cross-entropy over the labels != ``ignore_index``: logits shard (s, b, V_pad/tp), labels (b, s).
+
+    Under context parallelism each rank has s/cp of the tokens. The *value* is the whole sequences'
+    mean on every CP rank (sum and count all-reduced over CP); the *gradient* is this rank's share
+    ``cp · Σ_local / N`` (N: the tokens of all CP ranks), because gradients are averaged over the
+    dp·cp ranks (``state.dp_cp_group``) — averaged, the shares give ``∇ Σ_all / N`` exactly
+    (Megatron scales its CP loss by cp the same way).
+    """
     labels = labels.t()  # (s, b), the logits' layout
     losses = vocab_parallel_cross_entropy(logits, labels, state, vocab_size=vocab_size,
-                                          ignore_index=ignore_index)  # (s, b)
-    return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+                                          ignore_index=ignore_index)  # (s[/cp], b)
+    total, count = losses.sum(), (labels != ignore_index).sum()
+    if state.cp == 1:
+        return total / count.clamp(min=1)
+    stats = torch.stack([total.detach(), count.to(total.dtype)])
+    dist.all_reduce(stats, group=state.cp_group)  # [Σ_all, N] (forward only: no gradient flows here)
+    share = total * state.cp / stats[1].clamp(min=1)
+    return share + (stats[0] / stats[1].clamp(min=1) - share).detach()  # value: the mean; gradient: share
 
 
 class Embedding(nn.Module):
@@ -154,6 +191,7 @@ class LanguageModel(RecomputeSwitch, nn.Module):
         super().__init__()
         state = state or ParallelState()
         config.validate_tp(state.tp)
+        config.validate_cp(state.cp, state.cp_comm, state.tp)
         self.config, self.state = config, state
         seed, L = model_seed(init_seed), config.num_layers
         with init_rng(seed, 0):
@@ -175,16 +213,16 @@ class LanguageModel(RecomputeSwitch, nn.Module):
                             "convert them with input_ids.long() (token ids index the embedding table)")
         b, s = input_ids.shape
         offset = 0 if kv_cache is None else kv_cache.offset
-        limit = self.config.max_seq_len
-        if offset + s > limit:  # every position kind: the learned table ends there, RoPE/ALiBi were
+        limit, total = self.config.max_seq_len, s * self.state.cp  # under CP: s/cp tokens here
+        if offset + total > limit:  # every position kind: the learned table ends there, RoPE/ALiBi were
             what = ("the learned position table" if self.embedding.position_embeddings is not None
                     else f"the model's {self.config.position_embedding} positions")  # never checked past it
-            raise ValueError(f"sequence length {offset + s} (cached {offset} + new {s}) exceeds {what}, "
-                             f"max_seq_len={limit}: shorten the input or build the model with "
-                             f"max_seq_len >= {offset + s}")
+            raise ValueError(f"sequence length {offset + total} (cached {offset} + new {total}) exceeds "
+                             f"{what}, max_seq_len={limit}: shorten the input or build the model with "
+                             f"max_seq_len >= {offset + total}")
         check_sequence_parallel(s, self.state)
         if position_ids is None:
-            position_ids = torch.arange(offset, offset + s, device=input_ids.device).expand(b, s)
+            position_ids = default_position_ids(b, s, self.state, input_ids.device, offset)
         elif position_ids.shape not in ((b, s), (1, s)):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match input_ids "
                              f"shape {(b, s)}: pass one position per token, (batch, seq) or (1, seq)")

@@ -1,19 +1,27 @@
-"""ParallelState: the tensor-, pipeline- and data-parallel groups carved out of one rank grid.
+"""ParallelState: the tensor-, context-, data- and pipeline-parallel groups carved out of one rank grid.
 
-The world of ``N = tp · pp · dp`` ranks is laid out as a 3-D grid with the tensor-parallel index
-varying fastest, then data, then pipeline — the order of DeepSpeed's
-``PipeModelDataParallelTopology`` (axes ``['pipe', 'data', 'model']``), so that the groups made here
-and the ones DeepSpeed's pipeline engine makes are the same sets of ranks::
+The world of ``N = tp · cp · dp · pp`` ranks is a 4-D grid read off ``torch.arange(N).view(pp, dp, cp,
+tp)``: the tensor-parallel index varies fastest, then context, then data, then pipeline — Megatron's
+order (``tp-cp-ep-dp-pp``)::
 
-    rank = (pp_rank · dp + dp_rank) · tp + tp_rank
+    rank = ((pp_rank · dp + dp_rank) · cp + cp_rank) · tp + tp_rank
 
     tp=2, pp=2, dp=2 (8 ranks):      stage 0            stage 1
                                   dp0: [0 1]         dp0: [4 5]       TP groups: [0,1] [2,3] [4,5] [6,7]
                                   dp1: [2 3]         dp1: [6 7]       DP groups: [0,2] [1,3] [4,6] [5,7]
                                                                       PP groups: [0,4] [1,5] [2,6] [3,7]
+    tp=2, cp=2 (4 ranks):         cp0: [0 1]  cp1: [2 3]              CP groups: [0,2] [1,3]
 
 Tensor-parallel ranks sit next to each other because they talk the most (every layer, forward and
-backward); on a real node they share the fastest links.
+backward); on a real node they share the fastest links. Context-parallel ranks come next: they pass
+keys and values (ring) or all-to-all their heads every attention layer.
+
+**CP ranks are data-parallel for the weights.** The ``cp`` ranks of one (dp, tp, pp) coordinate hold
+the same weights and different pieces of the same sequences, so their gradients are averaged together
+with the data-parallel ones: ``dp_cp_group`` (Megatron's "data parallel group with context
+parallel", ``dp·cp`` ranks) is the group DeepSpeed is told is data-parallel. With cp = 1 it is
+``dp_group``. DeepSpeed's ``PipeModelDataParallelTopology(pp, tp, dp·cp)`` (axes ``['pipe', 'data',
+'model']``) then makes the same sets of ranks: its data index is ``dp_rank · cp + cp_rank``.
 
 The object speaks only its own names (``tp_rank``, ``dp_group``, ``mp_group``, ...). DeepSpeed asks an
 ``mpu`` for Megatron's (``get_model_parallel_rank``, ``get_data_parallel_group``, ...): the adapter
@@ -23,7 +31,9 @@ copy of the model, ``mp_group`` here.)
 
 Decided once, here: ``state.sequence_parallel`` is True only when sequence parallelism was requested
 *and* ``tp > 1`` (at tp = 1 there is no sequence to split); layers read it as it is, never re-deciding.
-The request itself stays readable as ``state.sequence_parallel_requested``.
+The request itself stays readable as ``state.sequence_parallel_requested``. Likewise
+``state.cp_comm`` (``"p2p"`` ring or ``"a2a"`` all-to-all, Megatron's ``cp_comm_type``) is validated by
+``ParallelConfig`` before any rank starts.
 
 Nothing here is global: layers receive the ParallelState they live in, and it carries everything
 rank-local they need — the groups and the RNG tracker of dropout inside TP regions
@@ -31,9 +41,11 @@ rank-local they need — the groups and the RNG tracker of dropout inside TP reg
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from minimegatron.config import ParallelConfig
@@ -53,13 +65,19 @@ class ParallelState:
     dp: int = 1
     rank: int = 0
     sequence_parallel: bool = False
+    cp: int = 1
+    cp_comm: str = "p2p"
     tp_group: Any = None
     pp_group: Any = None
     dp_group: Any = None
+    cp_group: Any = None
+    dp_cp_group: Any = None        # DP × CP: the ranks that average gradients
     mp_group: Any = None           # TP × PP: one model replica
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
+    cp_ranks: list[int] = field(default_factory=lambda: [0])
+    dp_cp_ranks: list[int] = field(default_factory=lambda: [0])
     rng_tracker: RNGStatesTracker = field(default_factory=RNGStatesTracker, repr=False, compare=False)
     sequence_parallel_requested: bool = field(init=False, repr=False)
 
@@ -70,19 +88,32 @@ class ParallelState:
     # ---- grid arithmetic ------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.dp * self.pp
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's index in ``dp_cp_group`` (DeepSpeed's data-parallel index): dp_rank·cp + cp_rank."""
+        return self.dp_rank * self.cp + self.cp_rank
+
+    @property
+    def context_parallel(self) -> bool:
+        return self.cp > 1
 
     @property
     def mp_rank(self) -> int:
@@ -98,54 +129,78 @@ class ParallelState:
         return self.pp_rank == self.pp - 1
 
     @staticmethod
-    def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
-        return (pp_rank * dp + dp_rank) * tp + tp_rank
+    def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int, cp_rank: int = 0,
+                cp: int = 1) -> int:
+        return ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
 
     def __deepcopy__(self, memo):  # process groups are process-wide handles: share them, never copy
         return self
 
     def __repr__(self) -> str:
-        return (f"ParallelState(rank={self.rank}: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/"
+        cp = f", cp {self.cp_rank}/{self.cp} ({self.cp_comm})" if self.cp > 1 else ""
+        return (f"ParallelState(rank={self.rank}: tp {self.tp_rank}/{self.tp}{cp}, pp {self.pp_rank}/"
                 f"{self.pp}, dp {self.dp_rank}/{self.dp}, sequence_parallel={self.sequence_parallel})")
 
 
-def grid_groups(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
-    """Every TP, DP, PP and model-parallel group of the grid, as lists of global ranks."""
-    r = lambda t, d, p: ParallelState.rank_of(t, d, p, tp, dp)  # noqa: E731
-    return {
-        "tp": [[r(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "dp": [[r(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pp": [[r(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "mp": [sorted(r(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)],
-    }
+def rank_grid(tp: int, pp: int, dp: int, cp: int = 1) -> torch.Tensor:
+    """The global ranks laid out as ``grid[pp_rank, dp_rank, cp_rank, tp_rank]``."""
+    return torch.arange(tp * cp * dp * pp).view(pp, dp, cp, tp)
+
+
+def grid_groups(tp: int, pp: int, dp: int, cp: int = 1) -> dict[str, list[list[int]]]:
+    """Every TP, CP, DP, DP×CP, PP and model-parallel group of the grid, as lists of global ranks.
+
+    A group varies the named coordinates and fixes the others: read off :func:`rank_grid` by moving
+    the named axes last and flattening them (``"tp"`` fixes (pp, dp, cp); ``"mp"`` = TP × PP fixes
+    (dp, cp); ``"dp_cp"`` fixes (pp, tp)).
+    """
+    grid = rank_grid(tp, pp, dp, cp)  # (pp, dp, cp, tp)
+    axes = {"pp": 0, "dp": 1, "cp": 2, "tp": 3}
+
+    def groups(*varying: str) -> list[list[int]]:
+        fixed = [a for a in axes if a not in varying]
+        g = grid.permute(*[axes[a] for a in fixed], *[axes[a] for a in varying])
+        return [sorted(row) for row in g.reshape(-1, math.prod(g.shape[len(fixed):])).tolist()]
+
+    return {"tp": groups("tp"), "cp": groups("cp"), "dp": groups("dp"), "pp": groups("pp"),
+            "dp_cp": groups("dp", "cp"), "mp": groups("pp", "tp")}
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
-                              sequence_parallel: bool = False) -> ParallelState:
-    """Build this rank's ParallelState from the initialised world (dp = world / (tp·pp)).
+                              sequence_parallel: bool = False,
+                              context_parallel_size: int = 1,
+                              cp_comm: str = "p2p") -> ParallelState:
+    """Build this rank's ParallelState from the initialised world (dp = world / (tp·cp·pp)).
 
     Every rank must call it (``new_group`` is collective). Without torch.distributed initialised,
-    only tp = pp = 1 is possible and a single-rank state is returned (plain single-device model).
+    only tp = pp = cp = 1 is possible and a single-rank state is returned (plain single-device model).
     """
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     if not dist.is_initialized():
-        if tp * pp != 1:
-            raise RuntimeError(f"tp={tp}, pp={pp} needs {tp * pp}+ ranks but torch.distributed is not "
-                               "initialised; run inside minimegatron.launch(fn, world_size) or torchrun")
-        return ParallelState(sequence_parallel=sequence_parallel)
+        if tp * pp * cp != 1:
+            raise RuntimeError(f"tp={tp}, pp={pp}, cp={cp} needs {tp * pp * cp}+ ranks but "
+                               "torch.distributed is not initialised; run inside "
+                               "minimegatron.launch(fn, world_size) or torchrun")
+        ParallelConfig(cp_comm=cp_comm)  # the same checks as a parallel run
+        return ParallelState(sequence_parallel=sequence_parallel, cp_comm=cp_comm)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if tp > world or pp > world:
-        raise ValueError(f"tensor/pipeline parallel size ({tp}/{pp}) is larger than the world of "
-                         f"{world} ranks; launch more ranks or choose smaller sizes")
-    cfg = ParallelConfig(tp=tp, pp=pp, world_size=world, sequence_parallel=sequence_parallel)
-    state = ParallelState(tp=tp, pp=pp, dp=cfg.dp, rank=rank, sequence_parallel=sequence_parallel)
-    groups = grid_groups(tp, pp, cfg.dp)
-    for kind in ("tp", "dp", "pp", "mp"):
+    if max(tp, pp, cp) > world:
+        raise ValueError(f"tensor/pipeline/context parallel size ({tp}/{pp}/{cp}) is larger than the "
+                         f"world of {world} ranks; launch more ranks or choose smaller sizes")
+    cfg = ParallelConfig(tp=tp, pp=pp, cp=cp, world_size=world, sequence_parallel=sequence_parallel,
+                         cp_comm=cp_comm)
+    state = ParallelState(tp=tp, pp=pp, dp=cfg.dp, cp=cp, rank=rank, sequence_parallel=sequence_parallel,
+                          cp_comm=cp_comm)
+    groups = grid_groups(tp, pp, cfg.dp, cp)
+    kinds = ("tp", "cp", "dp", "dp_cp", "pp", "mp") if cp > 1 else ("tp", "dp", "pp", "mp")
+    for kind in kinds:
         for ranks in groups[kind]:  # new_group must be called by every rank, for every group, in order
             g = dist.new_group(ranks)
             if rank in ranks:
                 setattr(state, f"{kind}_group", g)
                 if kind != "mp":
                     setattr(state, f"{kind}_ranks", ranks)
+    if cp == 1:  # no context parallelism: the gradient-averaging group is the data-parallel one
+        state.cp_ranks, state.dp_cp_group, state.dp_cp_ranks = [rank], state.dp_group, state.dp_ranks
     return state

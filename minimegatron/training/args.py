@@ -22,8 +22,9 @@ import math
 import os
 from typing import Any
 
-from minimegatron.config import ModelConfig
+from minimegatron.config import CP_COMM_TYPES, ModelConfig
 from minimegatron.layers.language_model import sequence_parallel_split
+from minimegatron.mpu.context_parallel import context_parallel_split
 from minimegatron.sizes import is_int
 from minimegatron.training.config import DTYPES, MODEL_CLASS, MODELS, RECOMPUTE, TrainConfig
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
@@ -98,7 +99,7 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     and --out-dir can be written, that the checkpoints fit on the disk and the model in memory."""
     if cfg.model not in MODELS:
         _fail(f"model={cfg.model!r}: choose one of {MODELS}")
-    for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "steps", "seq_len",
+    for name in ("tp", "pp", "dp", "cp", "micro_batch_size", "global_batch_size", "steps", "seq_len",
                  "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters"):
         v = getattr(cfg, name)
         if not is_int(v) or v < 1:
@@ -150,7 +151,13 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
               "transformer layer; use more layers or fewer stages")
     if cfg.seq_len > model.max_seq_len:
         _fail(f"seq_len={cfg.seq_len} > the model's max_seq_len={model.max_seq_len}")
-    if cfg.sequence_parallel and cfg.tp > 1:
+    if cfg.cp_comm not in CP_COMM_TYPES:
+        _fail(f"cp_comm={cfg.cp_comm!r}: choose one of {CP_COMM_TYPES} (p2p: ring attention, a2a: "
+              "all-to-all)")
+    if cfg.cp > 1:  # the layers' own checks, before any rank starts
+        model.validate_cp(cfg.cp, cfg.cp_comm, cfg.tp)
+        context_parallel_split(cfg.seq_len, cfg.cp, cfg.tp, cfg.sequence_parallel)
+    elif cfg.sequence_parallel and cfg.tp > 1:
         sequence_parallel_split(cfg.seq_len, cfg.tp)  # the layers' own check, before any rank starts
     if not isinstance(cfg.data, str):
         for name in ("data", "valid_data"):
@@ -190,6 +197,7 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
         check_resume(cfg, model)  # the checkpoint there (if any) holds this model, before --steps
     env_world = os.environ.get("WORLD_SIZE")
     if "RANK" in os.environ and env_world is not None and int(env_world) != cfg.world_size:
-        _fail(f"the launcher started WORLD_SIZE={env_world} ranks but tp·pp·dp = {cfg.tp}·{cfg.pp}·"
-              f"{cfg.dp} = {cfg.world_size}; change --dp (or tp/pp) so that the product matches")
+        _fail(f"the launcher started WORLD_SIZE={env_world} ranks but tp·cp·pp·dp = {cfg.tp}·{cfg.cp}·"
+              f"{cfg.pp}·{cfg.dp} = {cfg.world_size}; change --dp (or tp/cp/pp) so that the product "
+              "matches")
     return model

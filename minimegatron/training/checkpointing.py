@@ -113,14 +113,14 @@ def _recv(src: int, device: torch.device) -> dict[str, torch.Tensor]:
 def _gather_to_writer(tensors: dict[str, torch.Tensor], state: ParallelState, device: torch.device
                       ) -> dict[str, torch.Tensor] | None:
     """Every stage's full tensors, in stage order, on global rank 0; None on every other rank."""
-    if state.tp_rank != 0 or state.dp_rank != 0:
-        return None  # its replica/shard twin on (tp 0, dp 0) has the same full tensors
+    if state.tp_rank != 0 or state.dp_rank != 0 or state.cp_rank != 0:
+        return None  # its replica/shard twin on (tp 0, cp 0, dp 0) has the same full tensors
     if state.pp_rank > 0:
         _send(tensors, 0, device)
         return None
     out = dict(tensors)
     for stage in range(1, state.pp):
-        out.update(_recv(ParallelState.rank_of(0, 0, stage, state.tp, state.dp), device))
+        out.update(_recv(ParallelState.rank_of(0, 0, stage, state.tp, state.dp, 0, state.cp), device))
     return out
 
 
@@ -143,7 +143,7 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     error: BaseException | None = None
     message: str | None = None
     if state.rank == 0:
-        layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp}
+        layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "cp": state.cp}
         trainer = {"step": step, "consumed_samples": step * cfg.global_batch_size,
                    "optimizer_step": optimizer.step_count(), "next_lr": engine.get_lr()[0],
                    "layout": {**layout, "zero_stage": cfg.zero_stage, "dtype": cfg.dtype,

@@ -15,6 +15,7 @@ import os
 from dataclasses import fields
 from typing import Sequence
 
+from minimegatron.config import CP_COMM_TYPES
 from minimegatron.errors import ArgumentParser
 from minimegatron.training.config import DTYPES, MODELS, RECOMPUTE, TrainConfig
 
@@ -30,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default=d.model)
     p.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=d.pp, help="pipeline stages")
+    p.add_argument("--cp", type=int, default=d.cp, help="context-parallel size (the sequence split "
+                   "over cp ranks for attention)")
+    p.add_argument("--cp-comm", dest="cp_comm", choices=CP_COMM_TYPES, default=d.cp_comm,
+                   help="context-parallel attention: p2p (ring) or a2a (all-to-all, Ulysses)")
     p.add_argument("--dp", type=int, default=None,
-                   help="data-parallel replicas (default: WORLD_SIZE / (tp·pp) in a launcher, else 1)")
+                   help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else 1)")
     ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
             "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_len", "steps", "warmup_steps", "zero_stage",
             "eval_interval", "eval_iters", "seed")
@@ -63,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command line -> TrainConfig (dp defaults to WORLD_SIZE / (tp·pp) inside a launcher)."""
+    """Command line -> TrainConfig (dp defaults to WORLD_SIZE / (tp·cp·pp) inside a launcher)."""
     ns = vars(build_parser().parse_args(argv))
     ns.pop("local_rank")
     if ns["dp"] is None:
         world = int(os.environ.get("WORLD_SIZE", 0)) if "RANK" in os.environ else 0
-        ns["dp"] = max(1, world // (ns["tp"] * ns["pp"])) if world and ns["tp"] * ns["pp"] > 0 else 1
+        model = ns["tp"] * ns["cp"] * ns["pp"]
+        ns["dp"] = max(1, world // model) if world and model > 0 else 1
     if ns["out_dir"] is None:
-        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}_pp{ns['pp']}_dp{ns['dp']}")
+        cp = f"_cp{ns['cp']}" if ns["cp"] != 1 else ""
+        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}{cp}_pp{ns['pp']}_dp{ns['dp']}")
     return TrainConfig(**{k: v for k, v in ns.items() if k in {f.name for f in fields(TrainConfig)}})

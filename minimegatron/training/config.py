@@ -1,11 +1,15 @@
 """TrainConfig: every knob of a pretraining run (checked by :func:`~minimegatron.training.args.validate`).
 
-The layout is ``world = tp · pp · dp`` ranks. One optimizer step consumes ``global_batch_size``
+The layout is ``world = tp · cp · pp · dp`` ranks. One optimizer step consumes ``global_batch_size``
 sequences: each of the ``dp`` replicas takes ``global_batch_size / dp`` of them, in
 ``micro_batch_size`` pieces — the gradient-accumulation steps, which are also the micro-batches the
 pipeline schedule interleaves::
 
     global_batch_size = micro_batch_size · num_micro_batches · dp
+
+Context parallelism (``cp``) does not change that count: the ``cp`` ranks of a replica take the same
+sequences, each its zig-zag piece of ``seq_len / cp`` tokens (``cp_comm``: ``"p2p"`` ring attention or
+``"a2a"`` all-to-all, Megatron's ``--cp-comm-type``).
 
 This file is only the dataclass and the names its fields may take: what makes a run valid is in
 :mod:`.args` (the values), :mod:`.preflight` (the machine and the files) and :mod:`.resume` (``--load``),
@@ -35,6 +39,8 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1
+    cp_comm: str = "p2p"
     micro_batch_size: int = 2
     global_batch_size: int = 8
     num_layers: int = 2
@@ -72,7 +78,7 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
     @property
     def num_micro_batches(self) -> int:

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
+from minimegatron.mpu.context_parallel import context_parallel_index
 from minimegatron.training.config import TrainConfig
 
 EVAL_OFFSET = 1 << 40  # synthetic eval samples: indices far from any training index
@@ -86,22 +87,28 @@ def build_datasets(cfg: TrainConfig, vocab_size: int) -> tuple[Dataset, Dataset 
     return train, (valid if n_eval else None)
 
 
-def micro_batches(dataset: Dataset, first: int, cfg: TrainConfig, dp_rank: int
+def micro_batches(dataset: Dataset, first: int, cfg: TrainConfig, dp_rank: int, cp_rank: int = 0
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This replica's micro-batches of the global batch starting at sample ``first``:
-    ``num_micro_batches`` pairs (tokens (b, s), labels (b, s)), b = micro_batch_size."""
+    ``num_micro_batches`` pairs (tokens (b, s), labels (b, s)), b = micro_batch_size.
+
+    Under context parallelism (``cfg.cp > 1``) the tokens of CP rank ``cp_rank`` only: its zig-zag
+    piece (b, s/cp) of the same sequences (``mpu.context_parallel.context_parallel_index``)."""
     per_replica = cfg.global_batch_size // cfg.dp
     start = first + dp_rank * per_replica
     out = []
     for m in range(cfg.num_micro_batches):
         items = [dataset[(start + m * cfg.micro_batch_size + j) % len(dataset)]
                  for j in range(cfg.micro_batch_size)]
-        out.append((torch.stack([it["tokens"] for it in items]).long(),  # (b, s)
-                    torch.stack([it["labels"] for it in items]).long()))  # (b, s)
+        tokens, labels = (torch.stack([it[k] for it in items]).long() for k in ("tokens", "labels"))
+        if cfg.cp > 1:
+            piece = context_parallel_index(tokens.size(1), cp_rank, cfg.cp)
+            tokens, labels = tokens[:, piece], labels[:, piece]  # (b, s/cp)
+        out.append((tokens, labels))  # (b, s[/cp]) each
     return out
 
 
-def step_batches(dataset: Dataset, step: int, cfg: TrainConfig, dp_rank: int
+def step_batches(dataset: Dataset, step: int, cfg: TrainConfig, dp_rank: int, cp_rank: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterator over this replica's micro-batches for optimizer step ``step``."""
-    return iter(micro_batches(dataset, step * cfg.global_batch_size, cfg, dp_rank))
+    """Iterator over this replica's (this CP rank's) micro-batches for optimizer step ``step``."""
+    return iter(micro_batches(dataset, step * cfg.global_batch_size, cfg, dp_rank, cp_rank))

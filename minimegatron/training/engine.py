@@ -52,7 +52,9 @@ from minimegatron.training.schedule import warmup_cosine
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (print it: it is the whole recipe)."""
     return {
-        "train_batch_size": cfg.global_batch_size,
+        # DeepSpeed counts a CP rank as a data-parallel one (it averages gradients over dp·cp), so
+        # its "batch" is global_batch_size·cp pieces of seq_len/cp tokens: the same tokens
+        "train_batch_size": cfg.global_batch_size * cfg.cp,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.num_micro_batches,
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,

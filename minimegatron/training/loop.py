@@ -78,7 +78,7 @@ def evaluate(engine, dataset, cfg: TrainConfig, state: ParallelState) -> float:
     """Mean loss over ``eval_iters`` global batches of ``dataset`` (no dropout, no gradients)."""
     total = 0.0
     for i in range(cfg.eval_iters):
-        batches = step_batches(dataset, i, cfg, state.dp_rank)
+        batches = step_batches(dataset, i, cfg, state.dp_rank, state.cp_rank)
         if _is_pipeline(engine):
             total += float(engine.eval_batch(batches))
         else:
@@ -102,7 +102,8 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
 
     model_config = validate(cfg, preflight=False)  # the parent checked the machine before forking
     if state is None:
-        state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel)
+        state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel,
+                                          context_parallel_size=cfg.cp, cp_comm=cfg.cp_comm)
     model_parallel_seed(cfg.seed, state)
     engine, model = build_engine(cfg, model_config, state)
     if cfg.load:  # weights, optimizer, schedule, RNG: continues at engine.global_steps
@@ -121,13 +122,15 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, initial=engine.global_steps, total=cfg.steps, unit="step",
-                     desc=f"{cfg.model} tp{cfg.tp} pp{cfg.pp} dp{cfg.dp}")
+                     desc=f"{cfg.model} tp{cfg.tp}{f' cp{cfg.cp}' if cfg.cp > 1 else ''} "
+                          f"pp{cfg.pp} dp{cfg.dp}")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     try:
         for step in steps:
             lr = engine.get_lr()[0]
             start = time.perf_counter()
-            loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank), state)
+            loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank, state.cp_rank),
+                              state)
             synchronize()
             elapsed = time.perf_counter() - start
             norm = engine.get_global_grad_norm()

@@ -58,7 +58,8 @@ def restore_rng_states(path: Path, trainer: dict, cfg: TrainConfig, state: Paral
     from minimegatron.mpu.random import model_parallel_seed
 
     saved = trainer["layout"]
-    if (saved["tp"], saved["pp"], saved["dp"]) == (state.tp, state.pp, state.dp) and \
+    if (saved["tp"], saved["pp"], saved["dp"], saved.get("cp", 1)) == (state.tp, state.pp, state.dp,
+                                                                          state.cp) and \
             (path / RNG_NAME).is_file():
         with open_safetensors(path / RNG_NAME) as fh:
             states = {k.split("/", 1)[1]: fh.get_tensor(k) for k in fh.keys()

@@ -142,3 +142,30 @@ def reference_run(config: ModelConfig, hf_builder, from_hf, model_cls, ids: torc
     model(ids, labels).backward()
     return dict(config=config, hf=hf, full=full, ids=ids, labels=labels, hf_logits=hf_logits,
                 model=model, grads=full_grads(model))
+
+
+def context_parallel_run(model_cls, config: ModelConfig, full: dict[str, torch.Tensor], ids: torch.Tensor,
+                         labels: torch.Tensor, tp: int, cp: int, cp_comm: str,
+                         sequence_parallel: bool = False) -> tuple:
+    """On a rank of tp·cp: our model with ``full``'s weights on this CP rank's zig-zag piece.
+
+    Returns (logits of whole sequences, loss, full gradients). The gradients are averaged over the CP
+    group, as the engine's data-parallel averaging over dp·cp does.
+    """
+    import torch.distributed as dist
+    from minimegatron.mpu import initialize_model_parallel
+    from minimegatron.mpu.context_parallel import gather_from_context_parallel, split_for_context_parallel
+
+    state = initialize_model_parallel(tp, sequence_parallel=sequence_parallel, context_parallel_size=cp,
+                                      cp_comm=cp_comm)
+    model = model_cls(config, state)
+    load_full(model, full)
+    local_ids, local_labels = (split_for_context_parallel(t, state) for t in (ids, labels))
+    loss = model(local_ids, local_labels)
+    loss.backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=state.cp_group)
+        p.grad /= cp
+    with torch.no_grad():
+        logits = gather_from_context_parallel(model(local_ids), state)  # (b, s, V)
+    return logits, loss.detach(), full_grads(model)

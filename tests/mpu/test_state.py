@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from minimegatron.compat import DeepSpeedMPU
 from minimegatron.launch import launch
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.mpu.state import ParallelState, grid_groups, initialize_model_parallel
 
 # every (tp, pp) whose product divides 8; dp = 8 / (tp·pp)
 GRIDS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8)]
@@ -70,9 +70,9 @@ def test_bad_sizes_raise_before_any_collective():
     results = launch(_bad_sizes, 4, timeout=60)
     for messages, total in results:
         assert total == 4
-        assert "not divisible by tp·pp = 3·1" in messages[0]
+        assert "not divisible by tp·cp·pp = 3·1·1" in messages[0]
         assert "larger than the world of 4 ranks" in messages[1]
-        assert "not divisible by tp·pp = 2·3" in messages[2]
+        assert "not divisible by tp·cp·pp = 2·1·3" in messages[2]
         assert "larger than the world of 4 ranks" in messages[3]
 
 
@@ -95,3 +95,38 @@ def test_grid_arithmetic_matches_docstring_example():
     assert mpu.get_model_parallel_world_size() == 4 and mpu.get_data_parallel_world_size() == 2
     assert mpu.get_model_parallel_rank() == st.mp_rank == 2
     assert not hasattr(st, "get_model_parallel_rank") and not hasattr(mpu, "get_sequence_parallel_group")
+
+
+def test_context_parallel_axis_sits_between_tp_and_dp():
+    # Megatron's order tp-cp-dp-pp: rank = ((pp_rank·dp + dp_rank)·cp + cp_rank)·tp + tp_rank
+    g = grid_groups(tp=2, pp=1, dp=2, cp=2)
+    assert g["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert g["cp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert g["dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert g["dp_cp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert g["mp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # one replica = TP × PP at fixed (dp, cp)
+    st = ParallelState(tp=2, cp=2, dp=2, pp=2, rank=13)  # 13 = ((1·2 + 1)·2 + 0)·2 + 1
+    assert (st.tp_rank, st.cp_rank, st.dp_rank, st.pp_rank) == (1, 0, 1, 1)
+    assert ParallelState.rank_of(1, 1, 1, tp=2, dp=2, cp_rank=0, cp=2) == 13
+    assert st.dp_cp_rank == 2 and st.world_size == 16
+
+
+def _cp_groups():
+    st = initialize_model_parallel(2, 1, context_parallel_size=2)  # 8 ranks: tp2 cp2 dp2
+    sums = {}
+    for kind in ("tp", "cp", "dp", "dp_cp"):
+        t = torch.tensor([float(st.rank)])
+        dist.all_reduce(t, group=getattr(st, f"{kind}_group"))
+        sums[kind] = (int(t.item()), sum(getattr(st, f"{kind}_ranks")))
+    mpu = DeepSpeedMPU(st)  # DeepSpeed's "data parallel": the dp·cp ranks that average gradients
+    return sums, (mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank(), st.dp_cp_rank)
+
+
+def test_context_parallel_groups_on_real_ranks():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topo = PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=4)  # what pipe.py gives DeepSpeed
+    for rank, (sums, (size, dp_rank, dp_cp_rank)) in enumerate(launch(_cp_groups, 8, timeout=60)):
+        for kind, (got, expected) in sums.items():
+            assert got == expected, f"rank {rank}: the {kind} process group is not its ranks"
+        assert size == 4 and dp_rank == dp_cp_rank == topo.get_coord(rank).data, rank

@@ -81,7 +81,8 @@ def test_resume_gives_the_uninterrupted_losses(saved, name, monkeypatch):
     ("gpt-tp2-pp2", dict(dp=2, zero_stage=1)),                    # optimizer state into ZeRO partitions
     ("gpt-tp2-pp2", dict()),                                       # one rank
     ("llama-dp2-zero1", dict(tp=2, pp=2, sequence_parallel=True)),  # out of ZeRO partitions, into stages
-], ids=["tp2pp2-to-dp2zero1", "tp2pp2-to-1", "dp2zero1-to-tp2pp2sp"])
+    ("llama-dp2-zero1", dict(cp=2, tp=2, zero_stage=1)),          # into context parallelism's dp·cp
+], ids=["tp2pp2-to-dp2zero1", "tp2pp2-to-1", "dp2zero1-to-tp2pp2sp", "dp2zero1-to-cp2tp2zero1"])
 def test_resume_at_another_layout(saved, name, layout):
     """Weights AND Adam's moments are layout-independent: the resumed losses are the same."""
     full, directory = saved[name]
@@ -139,9 +140,9 @@ def test_what_is_on_disk(saved):
     assert moments == {f"{k}/{n}": s for n, s in weights.items() for k in MOMENTS}
     trainer = json.load(open(os.path.join(path, "trainer.json")))
     assert trainer["step"] == 2 and trainer["optimizer_step"] == 2 and trainer["consumed_samples"] == 16
-    assert trainer["layout"] == dict(tp=2, pp=2, dp=1, zero_stage=0, dtype="fp32", sequence_parallel=False)
+    assert trainer["layout"] == dict(tp=2, pp=2, dp=1, cp=1, zero_stage=0, dtype="fp32", sequence_parallel=False)
     meta = json.load(open(os.path.join(path, "metadata.json")))
-    assert meta["model_class"] == "GPTModel" and meta["saved_from"] == dict(tp=2, pp=2, dp=1)
+    assert meta["model_class"] == "GPTModel" and meta["saved_from"] == dict(tp=2, pp=2, dp=1, cp=1)
     bf16 = os.path.join(saved["llama-pp2-bf16"][1], "iter_0000002")
     with safe_open(os.path.join(bf16, "optimizer.safetensors"), "pt") as fh:
         assert fh.get_tensor("master/final_norm.weight").dtype == torch.float32
