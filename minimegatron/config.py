@@ -143,7 +143,7 @@ class ModelConfig:
             return
         if cp_comm == "a2a":
             heads = divide(self.num_attention_heads, tp, "num_attention_heads")
-            divide(heads, cp, "query heads per TP rank",
+            divide(heads, cp, "query heads per TP rank", by=f"context-parallel size {cp}",
                    fix=f"all-to-all context parallelism gives each of the {cp} CP ranks whole heads; "
                        f"choose cp dividing num_attention_heads/tp = {heads}, or --cp-comm p2p")
         _check(self.dropout == 0, f"context parallelism with dropout={self.dropout}: attention over "

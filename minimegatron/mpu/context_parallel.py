@@ -56,11 +56,11 @@ def zigzag_chunks(cp_rank: int, cp: int) -> tuple[int, int]:
 
 def context_parallel_split(seq_len: int, cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
     """``seq_len / cp``, the tokens each CP rank holds, or the ValueError that names the fix."""
-    divide(seq_len, 2 * cp, "seq_len", fix=f"context parallelism cuts each sequence into 2·cp = {2 * cp} "
+    divide(seq_len, 2 * cp, "seq_len", by=f"2·cp = {2 * cp}", fix=f"context parallelism cuts each sequence into 2·cp = {2 * cp} "
                                            f"chunks (zig-zag); seq_len must be a multiple of {2 * cp}")
     local = seq_len // cp
     if sequence_parallel and tp > 1:
-        divide(local, tp, "seq_len/cp", fix=f"sequence parallelism splits each CP rank's {local} tokens "
+        divide(local, tp, "seq_len/cp", by=f"tensor-parallel size {tp}", fix=f"sequence parallelism splits each CP rank's {local} tokens "
                                             f"over {tp} TP ranks; seq_len must be a multiple of "
                                             f"{math.lcm(2 * cp, cp * tp)}")
     return local
@@ -159,7 +159,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: 
     ``DistributedAttention`` (``compat.deepspeed_ulysses``) around the same local attention.
     """
     cp = state.cp
-    divide(q.size(2), cp, "query heads per rank", fix="all-to-all needs cp | heads; use --cp-comm p2p")
+    divide(q.size(2), cp, "query heads per rank", by=f"context-parallel size {cp}", fix="all-to-all needs cp | heads; use --cp-comm p2p")
     k, v = _kv_for_heads(k, v, q.size(2), cp)
 
     def local(qh, kh, vh, *_):
