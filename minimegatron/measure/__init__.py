@@ -9,6 +9,9 @@ activation memory      :class:`SavedActivationCounter`             :func:`layer_
 pipeline bubble        :class:`PipelineTimeline` (DeepSpeed)       :func:`pipeline_bubble_fraction`
 optimizer memory       :func:`optimizer_state_bytes` (ZeRO-1)      :func:`zero1_optimizer_state_bytes`,
                                                                    :func:`zero1_bytes_per_parameter`
+context parallelism    CommCounter, SavedActivationCounter,        :func:`cp_attention_comm`,
+                       :func:`ring_timeline` (per-step events)     :func:`cp_layer_activation_bytes`,
+                                                                   :func:`ring_work`
 =====================  ==========================================  =====================================
 
 Importing this package imports torch only (DeepSpeed and matplotlib are imported where used).
@@ -16,6 +19,12 @@ Importing this package imports torch only (DeepSpeed and matplotlib are imported
 from minimegatron.measure.activation_formulas import (korthikanti_activation_bytes,
                                                       layer_activation_bytes, layer_activation_terms)
 from minimegatron.measure.activations import SavedActivationCounter, SavedTensor
+from minimegatron.measure.context_parallel import (cp_attention_comm, cp_layer_activation_bytes,
+                                                   cp_layer_activation_terms, group_totals,
+                                                   plot_ring_timeline, record_ring_timeline,
+                                                   ring_attention_comm, ring_imbalance, ring_timeline,
+                                                   ring_work, ring_work_closed_form,
+                                                   ulysses_attention_comm, ulysses_calls_per_tensor)
 from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_comm_table,
                                        ring_wire_bytes, tp_layer_comm)
 from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
@@ -30,4 +39,7 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "PipelineTimeline",
            "idle_intervals", "measured_bubble_fraction", "pipeline_bubble_fraction", "plot_timeline",
            "adam_state_bytes", "model_state_bytes", "optimizer_state_bytes", "zero1_bytes_per_parameter",
-           "zero1_optimizer_state_bytes"]
+           "zero1_optimizer_state_bytes", "ring_attention_comm", "ulysses_attention_comm",
+           "ulysses_calls_per_tensor", "cp_attention_comm", "group_totals", "cp_layer_activation_terms",
+           "cp_layer_activation_bytes", "ring_work", "ring_work_closed_form", "ring_imbalance",
+           "record_ring_timeline", "ring_timeline", "plot_ring_timeline"]
