@@ -127,6 +127,9 @@ SPECS = {
     "ex12_generation.grade_top_p_filter": Spec("top_p_filter", True, one_process_first=True),
     "ex12_generation.grade_greedy_decode": Spec("greedy_decode", True),
     "ex13_gaudi.grade_model_flops_utilization": Spec("model_flops_utilization", False),
+    "ex14_context_parallel.grade_merge_partial": Spec("merge_partial", False),
+    "ex14_context_parallel.grade_ring_step": Spec("ring_step", False),
+    "ex14_context_parallel.grade_zigzag_positions": Spec("zigzag_positions", False),
 }
 
 
