@@ -30,7 +30,8 @@ from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_
 from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
                                          zero1_bytes_per_parameter, zero1_optimizer_state_bytes)
 from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTimeline, idle_intervals,
-                                           measured_bubble_fraction, pipeline_bubble_fraction,
+                                           interleaved_bubble_fraction, measured_bubble_fraction,
+                                           pipeline_bubble_fraction, zb_h1_bubble_fraction,
                                            plot_timeline)
 
 __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
@@ -38,6 +39,7 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "layer_activation_bytes", "layer_activation_terms", "FixedTimeLayer", "PipeEvent",
            "PipelineTimeline",
            "idle_intervals", "measured_bubble_fraction", "pipeline_bubble_fraction", "plot_timeline",
+           "interleaved_bubble_fraction", "zb_h1_bubble_fraction",
            "adam_state_bytes", "model_state_bytes", "optimizer_state_bytes", "zero1_bytes_per_parameter",
            "zero1_optimizer_state_bytes", "ring_attention_comm", "ulysses_attention_comm",
            "ulysses_calls_per_tensor", "cp_attention_comm", "group_totals", "cp_layer_activation_terms",

@@ -182,6 +182,31 @@ def pipeline_bubble_fraction(stages: int, micro_batches: int) -> float:
     return (stages - 1) / (micro_batches + stages - 1)
 
 
+def interleaved_bubble_fraction(stages: int, micro_batches: int, chunks: int) -> float:
+    """Interleaved 1F1B with ``v = chunks`` model chunks per stage (Narayanan et al. 2021, §2.2): the
+    warm-up and cool-down shrink to ``(p - 1)`` chunk-sized units, ``1/v`` of a stage's work, so the
+    idle share is ``(p - 1) / (v·m + p - 1)``."""
+    if chunks < 1:
+        raise ValueError(f"need chunks (virtual stages per rank) >= 1, got v={chunks}")
+    pipeline_bubble_fraction(stages, micro_batches)  # the same checks
+    return (stages - 1) / (chunks * micro_batches + stages - 1)
+
+
+def zb_h1_bubble_fraction(stages: int, micro_batches: int, forward: float = 1.0,
+                          backward_input: float = 1.0, backward_weight: float = 1.0) -> float:
+    """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", §3): the backward is split into B (the
+    input gradient, on the critical path) and W (the weight gradient, deferred into the cool-down's
+    idle slots). With ``T_F, T_B, T_W`` per micro-batch per stage the bubble is
+    ``(p - 1)·(T_F + T_B - T_W)`` — 1F1B's is ``(p - 1)·(T_F + T_B + T_W)`` — so the idle share is
+    ``(p - 1)(T_F + T_B - T_W) / (m (T_F + T_B + T_W) + (p - 1)(T_F + T_B - T_W))``: with equal times,
+    ``(p - 1) / (3m + p - 1)``, a third of 1F1B's bubble in time."""
+    pipeline_bubble_fraction(stages, micro_batches)
+    if min(forward, backward_input, backward_weight) < 0 or backward_weight > forward + backward_input:
+        raise ValueError("need times >= 0 and T_W <= T_F + T_B (ZB-H1's bound)")
+    bubble = (stages - 1) * (forward + backward_input - backward_weight)
+    return bubble / (micro_batches * (forward + backward_input + backward_weight) + bubble)
+
+
 def _step_events(events: list[PipeEvent], step: int | None) -> list[PipeEvent]:
     if not events:
         raise ValueError("no pipeline events recorded: was train_batch called inside the timeline?")
