@@ -93,8 +93,10 @@ def test_run_schedule_matches_the_unsplit_model(p):
                 torch.testing.assert_close(got, q.grad)
 
 
-def test_run_schedule_equals_deepspeeds_pipeline_engine_on_gpt():
-    """Same tied GPT, same micro-batches: the teaching executor's gradients are DeepSpeed's SGD step."""
+@pytest.mark.parametrize("order_fn", [schedules.one_f_one_b_order, schedules.zb_h1_order])
+def test_run_schedule_equals_deepspeeds_pipeline_engine_on_gpt(order_fn):
+    """Same tied GPT, same micro-batches: the teaching executor's gradients are DeepSpeed's SGD step —
+    with ZB-H1's split backward too (token ids: B is empty on stage 0; the tied table is all-reduced)."""
     from minimegatron.config import gpt_config
     from minimegatron.training.loop import preload
 
@@ -112,7 +114,7 @@ def test_run_schedule_equals_deepspeeds_pipeline_engine_on_gpt():
         data = [(torch.randint(0, 64, (b, s), generator=g), torch.randint(0, 64, (b, s), generator=g))
                 for _ in range(m)]
         teach = GPTModelPipe(cfg, state, init_seed=5)
-        res = schedules.run_schedule(teach, schedules.one_f_one_b_order(state.pp_rank, 2, m), data,
+        res = schedules.run_schedule(teach, order_fn(state.pp_rank, 2, m), data,
                                      teach.loss_fn, state, (s, b, cfg.hidden_size))
         pipe = GPTModelPipe(cfg, state, init_seed=5)
         ds = {"train_batch_size": b * m, "train_micro_batch_size_per_gpu": b, "gradient_clipping": 0.0,
