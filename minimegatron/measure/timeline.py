@@ -199,10 +199,16 @@ def zb_h1_bubble_fraction(stages: int, micro_batches: int, forward: float = 1.0,
     idle slots). With ``T_F, T_B, T_W`` per micro-batch per stage the bubble is
     ``(p - 1)·(T_F + T_B - T_W)`` — 1F1B's is ``(p - 1)·(T_F + T_B + T_W)`` — so the idle share is
     ``(p - 1)(T_F + T_B - T_W) / (m (T_F + T_B + T_W) + (p - 1)(T_F + T_B - T_W))``: with equal times,
-    ``(p - 1) / (3m + p - 1)``, a third of 1F1B's bubble in time."""
+    ``(p - 1) / (3m + p - 1)``, a third of 1F1B's bubble in time. It holds for ``T_W <= min(T_F, T_B)``
+    and ``m >= p`` (where :func:`minimegatron.schedules.simulate` agrees exactly); outside it raises."""
     pipeline_bubble_fraction(stages, micro_batches)
-    if min(forward, backward_input, backward_weight) < 0 or backward_weight > forward + backward_input:
-        raise ValueError("need times >= 0 and T_W <= T_F + T_B (ZB-H1's bound)")
+    if min(forward, backward_input, backward_weight) < 0:
+        raise ValueError(f"need times >= 0, got T_F={forward}, T_B={backward_input}, T_W={backward_weight}")
+    if backward_weight > min(forward, backward_input) or micro_batches < stages:  # where it holds
+        raise ValueError(f"the ZB-H1 formula holds for T_W <= min(T_F, T_B) and m >= p (got T_W="
+                         f"{backward_weight}, T_F={forward}, T_B={backward_input}, m={micro_batches}, "
+                         f"p={stages}): outside, the W's cannot fill the bubble; simulate the order "
+                         "(minimegatron.schedules.simulate) instead")
     bubble = (stages - 1) * (forward + backward_input - backward_weight)
     return bubble / (micro_batches * (forward + backward_input + backward_weight) + bubble)
 

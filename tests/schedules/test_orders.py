@@ -119,11 +119,16 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def test_formula_range_of_zb_h1_is_where_simulate_agrees():
-    """Outside m >= p and T_W <= min(T_F, T_B) the schedule idles more than the formula says."""
-    assert schedules.bubble_fraction(schedules.simulate(schedules.zb_h1_order, 4, 2, 1, 1, 1)) > \
-        zb_h1_bubble_fraction(4, 2) + 0.05
-    assert schedules.bubble_fraction(schedules.simulate(schedules.zb_h1_order, 4, 8, 1, 1, 2)) > \
-        zb_h1_bubble_fraction(4, 8, 1, 1, 2) + 0.05
+    """Outside m >= p and T_W <= min(T_F, T_B) the schedule idles more than the in-range expression
+    says, so the formula refuses there (simulate the order instead)."""
+    def in_range_expression(p, m, t_f, t_b, t_w):
+        bubble = (p - 1) * (t_f + t_b - t_w)
+        return bubble / (m * (t_f + t_b + t_w) + bubble)
+    for p, m, t_w in ((4, 2, 1), (4, 8, 2)):
+        simulated = schedules.bubble_fraction(schedules.simulate(schedules.zb_h1_order, p, m, 1, 1, t_w))
+        assert simulated > in_range_expression(p, m, 1, 1, t_w) + 0.05
+        with pytest.raises(ValueError, match=r"holds for T_W <= min\(T_F, T_B\) and m >= p"):
+            zb_h1_bubble_fraction(p, m, 1, 1, t_w)
 
 
 def test_plot_schedule_draws_simulated_slots():
