@@ -130,6 +130,8 @@ SPECS = {
     "ex14_context_parallel.grade_merge_partial": Spec("merge_partial", False),
     "ex14_context_parallel.grade_ring_step": Spec("ring_step", False),
     "ex14_context_parallel.grade_zigzag_positions": Spec("zigzag_positions", False),
+    "ex15_pipeline_schedules.grade_interleaved_order": Spec("interleaved_order", False),
+    "ex15_pipeline_schedules.grade_zb_h1_order": Spec("zb_h1_order", False),
 }
 
 
