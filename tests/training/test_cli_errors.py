@@ -1,26 +1,28 @@
 """Every bad input and every fault of the train and demo command lines ends in ONE clear line.
 
-Each case runs the real command (``python -m minimegatron.train`` / ``python -m minimegatron.demo``) as
-a subprocess and checks what a student sees: the exit status (2: bad input, 1: the run failed, 130:
-Ctrl-C), stderr holding exactly one non-blank line ``<prog>: error: ...`` that names the problem (key
-words, the path) and the fix, no traceback, an answer within a time bound, no process left behind (a
-tag in the environment of every process the command started; ``TMPDIR`` private, so launch's
-``minimegatron-launch-*`` directories are checked too) and nothing lost (an existing checkpoint at
-``--save`` is byte-for-byte intact after a refused run). Most cases are refused before any rank starts
-(two seconds: the import of torch); a few run ranks on purpose (a diverging loss, Ctrl-C, a hang, a
-damaged tensor a rank finds). Library-level cases (load_model on damaged files) run in-process.
+Each case checks what a student sees: the exit status (2: bad input, 1: the run failed, 130: Ctrl-C),
+stderr holding exactly one non-blank line ``<prog>: error: ...`` that names the problem (key words, the
+path) and the fix, no traceback, an answer within a time bound, no process left behind and no launch
+temp dir (``minimegatron-launch-*``) in a private ``TMPDIR``, and nothing lost (an existing checkpoint
+at ``--save`` is byte-for-byte intact after a refused run).
+
+Most cases are refused before any rank starts. Those run the CLI's ``main(argv)`` in this process
+(:func:`run_main <tests.training.cli_runs.run_main>`: isolated like a fresh process, no two seconds of
+torch import), except the :data:`SUBPROCESS` ones, which run the real command (``python -m
+minimegatron.train`` / ``python -m minimegatron.demo``) as a subprocess: one of each kind of refusal
+(a bad value, a bad flag, a damaged checkpoint, the demo's) and every case that needs a private mount
+(a read-only or tiny file system), so the end-to-end path — the module's entry point, the exit status,
+nothing printed by imports — stays proven. A few cases run ranks on purpose (a diverging loss, Ctrl-C,
+a hang, a damaged tensor a rank finds): subprocesses too. Library-level cases (load_model on damaged
+files) run in-process.
 """
 import errno
-import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -32,130 +34,43 @@ from safetensors.torch import save_file  # noqa: E402
 import minimegatron.checkpoint.io as ckpt_io  # noqa: E402
 from minimegatron.checkpoint import CheckpointError, load_config, load_model, read_checkpoint  # noqa: E402
 from minimegatron.errors import rank_error_line  # noqa: E402
+from tests.training.cli_runs import (DEMO, RAN_IN, TRAIN, Run, _alive_with, assert_one_line,  # noqa: E402
+                                     mounted, read_only, run_cli, run_main, tree_digest)
 
-ROOT = Path(__file__).resolve().parents[2]
-TRAIN, DEMO = "minimegatron.train", "minimegatron.demo"
-PROGS = {TRAIN: "python -m minimegatron.train", DEMO: "python -m minimegatron.demo"}
 TINY = ["--steps", "2", "--hidden-size", "16", "--num-layers", "1", "--seq-len", "16",
         "--global-batch-size", "2", "--micro-batch-size", "1", "--vocab-size", "64", "--no-progress"]
-REFUSED_IN = 45.0   # seconds: a refusal before any rank (torch's import dominates; the machine is shared)
-RAN_IN = 120.0      # seconds: a case that starts ranks
+
+# The refusals that run as the real command (the others: main(argv) in this process).
+SUBPROCESS = {
+    "test_train_refuses_bad_values[lr-inf]",              # a bad value (validate)
+    "test_train_refuses_bad_values[misspelt-flag]",       # a bad flag (the parser)
+    "test_damaged_checkpoints_are_named_before_any_rank[truncated-weights]",  # a damaged --load
+    "test_demo_refuses_bad_values[steps-not-int]",        # the demo's entry point
+    # a private mount (as root): only a subprocess can have one
+    "test_save_in_a_read_only_directory", "test_out_dir_in_a_read_only_directory",
+    "test_checkpoints_that_cannot_fit_on_the_disk", "test_demo_out_in_a_read_only_directory",
+}
 
 
-# ---- running a command and checking what it left ---------------------------------------------------
-
-def _alive_with(tag: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag``: the command and its ranks."""
-    if not os.path.isdir("/proc"):
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if tag.encode() not in fh.read():
-                    continue
-            with open(f"/proc/{entry}/stat") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            pids.append(int(entry))
-    return pids
+@pytest.fixture
+def refused(request, monkeypatch, capfd):
+    """Run a command that must be refused before any rank starts: the real command for the
+    SUBPROCESS cases (and whenever a mount prefix is needed), else main(argv) in this process."""
+    def run(module: str, *args: str, cwd: Path, prefix: list[str] | None = None) -> Run:
+        if prefix or request.node.name in SUBPROCESS:
+            return run_cli(module, *args, cwd=cwd, prefix=prefix)
+        return run_main(module, list(args), cwd, monkeypatch, capfd)
+    return run
 
 
-class Run:
-    """One command: its result, how long it took, and the leftovers checks."""
-
-    def __init__(self, module: str, args: list[str], cwd: Path, prefix: list[str] | None = None) -> None:
-        self.module, self.cwd = module, cwd
-        self.tag = f"MINIMEGATRON_TEST_TAG={uuid.uuid4().hex}"
-        self.tmpdir = cwd / f"tmp-{uuid.uuid4().hex[:6]}"
-        self.tmpdir.mkdir()
-        self.env = {**os.environ, "TMPDIR": str(self.tmpdir), "MINIMEGATRON_TEST_TAG": self.tag.split("=")[1],
-                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                    "MINIMEGATRON_DEVICE": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        self.env.pop("MINIMEGATRON_TRACEBACK", None)
-        self.argv = (prefix or []) + [sys.executable, "-m", module, *args]
-
-    def run(self, timeout: float) -> "Run":
-        start = time.monotonic()
-        out = subprocess.run(self.argv, capture_output=True, text=True, timeout=timeout, cwd=self.cwd,
-                             env=self.env)
-        self.seconds = time.monotonic() - start
-        self.returncode, self.stdout, self.stderr = out.returncode, out.stdout, out.stderr
-        self.check_nothing_left()
-        return self
-
-    def check_nothing_left(self, wait: float = 5.0) -> None:
-        deadline = time.monotonic() + wait
-        while _alive_with(self.tag.split("=")[1]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive_with(self.tag.split("=")[1]), "a process of the command outlived it"
-        assert not list(self.tmpdir.glob("minimegatron-launch-*")), "launch left its temp directory"
-
-
-def run_cli(module: str, *args: str, cwd: Path, timeout: float = REFUSED_IN,
-            prefix: list[str] | None = None) -> Run:
-    return Run(module, list(args), cwd, prefix).run(timeout)
-
-
-def assert_one_line(run: Run, status: int, *patterns: str, within: float = REFUSED_IN) -> str:
-    """Exit ``status``; stderr is one non-blank line ``<prog>: error: ...`` matching every pattern."""
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert run.returncode == status, (run.returncode, run.stderr[-3000:])
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert len(lines) == 1, run.stderr[-3000:]
-    line = lines[0]
-    prog = PROGS[run.module]
-    assert line.startswith(f"{prog}: error: ") and len(line) > len(prog) + 20, line
-    for pattern in patterns:
-        assert re.search(pattern, line), (pattern, line)
-    assert run.seconds < within, f"took {run.seconds:.1f} s"
-    return line
-
-
-def tree_digest(path: Path) -> str:
-    """A hash of every file's name and bytes under ``path``: equal digests, nothing lost."""
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-# ---- file systems a test cannot otherwise make as root: read-only, tiny ----------------------------
-
-def _mount_namespaces_work() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
-MOUNTS = _mount_namespaces_work()
-
-
-def mounted(directory: Path, options: str) -> list[str]:
-    """A command prefix that runs the command with a private tmpfs (``options``) on ``directory``
-    (a private mount namespace: nothing outside sees it). Skips when this machine cannot."""
-    if not MOUNTS:
-        pytest.skip("no private mount namespaces (unshare -rm) here")
-    directory.mkdir(parents=True, exist_ok=True)
-    return ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "$0" && exec "$@"',
-            str(directory)]
-
-
-def read_only(directory: Path) -> list[str]:
-    """A prefix (possibly empty) under which ``directory`` cannot be written."""
-    if os.geteuid() != 0:  # permissions are enough for a normal user
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o555)
-        return []
-    return mounted(directory, "ro,size=64k")
+def test_the_subprocess_cases_are_cases():
+    """A misspelt name in SUBPROCESS would quietly run that case in-process."""
+    names = set()
+    for name, fn in globals().items():
+        if name.startswith("test_") and callable(fn):
+            ids = [m.kwargs.get("ids") or [] for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+            names |= {f"{name}[{i}]" for i in ids[0]} if ids else {name}
+    assert SUBPROCESS <= names, SUBPROCESS - names
 
 
 # ---- a real checkpoint to damage -----------------------------------------------------------------
@@ -209,44 +124,44 @@ def copy_of(checkpoint, tmp_path):
         "dropout-one", "timeout-negative", "timeout-nan", "split-garbage", "split-four-parts", "steps-zero",
         "micro-batch-negative", "kv-heads-zero", "tp-heads", "batch-divisibility", "steps-not-int",
         "misspelt-flag", "model-too-big"])
-def test_train_refuses_bad_values(tmp_path, args, patterns):
-    run = run_cli(TRAIN, *TINY, "--out-dir", str(tmp_path / "log"), *args, cwd=tmp_path)
+def test_train_refuses_bad_values(refused, tmp_path, args, patterns):
+    run = refused(TRAIN, *TINY, "--out-dir", str(tmp_path / "log"), *args, cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
     assert not (tmp_path / "log").exists()  # refused before anything was written
 
 
 # ---- train: paths -------------------------------------------------------------------------------
 
-def test_save_under_a_file(tmp_path):
+def test_save_under_a_file(refused, tmp_path):
     (tmp_path / "notes.txt").write_text("")
-    run = run_cli(TRAIN, *TINY, "--save", str(tmp_path / "notes.txt" / "ck"), cwd=tmp_path)
+    run = refused(TRAIN, *TINY, "--save", str(tmp_path / "notes.txt" / "ck"), cwd=tmp_path)
     assert_one_line(run, 2, r"--save .*notes\.txt/ck", r"notes\.txt is a file, not a directory",
                     r"parents are directories")
 
 
-def test_save_in_a_read_only_directory(tmp_path):
+def test_save_in_a_read_only_directory(refused, tmp_path):
     prefix = read_only(tmp_path / "ro")
-    run = run_cli(TRAIN, *TINY, "--save", str(tmp_path / "ro" / "ck"), cwd=tmp_path, prefix=prefix)
+    run = refused(TRAIN, *TINY, "--save", str(tmp_path / "ro" / "ck"), cwd=tmp_path, prefix=prefix)
     assert_one_line(run, 2, r"--save .*ro/ck: cannot write in .*ro, where it would be created",
                     r"Read-only file system|Permission denied", r"writable|directory you own")
 
 
-def test_out_dir_in_a_read_only_directory(tmp_path):
+def test_out_dir_in_a_read_only_directory(refused, tmp_path):
     prefix = read_only(tmp_path / "ro")
-    run = run_cli(TRAIN, *TINY, "--out-dir", str(tmp_path / "ro" / "run"), cwd=tmp_path, prefix=prefix)
+    run = refused(TRAIN, *TINY, "--out-dir", str(tmp_path / "ro" / "run"), cwd=tmp_path, prefix=prefix)
     assert_one_line(run, 2, r"--out-dir .*ro/run: cannot write", r"Read-only file system|Permission denied")
 
 
-def test_out_dir_is_an_existing_file(tmp_path):
+def test_out_dir_is_an_existing_file(refused, tmp_path):
     (tmp_path / "run").write_text("")
-    run = run_cli(TRAIN, *TINY, "--out-dir", str(tmp_path / "run"), cwd=tmp_path)
+    run = refused(TRAIN, *TINY, "--out-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert_one_line(run, 2, r"--out-dir .*run is a file; give a directory")
 
 
-def test_checkpoints_that_cannot_fit_on_the_disk(tmp_path):
+def test_checkpoints_that_cannot_fit_on_the_disk(refused, tmp_path):
     """A 64 KB disk: the run is refused at once, not after training, and says how much is needed."""
     prefix = mounted(tmp_path / "small", "size=64k")
-    run = run_cli(TRAIN, *TINY, "--save", str(tmp_path / "small" / "ck"), cwd=tmp_path, prefix=prefix)
+    run = refused(TRAIN, *TINY, "--save", str(tmp_path / "small" / "ck"), cwd=tmp_path, prefix=prefix)
     assert_one_line(run, 2, r"--save .*small/ck: this run writes its checkpoint \(about .*KB\)",
                     r"has only .* free", r"free some space", r"another disk")
 
@@ -258,7 +173,7 @@ def test_checkpoints_that_cannot_fit_on_the_disk(tmp_path):
     ("bin-suffix", [r"takes the dataset's PREFIX, without \.bin: use --data .*corpus/c\b"]),
     ("half-pair", [r"c\.idx is missing", r"rebuild both"]),
 ], ids=["directory", "missing", "garbage-idx", "bin-suffix", "half-pair"])
-def test_bad_data_paths(tmp_path, make, patterns):
+def test_bad_data_paths(refused, tmp_path, make, patterns):
     import numpy as np
 
     from minimegatron.data.indexed_dataset import IndexedDatasetBuilder
@@ -274,7 +189,7 @@ def test_bad_data_paths(tmp_path, make, patterns):
         (corpus / "c.idx").write_bytes(b"certainly not an index")
     if make == "half-pair":
         (corpus / "c.idx").unlink()
-    run = run_cli(TRAIN, *TINY, "--data", str(data), cwd=tmp_path)
+    run = refused(TRAIN, *TINY, "--data", str(data), cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
 
 
@@ -284,29 +199,29 @@ def _load(ck: Path, *extra: str) -> list[str]:
     return [*TINY, "--steps", "4", "--load", str(ck), *extra]
 
 
-def test_load_of_a_directory_of_pickles_is_refused(tmp_path):
+def test_load_of_a_directory_of_pickles_is_refused(refused, tmp_path):
     foreign = tmp_path / "weights"
     foreign.mkdir()
     torch.save({"w": torch.zeros(2)}, foreign / "model.pt")
     (foreign / "optim.pt").write_bytes(b"\x80\x04junk")
-    run = run_cli(TRAIN, *_load(foreign), cwd=tmp_path)
+    run = refused(TRAIN, *_load(foreign), cwd=tmp_path)
     assert_one_line(run, 2, r"--load .*weights holds no minimegatron checkpoint", r"found model\.pt, optim\.pt",
                     r"nothing was loaded", r"never loaded", r"directory written by --save",
                     r"leave --load out")
 
 
-def test_load_of_a_log_directory_names_the_mix_up(tmp_path, checkpoint):
-    run = run_cli(TRAIN, *_load(checkpoint.parent / "log"), cwd=tmp_path)
+def test_load_of_a_log_directory_names_the_mix_up(refused, tmp_path, checkpoint):
+    run = refused(TRAIN, *_load(checkpoint.parent / "log"), cwd=tmp_path)
     assert_one_line(run, 2, r"holds no minimegatron checkpoint", r"train_log\.jsonl",
                     r"an --out-dir \(logs\), not a checkpoint", r"--save directory")
 
 
-def test_load_of_a_hugging_face_directory_says_how_to_convert(tmp_path):
+def test_load_of_a_hugging_face_directory_says_how_to_convert(refused, tmp_path):
     hf = tmp_path / "gpt2"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 16}))
     save_file({"wte.weight": torch.zeros(64, 16)}, str(hf / "model.safetensors"))
-    run = run_cli(TRAIN, *_load(hf), cwd=tmp_path)
+    run = refused(TRAIN, *_load(hf), cwd=tmp_path)
     assert_one_line(run, 2, r"gpt2 is a Hugging Face model directory \('gpt2'\)", r"not a minimegatron checkpoint",
                     r"from_hf", r"save_checkpoint")
 
@@ -339,7 +254,7 @@ def test_load_equal_to_save_starts_from_scratch_when_empty(tmp_path):
     ("no-latest", [r"holds no minimegatron checkpoint", r"'latest' file is missing", r"--load-step 2"]),
 ], ids=["truncated-weights", "pickle-weights", "trainer-json", "config-json", "metadata-json",
         "trainer-fields", "truncated-optimizer", "latest-garbage", "latest-dangling", "no-latest"])
-def test_damaged_checkpoints_are_named_before_any_rank(tmp_path, copy_of, damage, patterns):
+def test_damaged_checkpoints_are_named_before_any_rank(refused, tmp_path, copy_of, damage, patterns):
     ck, it = copy_of()
     if damage == "truncated-weights":
         data = (it / "model.safetensors").read_bytes()
@@ -364,33 +279,33 @@ def test_damaged_checkpoints_are_named_before_any_rank(tmp_path, copy_of, damage
     elif damage == "no-latest":
         (ck / "latest").unlink()
     before = tree_digest(ck)
-    run = run_cli(TRAIN, *_load(ck, "--save", str(ck)), cwd=tmp_path)
+    run = refused(TRAIN, *_load(ck, "--save", str(ck)), cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
     assert tree_digest(ck) == before  # refused: nothing written, nothing removed
 
 
-def test_load_step_that_does_not_exist(tmp_path, copy_of):
+def test_load_step_that_does_not_exist(refused, tmp_path, copy_of):
     ck, _ = copy_of()
     before = tree_digest(ck)
-    run = run_cli(TRAIN, *_load(ck, "--load-step", "7", "--save", str(ck)), cwd=tmp_path)
+    run = refused(TRAIN, *_load(ck, "--load-step", "7", "--save", str(ck)), cwd=tmp_path)
     assert_one_line(run, 2, r"no checkpoint for step 7 at .*iter_0000007", r"found \['iter_0000002'\]",
                     r"pick one of those steps \(--load-step\)")
     assert tree_digest(ck) == before
 
 
-def test_rerun_without_load_does_not_overwrite_the_checkpoint(tmp_path, copy_of):
+def test_rerun_without_load_does_not_overwrite_the_checkpoint(refused, tmp_path, copy_of):
     ck, _ = copy_of()
     before = tree_digest(ck)
-    run = run_cli(TRAIN, *TINY, "--save", str(ck), cwd=tmp_path)
+    run = refused(TRAIN, *TINY, "--save", str(ck), cwd=tmp_path)
     assert_one_line(run, 2, r"--save .*ck already holds iter_0000002 of an earlier run", r"overwrite",
                     r"--load .*ck", r"new directory")
     assert tree_digest(ck) == before
 
 
-def test_load_of_another_model_names_the_flags(tmp_path, copy_of):
+def test_load_of_another_model_names_the_flags(refused, tmp_path, copy_of):
     ck, _ = copy_of()
     before = tree_digest(ck)
-    run = run_cli(TRAIN, *_load(ck, "--hidden-size", "32", "--save", str(ck)), cwd=tmp_path)
+    run = refused(TRAIN, *_load(ck, "--hidden-size", "32", "--save", str(ck)), cwd=tmp_path)
     assert_one_line(run, 2, r"hidden_size: 16 in the checkpoint, 32 in this run",
                     r"Fix: train with the checkpoint's model \(--hidden-size 16\)")
     assert tree_digest(ck) == before
@@ -491,22 +406,22 @@ def test_a_full_disk_during_the_save_is_one_line(tmp_path, monkeypatch, capsys):
     (["--steps", "abc"], [r"argument --steps: invalid int value: 'abc'", r"--help"]),
     (["--steps", "-1"], [r"steps must be a positive int, got -1"]),
 ], ids=["lr-nan", "temperature-inf", "top-p-nan", "split", "tp-heads", "steps-not-int", "steps-negative"])
-def test_demo_refuses_bad_values(tmp_path, args, patterns):
-    run = run_cli(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "out"), *args, cwd=tmp_path)
+def test_demo_refuses_bad_values(refused, tmp_path, args, patterns):
+    run = refused(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "out"), *args, cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_out_in_a_read_only_directory(tmp_path):
+def test_demo_out_in_a_read_only_directory(refused, tmp_path):
     prefix = read_only(tmp_path / "ro")
-    run = run_cli(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "ro" / "out"), cwd=tmp_path,
+    run = refused(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "ro" / "out"), cwd=tmp_path,
                   prefix=prefix)
     assert_one_line(run, 2, r"--out .*ro/out: cannot write", r"Read-only file system|Permission denied")
 
 
-def test_demo_out_under_a_file(tmp_path):
+def test_demo_out_under_a_file(refused, tmp_path):
     (tmp_path / "f").write_text("")
-    run = run_cli(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "f" / "out"), cwd=tmp_path)
+    run = refused(DEMO, "--quick", "--no-progress", "--out", str(tmp_path / "f" / "out"), cwd=tmp_path)
     assert_one_line(run, 2, r"--out .*f/out: .*f is a file, not a directory")
 
 
