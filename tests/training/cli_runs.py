@@ -36,6 +36,9 @@ PROGS = {TRAIN: "python -m minimegatron.train", DEMO: "python -m minimegatron.de
 MAINS = {TRAIN: "minimegatron.train", DEMO: "minimegatron.demo.cli"}  # where each module's main() is
 REFUSED_IN = 45.0   # seconds: a refusal before any rank (torch's import dominates; the machine is shared)
 RAN_IN = 120.0      # seconds: a case that starts ranks
+# The battery's run: a model small enough that a 2-step run of it takes seconds
+TINY = ["--steps", "2", "--hidden-size", "16", "--num-layers", "1", "--seq-len", "16",
+        "--global-batch-size", "2", "--micro-batch-size", "1", "--vocab-size", "64", "--no-progress"]
 COMMAND_ENV = {"MINIMEGATRON_DEVICE": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 TRACEBACK_ENV = "MINIMEGATRON_TRACEBACK"
 
