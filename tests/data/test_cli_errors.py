@@ -3,8 +3,10 @@
 Every case runs the command line in a scratch workspace that already holds a good tokenizer model and a
 good dataset — the SUBPROCESS cases (at least 20, one or more of every kind of mistake) as the real
 ``python -m minimegatron.data.preprocess`` / ``python -m minimegatron.data.tokenizer`` subprocess, the
-rest (variants of those) in-process through main(), with stdout/stderr captured at the file-descriptor
-level (a subprocess costs seconds of torch import) — and checks:
+rest (variants of those) in-process through main(), as if in a fresh process (tests/in_process.py:
+default warning filters, stdout/stderr captured at the file-descriptor level; a subprocess costs
+seconds of torch import) — and checks. The subprocess cases run two at a time, each in a workspace of
+its own, ahead of their tests (``subprocess_runs``), which then check their results:
 
 * the exit status (2: bad input) and that it finished within TIME_LIMIT seconds;
 * stderr is exactly one non-empty line, ``<prog>: error: ...``, naming the problem (key words and the
@@ -24,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,10 +37,12 @@ from minimegatron.data.corpus import open_corpus
 from minimegatron.data.preprocess import preprocess
 from minimegatron.data.tokenizer import load_tokenizer
 from minimegatron.data.tokenizer import main as tokenizer_main
+from tests.in_process import call_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PREPROCESS, TOKENIZER = "minimegatron.data.preprocess", "minimegatron.data.tokenizer"
 TIME_LIMIT = 60.0  # seconds for one run: every case fails in its first checks, so this is generous
+PARALLEL = max(1, min(2, os.cpu_count() or 1))  # SUBPROCESS cases running at once (CPU-bound imports)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_non_root = pytest.mark.skipif(IS_ROOT, reason="root reads and writes regardless of permissions")
 
@@ -55,16 +60,13 @@ def run_cli(module: str, argv: list[str], cwd: Path) -> tuple[subprocess.Complet
 
 def run_main(module: str, argv: list[str], cwd: Path, capfd,
              monkeypatch) -> tuple[subprocess.CompletedProcess, float]:
-    """The same run in this process: main() must end in SystemExit, like the command would."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.delenv("MINIMEGATRON_TRACEBACK", raising=False)
+    """The same run in this process, as if it were a fresh one (tests/in_process.py: cwd, sys.argv,
+    default warning filters, file-descriptor capture, nothing left running): main() must end in
+    SystemExit, like the command would."""
     main = importlib.import_module(module).main
-    capfd.readouterr()
-    start = time.monotonic()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, exit_info.value.code, out, err), time.monotonic() - start
+    result = call_main(main, argv, cwd=cwd, argv0=str(ROOT / (module.replace(".", "/") + ".py")),
+                       monkeypatch=monkeypatch, capfd=capfd, delenv=["MINIMEGATRON_TRACEBACK"])
+    return subprocess.CompletedProcess(argv, result.returncode, result.stdout, result.stderr), result.seconds
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -298,24 +300,56 @@ SUBPROCESS = {
 }
 
 
+def _unlock(workspace: Path) -> None:
+    for path in workspace.rglob("*"):  # let pytest clean up what a case locked
+        if path.is_dir():
+            path.chmod(0o755)
+        elif not path.is_symlink():
+            path.chmod(0o644)
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(request, tmp_path_factory, seed_workspace):
+    """The SUBPROCESS cases of this session, run ahead of their tests, PARALLEL at a time (each one the
+    real command in a workspace of its own; two seconds of CPU each, mostly torch's import): case id ->
+    (workspace, its snapshot before the run, the future of (CompletedProcess, seconds)). Each test checks
+    its own; nothing runs in the background while the other tests do."""
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input_is_one_line_and_writes_nothing"
+                and item.path == request.path}
+    cases = [c for c in CASES if c.id in SUBPROCESS and c.id in selected
+             and not (IS_ROOT and needs_non_root in c.marks)]
+    prepared = {}
+    for case in cases:
+        workspace = tmp_path_factory.mktemp(f"sub-{case.id}") / "w"
+        shutil.copytree(seed_workspace, workspace)
+        if case.setup:
+            case.setup(workspace)
+        prepared[case.id] = (workspace, snapshot(workspace))
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futures = {c.id: pool.submit(run_cli, c.module, c.argv, prepared[c.id][0]) for c in cases}
+    yield {key: (*prepared[key], future) for key, future in futures.items()}
+    for workspace, _ in prepared.values():
+        _unlock(workspace)
+
+
 @pytest.mark.parametrize("case", [
     pytest.param(c, id=("subprocess-" if c.id in SUBPROCESS else "main-") + c.id, marks=c.marks)
     for c in CASES])
-def test_bad_input_is_one_line_and_writes_nothing(case: Case, workspace: Path, capfd, monkeypatch):
-    if case.setup:
-        case.setup(workspace)
-    before = snapshot(workspace)
-    try:
-        if case.id in SUBPROCESS:
-            proc, seconds = run_cli(case.module, case.argv, workspace)
-        else:
+def test_bad_input_is_one_line_and_writes_nothing(case: Case, request, capfd, monkeypatch):
+    if case.id in SUBPROCESS:  # it ran already, in its own workspace (subprocess_runs)
+        workspace, before, run = request.getfixturevalue("subprocess_runs")[case.id]
+        _unlock(workspace)
+        proc, seconds = run.result()
+    else:
+        workspace = request.getfixturevalue("workspace")
+        if case.setup:
+            case.setup(workspace)
+        before = snapshot(workspace)
+        try:
             proc, seconds = run_main(case.module, case.argv, workspace, capfd, monkeypatch)
-    finally:
-        for path in workspace.rglob("*"):  # let pytest clean up what a case locked
-            if path.is_dir():
-                path.chmod(0o755)
-            elif not path.is_symlink():
-                path.chmod(0o644)
+        finally:
+            _unlock(workspace)
     assert seconds < TIME_LIMIT, f"took {seconds:.1f} s"
     line = error_line(proc, case.module)
     assert proc.returncode == 2, (proc.returncode, line)
