@@ -71,10 +71,33 @@ state_dict ``{index}.*`` and tied                       key back as (layer index
 modules ``tied_modules.{key}.*``                        place that layout is spelled out
 calls the flat collectives by their     on torch        :func:`quiet_deepspeed` filters those two
 old names (warnings on torch ≥ 2.13)    ≥ 2.13          warnings and DeepSpeed's INFO logging
+``deepspeed.initialize`` always builds  0.14.4 – 0.19   :func:`adopt_pipeline_engine` gives the engine
+``PipelineEngine`` (0.19: or Dual-                      it built a subclass that only adds methods
+PipeVEngine), and ``train_batch`` its                   (``pipe_engine.ZeroBubblePipelineEngine``,
+``TrainSchedule`` (0.14 inline, 0.19                    which overrides ``_exec_schedule``,
+``_train_schedule()``); both run it as                  ``_exec_backward_pass`` and extends
+``_exec_schedule(s)``: per instruction                  ``_INSTRUCTION_MAP``: the same names and
+``_INSTRUCTION_MAP[type(cmd)](**kw)``                   signatures in both)
+bf16's ``BF16_Optimizer``: the          0.14.4 – 0.19   :func:`pipeline_backward_bookkeeping` does
+pipeline clears the low-precision                       the same around a deferred weight-gradient
+grads before each backward, adds them                   pass (with ``immediate_grad_update``, off
+to fp32 ones after (not on the last                     by default, the optimizer's grad hooks do
+stage: ``engine.backward`` does it)                     it and ``update_hp_grads`` returns at once)
+the pipeline receives every output      0.14.4 – 0.19   :func:`private_received_gradient` hands that
+gradient into one buffer, ``engine.                     backward a copy, so that a deferred weight
+grad_layer``, overwritten by the next                   gradient (``pipe_engine``: W after the next
+``RecvGrad``; autograd passes it on                     receive) reads its own micro-batch's
+uncopied                                                ∂L/∂Y
+``PipelineModule`` splits layers only   0.14.4 – 0.19   :func:`set_pipeline_parts` sets ``parts`` and
+``uniform`` / ``parameters`` /                          ``_set_bounds`` as ``_partition_layers``
+``type:`` (no explicit counts)                          does (``pipe.LanguageModelPipe`` overrides
+                                                        it for ``stage_layers``, as 0.19's
+                                                        ``DualPipeVModule`` does)
 ======================================  ==============  ============================================
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -94,7 +117,8 @@ __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check
            "check_deepspeed", "tcp_store", "all_gather_single", "reduce_scatter_single",
            "preload_deepspeed", "deepspeed_checkpoint_globals", "load_deepspeed_checkpoint",
            "init_deepspeed_comm", "DeepSpeedMPU", "TIED_WEIGHT_ATTR", "is_pipeline_tied_copy",
-           "replace_fp32_gradient_clipping", "pipe_layer_key", "quiet_deepspeed"]
+           "replace_fp32_gradient_clipping", "pipe_layer_key", "quiet_deepspeed", "adopt_pipeline_engine",
+           "pipeline_backward_bookkeeping", "private_received_gradient", "set_pipeline_parts"]
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
@@ -284,6 +308,51 @@ def replace_fp32_gradient_clipping(engine, clip: Callable[[], float]) -> None:
         self._global_grad_norm = clip()
 
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+def adopt_pipeline_engine(engine, cls: type) -> None:
+    """Turn the ``PipelineEngine`` that ``deepspeed.initialize`` built into ``cls``, a subclass of it that
+    adds methods and class attributes only (its state is the engine's, so nothing is re-initialised)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if type(engine) is not PipelineEngine or not issubclass(cls, PipelineEngine) or "__init__" in vars(cls):
+        raise TypeError(f"cannot make a {type(engine).__name__} a {cls.__name__}: the engine must be "
+                        "deepspeed.initialize's PipelineEngine, and the class a PipelineEngine subclass "
+                        "without an __init__ of its own")
+    engine.__class__ = cls
+
+
+@contextlib.contextmanager
+def pipeline_backward_bookkeeping(engine):
+    """What DeepSpeed's pipeline does around a backward outside ``engine.backward``: with bf16's
+    ``BF16_Optimizer``, clear the low-precision grads before, add them to the fp32 ones after."""
+    bf16 = getattr(engine, "using_bf16_optimizer", False)
+    if bf16:
+        engine.optimizer.clear_lp_grads()
+    yield
+    if bf16:
+        engine.optimizer.update_hp_grads(clear_lp_grads=False)
+
+
+@contextlib.contextmanager
+def private_received_gradient(engine):
+    """During one pipeline backward, ``engine.grad_layer`` (the received ∂L/∂output) is a copy that
+    nothing overwrites; DeepSpeed's buffer is put back after it, for the next receive."""
+    received = engine.grad_layer
+    if received is not None:
+        engine.grad_layer = (received.clone() if torch.is_tensor(received) else
+                             type(received)(t.clone() for t in received))
+    try:
+        yield
+    finally:
+        engine.grad_layer = received
+
+
+def set_pipeline_parts(module, parts: list[int]) -> None:
+    """Inside ``PipelineModule._partition_layers``: stage ``i`` holds layers ``[parts[i], parts[i+1])``."""
+    stage = module._topo.get_coord(module.global_rank).pipe
+    module.parts = list(parts)
+    module._set_bounds(start=parts[stage], stop=parts[stage + 1])
 
 
 def pipe_layer_key(key: str) -> tuple[int | None, str]:

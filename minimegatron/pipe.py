@@ -19,8 +19,14 @@ weights from ``init_rng(seed, i)`` whichever stage builds it, so every stage hol
 of the unsplit model built with the same ``init_seed`` (or after the same ``torch.manual_seed``), for
 any pp, tp, dp. :func:`load_model_state_dict` copies a plain model's state_dict in instead.
 
-Each stage gets the same number of transformer layers (``partition_method="type:TransformerLayerPipe"``);
-the embedding joins the first stage, the final norm and the head the last.
+Each stage gets the same number of transformer layers (``partition_method="type:TransformerLayerPipe"``),
+or ``stage_layers=(3, 1)`` of them (``--pipeline-layers 3,1``); the embedding joins the first stage,
+the final norm and the head the last. Those two are not free: the embedding holds ``V·h`` parameters
+(GPT: and the last stage a second copy, the tied head) but costs no matmul, while the head's
+``2·V·h`` FLOPs per token stand beside a layer's ``24h² + 4sh`` (GPT): a head of several layers when
+``V ≫ h`` (GPT-2 small: ~4.5). The last stage is then the busy one — the others wait for it on
+every micro-batch, idle time a timeline shows besides the bubble — unless it gets fewer layers.
+``minimegatron.pipe_balance`` has the costs and :func:`~minimegatron.pipe_balance.balanced_stage_layers`.
 
 GPT ties the LM head to the input embedding: the first and the last stage each hold a copy
 (``TiedLayerSpec`` with the same key, DeepSpeed's mechanism); the last stage's ``forward_fn``,
@@ -41,14 +47,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-from typing import Any
+import itertools
+from typing import Any, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from minimegatron.compat import TIED_WEIGHT_ATTR, check_deepspeed, init_deepspeed_comm, pipe_layer_key
+from minimegatron.compat import (TIED_WEIGHT_ATTR, check_deepspeed, init_deepspeed_comm, pipe_layer_key,
+                                 set_pipeline_parts)
 from minimegatron.config import ModelConfig
 from minimegatron.gpt import gpt_config
 from minimegatron.layers.init_seed import init_rng, model_seed
@@ -59,6 +67,7 @@ from minimegatron.layers.transformer import ParallelTransformerLayer, build_fina
 from minimegatron.llama import llama_config
 from minimegatron.mpu.embedding import ParallelLMHead
 from minimegatron.mpu.state import ParallelState
+from minimegatron.pipe_balance import check_stage_layers
 
 __all__ = ["LanguageModelPipe", "GPTModelPipe", "LLaMAModelPipe", "EmbeddingPipe", "TransformerLayerPipe",
            "LMHeadPipe", "tied_lm_head", "load_model_state_dict", "model_state_dict", "model_key"]
@@ -152,13 +161,16 @@ class LanguageModelPipe(PipelineModule):
 
     def __init__(self, config: ModelConfig, state: ParallelState, recompute: str = "none",
                  init_seed: int | None = None, partition_method: str = "type:TransformerLayerPipe",
-                 verbose: bool = False, **pipeline_kwargs: Any) -> None:
+                 stage_layers: Sequence[int] | None = None, verbose: bool = False,
+                 **pipeline_kwargs: Any) -> None:
         config.validate_tp(state.tp)
         config.validate_cp(state.cp, state.cp_comm, state.tp)
         if config.num_layers < state.pp:
             raise ValueError(f"num_layers={config.num_layers} < pipeline stages pp={state.pp}: every "
                              "stage needs at least one transformer layer; use more layers or fewer stages")
+        check_stage_layers(stage_layers, state.pp, config.num_layers)
         self.config, self.state = config, state
+        self.stage_layers = None if stage_layers is None else tuple(stage_layers)
         check_deepspeed()
         init_deepspeed_comm()
         seed, L = model_seed(init_seed), config.num_layers
@@ -188,6 +200,15 @@ class LanguageModelPipe(PipelineModule):
         if (coord.pipe, coord.data, coord.model) != (state.pp_rank, state.dp_cp_rank, state.tp_rank):
             raise RuntimeError(f"DeepSpeed's grid puts rank {state.rank} at {coord}, ParallelState at "
                                f"(pipe={state.pp_rank}, data={state.dp_cp_rank}, model={state.tp_rank})")
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        """DeepSpeed's split (``partition_method``), or ``stage_layers``: the embedding and the first
+        ``stage_layers[0]`` layers on stage 0, ..., the last ones, the final norm and the head last."""
+        if self.stage_layers is None:
+            return super()._partition_layers(method)
+        bounds = list(itertools.accumulate(self.stage_layers, initial=1))  # 1: after the embedding
+        parts = [0, *bounds[1:-1], len(self._layer_specs)]  # the final norm and the head: the last stage
+        set_pipeline_parts(self, parts)
 
     @property
     def layer_range(self) -> tuple[int, int]:

@@ -6,7 +6,8 @@ what                   measured with                               formula
 communication          :class:`CommCounter` (every c10d op)        :func:`tp_layer_comm`, ring bytes
 activation memory      :class:`SavedActivationCounter`             :func:`layer_activation_bytes` (ours),
                        (saved-tensor hooks, per layer)             :func:`korthikanti_activation_bytes`
-pipeline bubble        :class:`PipelineTimeline` (DeepSpeed)       :func:`pipeline_bubble_fraction`
+pipeline bubble        :class:`PipelineTimeline` (DeepSpeed)       :func:`pipeline_bubble_fraction`,
+                                                                   :func:`zb_h1_bubble_fraction`
 optimizer memory       :func:`optimizer_state_bytes` (ZeRO-1)      :func:`zero1_optimizer_state_bytes`,
                                                                    :func:`zero1_bytes_per_parameter`
 context parallelism    CommCounter, SavedActivationCounter,        :func:`cp_attention_comm`,

@@ -23,7 +23,9 @@ for ``m (t_f + t_b)``. The idle share of each stage is
 Measured: all ranks start the step together (a barrier before each ``train_batch`` while attached);
 the step's span runs from the first instruction (any stage) to the end of the last backward
 pass (the optimizer step after the flush is not part of the schedule's bubble); a stage's busy time is
-the sum of its forward and backward passes; bubble = mean over stages of ``1 - busy / span``. Send,
+the sum of its forward and backward passes — and, under ZB-H1 (``pipe_engine``), of its W passes
+(``BackwardWeightPass``, kind ``"weight"``; the span then ends with the last B or W); bubble = mean
+over stages of ``1 - busy / span``. Send,
 receive and loading time counts as idle: that is time the stage is not computing.
 
 Clocks: ``time.perf_counter()`` is the system-wide monotonic clock on Linux and macOS, so events
@@ -36,10 +38,9 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
+from minimegatron.measure.fixed_time import FixedTimeLayer  # (defined there, re-exported here)
 from minimegatron.schedules import stage_bubble_fractions  # the one bubble formula
 
 __all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction",
@@ -53,9 +54,11 @@ _KINDS = {
     "_exec_recv_activations": "recv", "_exec_recv_grads": "recv",
     "_exec_load_micro_batch": "load", "_exec_optimizer_step": "optimizer",
     "_exec_reduce_grads": "reduce_grads", "_exec_reduce_tied_grads": "reduce_grads",
+    "_exec_backward_weight_pass": "weight",  # ZB-H1's W (minimegatron.pipe_engine)
 }
-COMPUTE = ("forward", "backward")
-COLORS = {"forward": "#4C72B0", "backward": "#55A868", "send": "#C44E52", "recv": "#DD8452",
+COMPUTE = ("forward", "backward", "weight")
+COLORS = {"forward": "#4C72B0", "backward": "#55A868", "weight": "#8C8C3C", "send": "#C44E52",
+          "recv": "#DD8452",
           "load": "#8172B3", "optimizer": "#937860", "reduce_grads": "#DA8BC3", "idle": "#EEEEEE"}
 
 
@@ -65,11 +68,11 @@ class PipeEvent:
 
     rank: int
     stage: int
-    kind: str            # forward | backward | send | recv | load | optimizer | reduce_grads
+    kind: str            # forward | backward | weight | send | recv | load | optimizer | reduce_grads
     start: float
     end: float
     step: int            # index of the train_batch call since the recorder was attached
-    micro_batch: int     # k-th forward (or backward) of this step on this stage; -1 for others
+    micro_batch: int     # k-th forward (backward, weight) of this step on this stage; -1 for others
 
     @property
     def duration(self) -> float:
@@ -142,37 +145,6 @@ class PipelineTimeline:
         return run
 
 
-class _Sleep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, forward_s, backward_s):
-        time.sleep(forward_s)
-        ctx.backward_s = backward_s
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        time.sleep(ctx.backward_s)
-        return grad, None, None
-
-
-class FixedTimeLayer(nn.Module):
-    """A tiny linear layer whose forward takes ``forward_s`` and backward ``backward_s`` seconds.
-
-    The theory assumes equal, steady compute per micro-batch and stage. A tiny model's compute is a
-    few hundred µs and jittery next to DeepSpeed's per-instruction overhead and the send/recv latency
-    (which the formula ignores), so the measured bubble would mostly measure overhead. Sleeping a fixed
-    time makes compute dominate, on any machine and on 2 cores with 4 ranks (sleep needs no core).
-    """
-
-    def __init__(self, forward_s: float = 0.05, backward_s: float = 0.1, width: int = 4) -> None:
-        super().__init__()
-        self.forward_s, self.backward_s = forward_s, backward_s
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(self.linear(x), self.forward_s, self.backward_s)
-
-
 # ---- analysis -------------------------------------------------------------------------------------
 
 def pipeline_bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -224,7 +196,7 @@ def _step_events(events: list[PipeEvent], step: int | None) -> list[PipeEvent]:
 
 
 def _span(events: list[PipeEvent]) -> tuple[float, float]:
-    backward_ends = [e.end for e in events if e.kind == "backward"]
+    backward_ends = [e.end for e in events if e.kind in ("backward", "weight")]
     end = max(backward_ends) if backward_ends else max(e.end for e in events)
     return min(e.start for e in events), end
 
@@ -250,7 +222,7 @@ def measured_bubble_fraction(events: list[PipeEvent], step: int | None = None,
 
 def idle_intervals(events: list[PipeEvent], rank: int, step: int | None = None
                    ) -> list[tuple[float, float]]:
-    """The gaps in one rank's compute (forward/backward) within the step's span."""
+    """The gaps in one rank's compute (forward/backward/weight) within the step's span."""
     chosen = _step_events(events, step)
     t0, t1 = _span(chosen)
     busy = sorted((e.start, e.end) for e in chosen if e.rank == rank and e.kind in COMPUTE)
@@ -266,7 +238,8 @@ def idle_intervals(events: list[PipeEvent], rank: int, step: int | None = None
 
 def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, title: str | None = None,
                   show_comm: bool = True):
-    """Gantt chart of one step: a row per stage (rank), forward F<k> / backward B<k> boxes, idle grey."""
+    """Gantt chart of one step: a row per stage (rank), forward F<k> / backward B<k> / weight W<k>
+    boxes, idle grey."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -283,7 +256,7 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
             if e.rank != rank or e.start >= t1 or (e.kind not in COMPUTE and not show_comm):
                 continue
             h = 0.8 if e.kind in COMPUTE else 0.3
-            width = min(e.end, t1) - e.start  # the step ends with the last backward: clip the rest
+            width = min(e.end, t1) - e.start  # the step ends with the last B (or W): clip the rest
             ax.barh(y, width * 1e3, left=(e.start - t0) * 1e3, color=COLORS.get(e.kind, "k"),
                     height=h, edgecolor="white" if e.kind in COMPUTE else None, linewidth=0.5)
             if e.kind in COMPUTE:
@@ -293,7 +266,7 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
     ax.set_yticklabels([f"stage {s} (rank {r})" for s, r in reversed(ranks)])
     ax.set_xlabel("time (ms)")
     present = {e.kind for e in chosen if e.start < t1}
-    kinds = [k for k in ("forward", "backward", "send", "recv", "load", "optimizer", "reduce_grads")
+    kinds = [k for k in ("forward", "backward", "weight", "send", "recv", "load", "optimizer", "reduce_grads")
              if k in present and (show_comm or k in COMPUTE)] + ["idle"]
     ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds], loc="lower center",
               bbox_to_anchor=(0.5, 1.0), fontsize=7, ncol=len(kinds), frameon=False)

@@ -31,6 +31,7 @@ from minimegatron.mpu.layers import (InitMethod, _check_split, _parallel_param, 
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
                                        reduce_from_tensor_model_parallel_region)
 from minimegatron.mpu.state import ParallelState
+from minimegatron.mpu.weight_grad import WeightGradStore, linear
 from minimegatron.sizes import pad_vocab_size  # the one vocab padding (re-exported here)
 
 __all__ = ["VocabParallelEmbedding", "ParallelLMHead", "pad_vocab_size", "vocab_range",
@@ -104,6 +105,7 @@ class ParallelLMHead(nn.Module):
     ``vocab_parallel_cross_entropy``. The input goes through f (or the SP all-gather, keeping only the
     (s/tp, b, h) shard for backward), whose backward sums ∂L/∂h over the vocab slices.
     """
+    weight_grad_store: WeightGradStore | None = None  # set to defer ∂L/∂W (mpu/weight_grad.py)
 
     def __init__(self, vocab_size: int, hidden_size: int, *, state: ParallelState,
                  make_vocab_size_divisible_by: int = 128, tied: bool = False,
@@ -131,9 +133,9 @@ class ParallelLMHead(nn.Module):
         else:
             weight = self.weight
         if self.sequence_parallel:  # (s/tp, b, h) -> (s, b, V_pad/tp), keeps the shard only
-            return linear_with_sequence_parallel_gather(hidden, weight, None, self.state)
+            return linear_with_sequence_parallel_gather(hidden, weight, None, self.state, self.weight_grad_store)
         hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
-        return F.linear(hidden, weight)  # (…, V_pad/tp)
+        return linear(hidden, weight, None, self.weight_grad_store)  # (…, V_pad/tp)
 
     def _check_tied_weight(self, weight: torch.Tensor | None) -> torch.Tensor:
         if weight is None:

@@ -45,6 +45,7 @@ from minimegatron.mpu.mappings import (_gather_first_dim, _reduce_scatter_first_
                                        reduce_scatter_to_sequence_parallel_region,
                                        scatter_to_tensor_model_parallel_region)
 from minimegatron.mpu.state import ParallelState
+from minimegatron.mpu.weight_grad import WeightGradStore, defer_or_compute, linear
 from minimegatron.sizes import divide
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -143,8 +144,8 @@ class _LinearWithSequenceParallelGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, state):
-        ctx.state, ctx.has_bias = state, bias is not None
+    def forward(ctx, x, weight, bias, state, store=None):
+        ctx.state, ctx.has_bias, ctx.store, ctx.targets = state, bias is not None, store, (weight, bias)
         ctx.save_for_backward(x, weight)  # the (s/tp, b, in) shard, not the gathered input
         full = _gather_first_dim(x, state)  # (s/tp, b, in) -> (s, b, in)
         return F.linear(full, weight, bias)  # (s, b, out/tp); full is freed on return
@@ -153,25 +154,28 @@ class _LinearWithSequenceParallelGather(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
         dtype = grad.dtype  # under autocast the matmuls ran in grad's dtype; cast results back
-        if need_x:
-            grad_full = grad.matmul(weight.to(dtype))  # (s, b, in): this rank's partial ∂L/∂X
-            grad_x = _reduce_scatter_first_dim(grad_full, ctx.state).to(x.dtype)  # (s/tp, b, in)
-        if need_w:
-            full = _gather_first_dim(x, ctx.state).to(dtype)  # (s, b, in): the re-gather
-            grad_w = (grad.flatten(0, -2).t() @ full.flatten(0, -2)).to(weight.dtype)  # (out/tp, in)
-        if ctx.has_bias and need_b:
-            grad_b = grad.flatten(0, -2).sum(0)  # (out/tp,)
-        return grad_x, grad_w, grad_b, None
+        grad_x = None
+        if need_x:  # this rank's partial ∂L/∂X (s, b, in), reduce-scattered to (s/tp, b, in)
+            grad_x = _reduce_scatter_first_dim(grad.matmul(weight.to(dtype)), ctx.state).to(x.dtype)
+
+        def weight_grads():  # ∂L/∂W, ∂L/∂b: now, or deferred to a zero-bubble W pass (weight_grad.py)
+            grad_w = grad_b = None
+            if need_w:
+                full = _gather_first_dim(x, ctx.state).to(dtype)  # (s, b, in): the re-gather
+                grad_w = (grad.flatten(0, -2).t() @ full.flatten(0, -2)).to(weight.dtype)  # (out/tp, in)
+            if ctx.has_bias and need_b:
+                grad_b = grad.flatten(0, -2).sum(0)  # (out/tp,)
+            return grad_w, grad_b
+        return (grad_x, *defer_or_compute(ctx.store, weight_grads, ctx.targets), None, None)
 
 
-def linear_with_sequence_parallel_gather(x: torch.Tensor, weight: torch.Tensor,
-                                         bias: torch.Tensor | None, state: ParallelState) -> torch.Tensor:
-    """(s/tp, b, in) -> (s, b, out/tp), saving only the shard; ``F.linear`` at tp == 1."""
+def linear_with_sequence_parallel_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                         state: ParallelState, store: WeightGradStore | None = None):
+    """(s/tp, b, in) -> (s, b, out/tp), saving only the shard; ``linear`` at tp == 1 (``store``: above)."""
     if state.tp == 1:
-        return F.linear(x, weight, bias)
-    return _LinearWithSequenceParallelGather.apply(x, weight, bias, state)
+        return linear(x, weight, bias, store)
+    return _LinearWithSequenceParallelGather.apply(x, weight, bias, state, store)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -182,6 +186,7 @@ class ColumnParallelLinear(nn.Module):
     Backward: all-reduce of ∂L/∂X (or reduce-scatter to (s/tp, b, in) under SP, where only the
     shard is kept and re-gathered for ∂L/∂W: :class:`_LinearWithSequenceParallelGather`).
     """
+    weight_grad_store: WeightGradStore | None = None  # set to defer ∂L/∂W (mpu/weight_grad.py)
 
     def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
                  gather_output: bool = True, stride: int = 1, sequence_parallel: bool = False,
@@ -199,10 +204,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, out/tp), keeps the shard only
-            y = linear_with_sequence_parallel_gather(x, self.weight, self.bias, self.state)
+            y = linear_with_sequence_parallel_gather(x, self.weight, self.bias, self.state, self.weight_grad_store)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.state)  # (…, in), f
-            y = F.linear(x, self.weight, self.bias)  # (…, out/tp)
+            y = linear(x, self.weight, self.bias, self.weight_grad_store)  # (…, out/tp)
         if not self.gather_output:
             return y
         y = gather_from_tensor_model_parallel_region(y, self.state)  # (…, out), rank-major
@@ -227,6 +232,7 @@ class RowParallelLinear(nn.Module):
     rank's s/tp rows only, so ``∂L/∂b = Σ_r Σ_{rows of r} ∂L/∂Y_r``: it enters through ``f`` (identity
     forward, all-reduce of its gradient backward), as ReplicatedLinear's weight does.
     """
+    weight_grad_store: WeightGradStore | None = None  # set to defer ∂L/∂W (mpu/weight_grad.py)
 
     def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
                  input_is_parallel: bool = False, sequence_parallel: bool = False,
@@ -242,7 +248,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.state)  # (…, in) -> (…, in/tp)
-        y = F.linear(x, self.weight)  # (…, out): this rank's partial sum
+        y = linear(x, self.weight, None, self.weight_grad_store)  # (…, out): this rank's partial sum
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.state)  # (s, b, out) -> (s/tp, b, out)
         else:
@@ -269,6 +275,7 @@ class ReplicatedLinear(nn.Module):
     ∂L/∂X (reduce-scatter of ∂L/∂X to (s/tp, b, in) under SP).
     Parameters: ``tensor_model_parallel = False``, drawn exactly like the TP=1 column layer.
     """
+    weight_grad_store: WeightGradStore | None = None  # set to defer ∂L/∂W (mpu/weight_grad.py)
 
     def __init__(self, input_size: int, output_size: int, *, state: ParallelState, bias: bool = True,
                  sequence_parallel: bool = False, init_method: InitMethod | None = None,
@@ -284,9 +291,9 @@ class ReplicatedLinear(nn.Module):
         weight = copy_to_tensor_model_parallel_region(self.weight, self.state)  # f: sums ∂L/∂A
         bias = None if self.bias is None else copy_to_tensor_model_parallel_region(self.bias, self.state)
         if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, out), keeps the shard only
-            return linear_with_sequence_parallel_gather(x, weight, bias, self.state)
+            return linear_with_sequence_parallel_gather(x, weight, bias, self.state, self.weight_grad_store)
         x = copy_to_tensor_model_parallel_region(x, self.state)  # (…, in), f
-        return F.linear(x, weight, bias)  # (…, out)
+        return linear(x, weight, bias, self.weight_grad_store)  # (…, out)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size} (whole on each of {self.state.tp} ranks), "

@@ -5,9 +5,10 @@ cannot work (in the parent process, before ``launch`` forks a single rank; again
 the machine checks), and returns the ModelConfig to build:
 
     the values        each int >= 1 (or >= 0), each float finite and in range (:data:`FLOAT_RULES`),
-                      model / recompute / dtype one of the choices, the --split string
+                      model / recompute / dtype / pipeline_schedule one of the choices, the --split string
     the layout        global_batch_size = micro_batch_size · num_micro_batches · dp, the ZeRO stage with
-                      pp, heads divisible by tp, a layer per pipeline stage, seq_len and tp under SP,
+                      pp, heads divisible by tp, a layer per pipeline stage (--pipeline-layers: pp counts
+                      summing to num_layers), zb-h1 only with pp > 1, seq_len and tp under SP,
                       tp·pp·dp = the launcher's WORLD_SIZE
     the data          a non-empty Dataset, or an indexed dataset whose ids fit the vocab (:mod:`.preflight`)
     the machine       --save / --out-dir writable, disk space, memory (:mod:`.preflight`; parent only)
@@ -26,7 +27,8 @@ from minimegatron.config import CP_COMM_TYPES, ModelConfig
 from minimegatron.layers.language_model import sequence_parallel_split
 from minimegatron.mpu.context_parallel import context_parallel_split
 from minimegatron.sizes import is_int
-from minimegatron.training.config import DTYPES, MODEL_CLASS, MODELS, RECOMPUTE, TrainConfig
+from minimegatron.pipe_balance import check_stage_layers
+from minimegatron.training.config import DTYPES, MODEL_CLASS, MODELS, PIPELINE_SCHEDULES, RECOMPUTE, TrainConfig
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
 from minimegatron.training.resume import check_resume
 
@@ -149,6 +151,13 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     if model.num_layers < cfg.pp:
         _fail(f"num_layers={model.num_layers} < pp={cfg.pp}: every pipeline stage needs at least one "
               "transformer layer; use more layers or fewer stages")
+    if cfg.pipeline_schedule not in PIPELINE_SCHEDULES:
+        _fail(f"pipeline_schedule={cfg.pipeline_schedule!r}: choose one of {PIPELINE_SCHEDULES}")
+    if cfg.pipeline_schedule != "1f1b" and cfg.pp < 2:
+        _fail(f"--pipeline-schedule {cfg.pipeline_schedule} with pp={cfg.pp}: a pipeline schedule orders the "
+              "micro-batches over pipeline stages, and one stage has none to order; give --pp 2 or more, "
+              "or leave the flag out")
+    check_stage_layers(cfg.pipeline_layers, cfg.pp, model.num_layers, "--pipeline-layers")
     if cfg.seq_len > model.max_seq_len:
         _fail(f"seq_len={cfg.seq_len} > the model's max_seq_len={model.max_seq_len}")
     if cfg.cp_comm not in CP_COMM_TYPES:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from minimegatron.config import CP_COMM_TYPES
 from minimegatron.errors import ArgumentParser
-from minimegatron.training.config import DTYPES, MODELS, RECOMPUTE, TrainConfig
+from minimegatron.training.config import DTYPES, MODELS, PIPELINE_SCHEDULES, RECOMPUTE, TrainConfig
 
 __all__ = ["build_parser", "parse_args"]
 
@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "over cp ranks for attention)")
     p.add_argument("--cp-comm", dest="cp_comm", choices=CP_COMM_TYPES, default=d.cp_comm,
                    help="context-parallel attention: p2p (ring) or a2a (all-to-all, Ulysses)")
+    p.add_argument("--pipeline-schedule", dest="pipeline_schedule", choices=PIPELINE_SCHEDULES,
+                   default=d.pipeline_schedule, help="pp > 1: 1f1b (DeepSpeed's) or zb-h1 (zero bubble: "
+                   "weight gradients deferred into the pipeline's idle slots)")
+    p.add_argument("--pipeline-layers", dest="pipeline_layers", type=_layer_counts, default=None,
+                   metavar="N,N,...", help="transformer layers of each pipeline stage, first to last, "
+                   "e.g. 3,1 (default: an even split)")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else 1)")
     ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
@@ -65,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     return p
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    """'3,1' -> (3, 1); anything else is a bad flag (whether they fit pp and num_layers: validate)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid list of layers per stage: {text!r} (comma-separated "
+                                         "ints, one per pipeline stage, e.g. 3,1)") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -11,6 +11,11 @@ Context parallelism (``cp``) does not change that count: the ``cp`` ranks of a r
 sequences, each its zig-zag piece of ``seq_len / cp`` tokens (``cp_comm``: ``"p2p"`` ring attention or
 ``"a2a"`` all-to-all, Megatron's ``--cp-comm-type``).
 
+With ``pp > 1`` the micro-batches run through DeepSpeed's pipeline engine in ``pipeline_schedule``
+order — ``"1f1b"`` (DeepSpeed's own) or ``"zb-h1"`` (zero-bubble, :mod:`minimegatron.pipe_schedules`) —
+and ``pipeline_layers`` (e.g. ``(3, 1)``) sets the transformer layers of each stage instead of an even
+split (``minimegatron.pipe_balance``: why the last stage, which holds the LM head, may want fewer).
+
 This file is only the dataclass and the names its fields may take: what makes a run valid is in
 :mod:`.args` (the values), :mod:`.preflight` (the machine and the files) and :mod:`.resume` (``--load``),
 which all take a TrainConfig — so it sits below them. The command line is :mod:`.cli`.
@@ -24,11 +29,13 @@ from minimegatron.config import ModelConfig, gpt_config, llama_config
 from minimegatron.layers.transformer import RECOMPUTE_MODES as RECOMPUTE  # the one list of modes
 from minimegatron.models import MODEL_CLASS, MODELS  # the one model registry
 
-__all__ = ["TrainConfig", "MODELS", "MODEL_CLASS", "CLI_MODEL_FIELDS", "DTYPES", "RECOMPUTE"]
+__all__ = ["TrainConfig", "MODELS", "MODEL_CLASS", "CLI_MODEL_FIELDS", "DTYPES", "RECOMPUTE",
+           "PIPELINE_SCHEDULES"]
 
 CLI_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                     "ffn_hidden_size")  # the ModelConfig fields the command line sets
 DTYPES = ("fp32", "bf16")
+PIPELINE_SCHEDULES = ("1f1b", "zb-h1")  # = minimegatron.pipe_schedules.PIPELINE_SCHEDULES (no DeepSpeed here)
 
 
 @dataclass
@@ -41,6 +48,8 @@ class TrainConfig:
     dp: int = 1
     cp: int = 1
     cp_comm: str = "p2p"
+    pipeline_schedule: str = "1f1b"  # pp > 1: "1f1b" (DeepSpeed's TrainSchedule) or "zb-h1"
+    pipeline_layers: tuple[int, ...] | None = None  # transformer layers per stage; None: even split
     micro_batch_size: int = 2
     global_batch_size: int = 8
     num_layers: int = 2

@@ -3,7 +3,9 @@
 ==================  ===========================================================================
 pp = 1              ``GPTModel`` / ``LLaMAModel`` in DeepSpeed's plain engine, ``mpu=DeepSpeedMPU(state)``
                     (DeepSpeed all-reduces gradients over our data-parallel group)
-pp > 1              ``GPTModelPipe`` / ``LLaMAModelPipe`` in DeepSpeed's PipelineEngine (1F1B)
+pp > 1              ``GPTModelPipe`` / ``LLaMAModelPipe`` in DeepSpeed's PipelineEngine: 1F1B, or ZB-H1
+                    (``--pipeline-schedule zb-h1``: ``pipe_engine.use_pipeline_schedule``); the layers
+                    per stage even or ``--pipeline-layers``
 ZeRO stage 1        ``"zero_optimization": {"stage": 1}``: each of the dp replicas keeps the fp32
                     master weights and Adam moments of 1/dp of the parameters (Rajbhandari et al.)
 bf16                ``"bf16": {"enabled": true}``: bf16 weights and activations, fp32 master weights
@@ -82,7 +84,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_model(cfg: TrainConfig, model_config: ModelConfig, state: ParallelState) -> nn.Module:
     """GPTModel/LLaMAModel (pp = 1) or GPTModelPipe/LLaMAModelPipe (pp > 1), seeded by ``cfg.seed``."""
     model = model_class(cfg.model, pipeline=state.pp > 1)  # the registry: minimegatron.models
-    return model(model_config, state, recompute=cfg.recompute, init_seed=cfg.seed)
+    split = dict(stage_layers=cfg.pipeline_layers) if state.pp > 1 else {}
+    return model(model_config, state, recompute=cfg.recompute, init_seed=cfg.seed, **split)
 
 
 @torch.no_grad()
@@ -122,6 +125,9 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
             config=deepspeed_config(cfg), lr_scheduler=schedule,
             mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
+    if state.pp > 1:
+        from minimegatron.pipe_engine import use_pipeline_schedule
+        use_pipeline_schedule(engine, cfg.pipeline_schedule)
     if cfg.zero_stage == 0 and cfg.dtype == "fp32" and cfg.clip_grad > 0:  # see the module docstring
         replace_fp32_gradient_clipping(
             engine, lambda: clip_grad_norm(model.parameters(), cfg.clip_grad, state).item())
