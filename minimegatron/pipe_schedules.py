@@ -71,6 +71,8 @@ from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicr
                                              PipeInstruction, PipeSchedule, RecvActivation, RecvGrad,
                                              ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad)
 
+from minimegatron.schedules.orders import zb_h1_order  # the one ZB-H1 order (the teaching runner's too)
+
 __all__ = ["PIPELINE_SCHEDULES", "BackwardWeightPass", "ZeroBubbleH1Schedule", "zb_h1_order",
            "zb_h1_timeline"]
 
@@ -92,29 +94,7 @@ class BackwardWeightPass(PipeInstruction):
 
 
 def _check(stage: int, stages: int, micro_batches: int) -> None:
-    if stages < 1 or micro_batches < 1 or not 0 <= stage < stages:
-        raise ValueError(f"need stages >= 1, micro_batches >= 1 and 0 <= stage < stages; got "
-                         f"stage={stage}, stages={stages}, micro_batches={micro_batches}")
-
-
-def zb_h1_order(stage: int, stages: int, micro_batches: int) -> list[Op]:
-    """Stage ``stage``'s compute order under ZB-H1 (see the module docstring): 1F1B's F and B, each W
-    ``stage`` micro-batches after its B, the remaining Ws one per cool-down B, then the rest."""
-    _check(stage, stages, micro_batches)
-    m, warmup = micro_batches, min(stages - 1 - stage, micro_batches)
-    order: list[Op] = [("F", j) for j in range(warmup)]
-    done_w = 0
-    for k in range(m - warmup):  # steady state: F, B, and the W of `stage` micro-batches ago
-        order += [("F", warmup + k), ("B", k)]
-        if k >= stage:
-            order.append(("W", done_w))
-            done_w += 1
-    for k in range(m - warmup, m):  # cool-down: each B, then one waiting W
-        order.append(("B", k))
-        if done_w <= k:
-            order.append(("W", done_w))
-            done_w += 1
-    return order + [("W", j) for j in range(done_w, m)]
+    zb_h1_order(stage, stages, micro_batches)  # the same checks, one place
 
 
 def zb_h1_timeline(stages: int, micro_batches: int) -> list[dict[int, Op]]:
