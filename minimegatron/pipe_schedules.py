@@ -16,19 +16,22 @@ gradients reach stage 0 sooner, and the late Ws fill the cool-down, where 1F1B's
     compute order of stage s (w = min(p-1-s, m) warm-up forwards, as in 1F1B):
         F0 … F(w-1) │ F(w) B0 [W(0-s)] F(w+1) B1 [W(1-s)] … │ B(m-w) W … B(m-1) W │ W … (the rest)
 
+That order is :func:`minimegatron.schedules.zb_h1_order`, the one the teaching runner
+(``schedules.run_schedule``) and Exercise 15 use; this module turns it into DeepSpeed's instructions.
+
 With ``T_F, T_B, T_W`` per micro-batch per stage the step lasts ``m(T_F + T_B + T_W) + (p-1)(T_F + T_B
 - T_W)``; 1F1B's lasts ``(m + p - 1)(T_F + T_B + T_W)``: for equal times the bubble shrinks from
 ``(p-1)/(m+p-1)`` to ``(p-1)/(3m+p-1)`` (``measure.timeline.zb_h1_bubble_fraction``; it assumes
 ``m >= p``, as the handcrafted schedule does).
 
 From an order to instructions. :func:`zb_h1_timeline` places each stage's order on a clock with unit
-times (an op starts when the stage is free and its input is there: ``F j`` after ``F j`` of the stage
-before, ``B j`` after ``B j`` of the stage after). Step ``t`` of the schedule is what every stage does
-at time ``t``: the messages consumed at ``t``, then the op that starts at ``t``. A message is sent in
-the step its receiver needs it, so both ends of a link meet it in the same step and, within a step,
-in the same order (activation before gradient): DeepSpeed's blocking sends and receives pair up on
-every link, whatever the real timings (no deadlock), and the steps are barrier-safe, as
-``PipeSchedule`` requires. :class:`BackwardWeightPass` is the one instruction DeepSpeed lacks: the
+times (``schedules.simulate``: an op starts when the stage is free and its input is there, ``F j``
+after ``F j`` of the stage before, ``B j`` after ``B j`` of the stage after). Step ``t`` of the
+schedule is what every stage does at time ``t``: the messages consumed at ``t``, then the op that
+starts at ``t``. A message is sent in the step its receiver needs it, so both ends of a link meet it
+in the same step and, within a step, in the same order (activation before gradient): DeepSpeed's
+blocking sends and receives pair up on every link, whatever the real timings (no deadlock), and the
+steps are barrier-safe, as ``PipeSchedule`` requires. :class:`BackwardWeightPass` is the one instruction DeepSpeed lacks: the
 engine that runs it (and makes ``BackwardPass`` compute input gradients only) is
 :mod:`minimegatron.pipe_engine`.
 
@@ -71,10 +74,9 @@ from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicr
                                              PipeInstruction, PipeSchedule, RecvActivation, RecvGrad,
                                              ReduceGrads, ReduceTiedGrads, SendActivation, SendGrad)
 
-from minimegatron.schedules.orders import zb_h1_order  # the one ZB-H1 order (the teaching runner's too)
+from minimegatron.schedules import simulate, zb_h1_order
 
-__all__ = ["PIPELINE_SCHEDULES", "BackwardWeightPass", "ZeroBubbleH1Schedule", "zb_h1_order",
-           "zb_h1_timeline"]
+__all__ = ["PIPELINE_SCHEDULES", "BackwardWeightPass", "ZeroBubbleH1Schedule", "zb_h1_timeline"]
 
 PIPELINE_SCHEDULES = ("1f1b", "zb-h1")  # --pipeline-schedule: DeepSpeed's TrainSchedule, or ZB-H1
 
@@ -93,32 +95,13 @@ class BackwardWeightPass(PipeInstruction):
         super().__init__(micro_batch=micro_batch)
 
 
-def _check(stage: int, stages: int, micro_batches: int) -> None:
-    zb_h1_order(stage, stages, micro_batches)  # the same checks, one place
-
-
 def zb_h1_timeline(stages: int, micro_batches: int) -> list[dict[int, Op]]:
-    """Per stage, ``{start time: op}`` with unit times: each op starts once the stage is free and its
-    input has arrived (``F j`` on stage s after ``F j`` on s-1; ``B j`` after ``B j`` on s+1)."""
-    orders = [zb_h1_order(s, stages, micro_batches) for s in range(stages)]
-    end: dict[tuple[str, int, int], int] = {}  # (kind, stage, micro-batch) -> end time
-    position, free = [0] * stages, [0] * stages
+    """Per stage, ``{start time: op}``: :func:`~minimegatron.schedules.zb_h1_order` (the one ZB-H1 order,
+    the teaching runner's too) placed by :func:`~minimegatron.schedules.simulate` with unit times (an op
+    starts once its stage is free and its input is there)."""
     timeline: list[dict[int, Op]] = [{} for _ in range(stages)]
-    progress = True
-    while progress:
-        progress = False
-        for s in range(stages):
-            while position[s] < len(orders[s]):
-                kind, j = orders[s][position[s]]
-                needs = {"F": ("F", s - 1, j) if s > 0 else None,
-                         "B": ("B", s + 1, j) if s < stages - 1 else ("F", s, j), "W": ("B", s, j)}[kind]
-                if needs is not None and needs not in end:
-                    break  # its input comes later: let the other stages catch up
-                start = max(free[s], end[needs] if needs else 0)
-                timeline[s][start] = (kind, j)
-                end[kind, s, j] = free[s] = start + 1
-                position[s] += 1
-                progress = True
+    for slot in simulate(zb_h1_order, stages, micro_batches, 1.0, 1.0, 1.0):
+        timeline[slot.stage][round(slot.start)] = (slot.kind, slot.micro_batch)
     return timeline
 
 
@@ -139,7 +122,6 @@ class ZeroBubbleH1Schedule(PipeSchedule):
     @cached_property
     def _steps_and_buffers(self) -> tuple[list[list[PipeInstruction]], int]:
         s, p = self.stage_id, self.stages
-        _check(s, p, self.micro_batches)
         timeline = zb_h1_timeline(p, self.micro_batches)
         here = timeline[s]
         before = timeline[s - 1] if s > 0 else {}
