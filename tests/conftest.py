@@ -16,3 +16,14 @@ torch.set_num_threads(1)
 # Loaded once here, inherited by every forked rank: entering a TorchDispatchMode (the comm counter)
 # or building an optimizer imports torch's compiler stack, seconds per rank otherwise.
 import torch._dynamo  # noqa: E402,F401
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def deepspeed_preloaded():
+    """DeepSpeed's heavy modules imported once in this process, so that every forked rank starts with
+    them (the trainer's test modules use it: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    from minimegatron.training.loop import preload
+    preload()

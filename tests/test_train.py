@@ -27,11 +27,7 @@ TINY = dict(steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_
 ATOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_imports():
-    """Import DeepSpeed's heavy modules once here, so that every forked rank starts with them."""
-    from minimegatron.training.loop import preload
-    preload()
+pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
 def run(**kw):

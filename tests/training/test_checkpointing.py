@@ -35,10 +35,7 @@ LAYOUTS = {"gpt-tp2-pp2": dict(model="gpt", tp=2, pp=2),
            "gpt-tp2-dropout": dict(model="gpt", tp=2, dropout=0.1)}    # the RNG states must resume
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_imports():
-    from minimegatron.training.loop import preload
-    preload()
+pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
 def run(**kw):

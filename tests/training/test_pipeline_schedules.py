@@ -30,10 +30,7 @@ TINY = dict(steps=3, num_layers=4, hidden_size=32, num_attention_heads=4, vocab_
 ATOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm_imports():
-    from minimegatron.training.loop import preload
-    preload()
+pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
 # ---- the schedule, without ranks ------------------------------------------------------------------
