@@ -37,7 +37,8 @@ gradients over {first, last stage}. LLaMA keeps them apart: its last layer is ``
 3D parallelism: DeepSpeed's ``PipeModelDataParallelTopology(pp, tp, dp·cp)`` (axes pipe, data, model:
 ``rank = (pp_rank·dp·cp + data)·tp + tp_rank``) is the grid of
 :class:`~minimegatron.mpu.state.ParallelState` (checked at construction): DeepSpeed's data index is
-``dp_rank·cp + cp_rank``, since CP ranks average their gradients like data-parallel ones. Under sequence parallelism
+``dp_rank·cp + cp_rank``, since CP ranks average their gradients like data-parallel ones.
+Under sequence parallelism
 nothing is added here: the replicated norm weights and row-parallel biases, which see only ``s/tp``
 tokens per rank, sum their gradients over TP themselves, through ``f`` in their forward
 (``layers/norms.py``). (DeepSpeed's internals this needs: ``minimegatron.compat``.)
@@ -55,8 +56,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
-from minimegatron.compat import (TIED_WEIGHT_ATTR, check_deepspeed, init_deepspeed_comm, pipe_layer_key,
-                                 set_pipeline_parts)
+from minimegatron.compat import check_deepspeed
+from minimegatron.deepspeed_glue import (TIED_WEIGHT_ATTR, init_deepspeed_comm, pipe_layer_key,
+                                         set_pipeline_parts)
 from minimegatron.config import ModelConfig
 from minimegatron.gpt import gpt_config
 from minimegatron.layers.init_seed import init_rng, model_seed
@@ -91,7 +93,7 @@ class EmbeddingPipe(Embedding):
 
     @property
     def tied_weight(self) -> nn.Parameter:
-        """The tied parameter under one plain attribute name (``compat.TIED_WEIGHT_ATTR``): the word
+        """The tied parameter under one plain attribute name (``deepspeed_glue.TIED_WEIGHT_ATTR``): the word
         embeddings' table, the only copy on this stage (the head holds none)."""
         return self.word_embeddings.weight
 

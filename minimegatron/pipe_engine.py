@@ -19,7 +19,7 @@ instruction                     here
 Everything after the last W is DeepSpeed's, unchanged: ``ReduceTiedGrads`` (GPT's two embedding
 copies), ``ReduceGrads`` (the data-parallel all-reduce, ZeRO-1's reduce), ``OptimizerStep`` (clipping,
 the step): they all see complete gradients. :func:`use_pipeline_schedule` makes an engine from
-``deepspeed.initialize`` run ZB-H1 (``compat.adopt_pipeline_engine``: ``initialize`` cannot be told
+``deepspeed.initialize`` run ZB-H1 (``deepspeed_glue.adopt_pipeline_engine``: ``initialize`` cannot be told
 which engine class to build) and hands the store to every layer that can defer::
 
     engine, *_ = deepspeed.initialize(model=GPTModelPipe(...), ...)
@@ -37,8 +37,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.schedule import BackwardPass, TrainSchedule
 from torch import nn
 
-from minimegatron.compat import (adopt_pipeline_engine, pipeline_backward_bookkeeping,
-                                 private_received_gradient)
+from minimegatron.deepspeed_glue import (adopt_pipeline_engine, pipeline_backward_bookkeeping,
+                                         private_received_gradient)
 from minimegatron.mpu.weight_grad import WeightGradStore
 from minimegatron.pipe_schedules import PIPELINE_SCHEDULES, BackwardWeightPass, ZeroBubbleH1Schedule
 

@@ -25,7 +25,7 @@ parallel", ``dp·cp`` ranks) is the group DeepSpeed is told is data-parallel. Wi
 
 The object speaks only its own names (``tp_rank``, ``dp_group``, ``mp_group``, ...). DeepSpeed asks an
 ``mpu`` for Megatron's (``get_model_parallel_rank``, ``get_data_parallel_group``, ...): the adapter
-``minimegatron.compat.DeepSpeedMPU(state)`` answers them, and is what ``deepspeed.initialize(mpu=...)``
+``minimegatron.deepspeed_glue.DeepSpeedMPU(state)`` answers them, and is what ``deepspeed.initialize(mpu=...)``
 receives. ("Model parallel" there means Megatron's definition: the TP×PP ranks that together hold one
 copy of the model, ``mp_group`` here.)
 

@@ -29,7 +29,7 @@ One detail DeepSpeed leaves to us:
 * Gradient clipping with ZeRO stage 0 in fp32: under a pipeline, DeepSpeed's fp32 path counts the
   replicated weights only on model-parallel rank 0 (the first stage) and the tied embedding twice, so
   the norm is wrong (and it is not recorded). :func:`clip_grad_norm` computes ‖g‖ over TP × PP and
-  replaces it on every such engine (``compat.replace_fp32_gradient_clipping``: the DeepSpeed glue).
+  replaces it on every such engine (``deepspeed_glue.replace_fp32_gradient_clipping``: the DeepSpeed glue).
   (ZeRO-1 and bf16 compute the norm correctly themselves.)
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimegatron.compat import (DeepSpeedMPU, init_deepspeed_comm, is_pipeline_tied_copy,
-                                 quiet_deepspeed, replace_fp32_gradient_clipping)
+from minimegatron.deepspeed_glue import (DeepSpeedMPU, init_deepspeed_comm, is_pipeline_tied_copy,
+                                         quiet_deepspeed, replace_fp32_gradient_clipping)
 from minimegatron.config import ModelConfig
 from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState

@@ -101,7 +101,7 @@ def test_reference_partition_is_deepspeeds_zero1_engine():
     def rank():
         import deepspeed
 
-        from minimegatron.compat import init_deepspeed_comm
+        from minimegatron.deepspeed_glue import init_deepspeed_comm
 
         init_deepspeed_comm()
         torch.manual_seed(0)

@@ -26,7 +26,7 @@ def _zero1_step():
     import deepspeed
 
     from minimegatron.gpt import GPTModel
-    from minimegatron.compat import init_deepspeed_comm
+    from minimegatron.deepspeed_glue import init_deepspeed_comm
 
     init_deepspeed_comm()
     torch.manual_seed(0)

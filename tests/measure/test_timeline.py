@@ -29,7 +29,7 @@ def _record(stages, micro_batches):
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from minimegatron.compat import init_deepspeed_comm
+    from minimegatron.deepspeed_glue import init_deepspeed_comm
 
     init_deepspeed_comm()
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minimegatron.compat import DeepSpeedMPU
+from minimegatron.deepspeed_glue import DeepSpeedMPU
 from minimegatron.launch import launch
 from minimegatron.mpu.state import ParallelState, grid_groups, initialize_model_parallel
 

@@ -48,7 +48,7 @@ def _teach_and_deepspeed(name, p, v, m):
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    from minimegatron.compat import init_deepspeed_comm
+    from minimegatron.deepspeed_glue import init_deepspeed_comm
 
     state = initialize_model_parallel(1, p)
     s = state.pp_rank

@@ -124,7 +124,7 @@ def test_deferred_weight_gradients_add_up_to_one_backward():
 
 
 def test_use_pipeline_schedule_refuses_what_it_cannot_run():
-    from minimegatron.compat import adopt_pipeline_engine
+    from minimegatron.deepspeed_glue import adopt_pipeline_engine
     from minimegatron.pipe_engine import ZeroBubblePipelineEngine, use_pipeline_schedule
 
     with pytest.raises(TypeError, match="not a DeepSpeed PipelineEngine"):
@@ -145,7 +145,7 @@ def _both_schedules(kind, tp, pp, sp=False, zero=0, clip=0.0, kv_heads=None, bf1
     import deepspeed
     from deepspeed.runtime.pipe.schedule import OptimizerStep
 
-    from minimegatron.compat import init_deepspeed_comm
+    from minimegatron.deepspeed_glue import init_deepspeed_comm
     from minimegatron.config import llama_config
     from minimegatron.mpu.state import initialize_model_parallel
     from minimegatron.pipe import GPTModelPipe, LLaMAModelPipe, model_state_dict
@@ -266,7 +266,7 @@ def _record_bubbles(stages, micro_batches):
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from minimegatron.compat import init_deepspeed_comm
+    from minimegatron.deepspeed_glue import init_deepspeed_comm
     from minimegatron.measure.timeline import FixedTimeLayer, PipelineTimeline
     from minimegatron.pipe_engine import use_pipeline_schedule
 
