@@ -93,6 +93,8 @@ def init_deepspeed_comm() -> None:
     if device_type() == "cpu":  # (a partial table, if DeepSpeed has not probed its ops yet: the
         import deepspeed.ops     # full probe runs compilers, and only this entry is ever read)
         vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+        from minimegatron.compat import cpu_accelerator_local_size
+        cpu_accelerator_local_size()  # DeepSpeed 0.14's CPU device count needs numactl otherwise
     deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
 
 

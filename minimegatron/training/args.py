@@ -134,9 +134,9 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
               f"{cfg.micro_batch_size}·{cfg.dp} = {per_step}: each data-parallel replica must get a "
               f"whole number of micro-batches; e.g. use global_batch_size="
               f"{per_step * max(1, cfg.global_batch_size // per_step)}")
-    if cfg.zero_stage not in (0, 1, 2):
+    if cfg.zero_stage not in (0, 1, 2, 3):
         _fail(f"zero_stage={cfg.zero_stage!r}: this trainer supports ZeRO stage 0 (plain data parallel), "
-              "1 (optimizer states sharded over dp) and, without a pipeline, 2")
+              "1 (optimizer states sharded over dp) and, without a pipeline, 2 and 3")
     if cfg.zero_stage >= 2 and cfg.pp > 1:
         _fail(f"zero_stage={cfg.zero_stage} with pp={cfg.pp}: DeepSpeed's pipeline engine supports only "
               "ZeRO stage 0 or 1 (gradients are accumulated across micro-batches, so they cannot be "

@@ -62,7 +62,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
         "gradient_clipping": cfg.clip_grad,  # DeepSpeed's default is 1.0, not off: always say it
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **({"stage3_param_persistence_threshold": 0}
+                                                           if cfg.zero_stage == 3 else {})},
         "bf16": {"enabled": cfg.dtype == "bf16"},
         # activations differ across TP ranks under SP: send them whole, not split over TP
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
