@@ -126,6 +126,8 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
             config=deepspeed_config(cfg), lr_scheduler=schedule,
             mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
+    if cfg.zero_stage == 3 and model_config.tie_embeddings:  # see the module docstring: the tie
+        deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
     if state.pp > 1:
         from minimegatron.pipe_engine import use_pipeline_schedule
         use_pipeline_schedule(engine, cfg.pipeline_schedule)
