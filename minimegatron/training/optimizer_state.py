@@ -22,8 +22,9 @@ ZeRO-1/2 / BF16_Optimizer     one flat fp32 tensor per param group, cut in ``dp`
                               in the flat partition); reading W's moment puts the pieces of every
                               replica in one buffer: an all-reduce (sum of disjoint pieces) over DP.
 ZeRO-3                        every parameter is cut on its own: W flattened, padded to
-(DeepSpeedZeroOptimizer_      ``dp · ⌈n/dp⌉``, rank ``d`` holds elements ``[d·⌈n/dp⌉, (d+1)·⌈n/dp⌉)``
-Stage3)                       (``W.ds_tensor``; ``W`` itself is empty, ``W.ds_shape`` its shape).
+(DeepSpeedZeroOptimizer_      ``dp · ⌈n/dp⌉``, rank ``d`` holds elements ``d·⌈n/dp⌉`` to
+Stage3)                       ``(d+1)·⌈n/dp⌉ - 1`` (``W.ds_tensor``; ``W`` itself is empty,
+                              ``W.ds_shape`` its shape).
                               The fp32 copy and the moments of that piece lie at an offset of one
                               flat fp32 tensor per sub-group (``deepspeed_glue.zero3_fp32_piece``);
                               reading W's moment is again an all-reduce of disjoint pieces over DP.
