@@ -28,6 +28,11 @@ warn)                                                   graders see the call)
 ``weights_only=True`` default: its      torch ≥ 2.6     checkpoints hold (still no arbitrary
 own ZeRO files fail to load                             unpickling); newer DeepSpeed passes
                                                         ``weights_only=False`` itself
+the CPU accelerator's ``device_count``  DeepSpeed       :func:`cpu_accelerator_local_size` sets
+runs ``numactl --hardware`` unless      0.14.4 (0.19:   ``LOCAL_SIZE`` (what DeepSpeed's own
+``LOCAL_SIZE`` is set; ZeRO-3's         1 when numactl  launcher sets: the ranks on this machine)
+gradient reduce-scatter asks it: a      is missing)     when it is unset and ``numactl`` is not
+machine without numactl fails there                     installed
 ``DistributedAttention`` (Ulysses):   DeepSpeed       :func:`deepspeed_ulysses` calls it once per
 its reverse all-to-all is right for    < 0.15          sequence there; passes ``batch_dim_idx=1``
 batch 1 only (it transposes dims 0, 2);                 where the signature has it
@@ -45,7 +50,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
+import shutil
 from datetime import timedelta
 from typing import Callable
 
@@ -55,7 +62,7 @@ import torch.distributed as dist
 __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check_torch",
            "check_deepspeed", "tcp_store", "all_gather_single", "reduce_scatter_single",
            "preload_deepspeed", "deepspeed_checkpoint_globals", "load_deepspeed_checkpoint",
-           "deepspeed_ulysses"]
+           "deepspeed_ulysses", "cpu_accelerator_local_size"]
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
@@ -194,3 +201,12 @@ def deepspeed_ulysses(local_attention: Callable, group) -> Callable:
         return lambda q, k, v: attention(q, k, v, 1)  # (s, b, ...): the batch is dim 1
     return lambda q, k, v: torch.cat([attention(*(t[:, i:i + 1] for t in (q, k, v)))  # one sequence
                                       for i in range(q.size(1))], dim=1)              # at a time
+
+
+def cpu_accelerator_local_size() -> None:
+    """Give DeepSpeed's CPU accelerator its device count without ``numactl`` (see the table).
+
+    ``LOCAL_SIZE`` is the number of ranks on this machine, as DeepSpeed's launcher sets it:
+    ``LOCAL_WORLD_SIZE`` (set by ``launch`` and torchrun), else 1. A value already set is kept."""
+    if "LOCAL_SIZE" not in os.environ and shutil.which("numactl") is None:
+        os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", "1")

@@ -53,6 +53,13 @@ gradient into one buffer, ``engine.                     backward a copy, so that
 grad_layer``, overwritten by the next                   gradient (``pipe_engine``: W after the next
 ``RecvGrad``; autograd passes it on                     receive) reads its own micro-batch's
 uncopied                                                ∂L/∂Y
+ZeRO-3 keeps a parameter's fp32 copy   0.14.4 – 0.19   :func:`zero3_fp32_piece` reads that position
+and Adam moments at an offset of a                      (what the optimizer's own ``get_full_hp_
+flat fp32 tensor per sub-group:                         param`` does, which cannot create the state
+``grad_position[get_param_id(W)]`` =                    before the first step); :func:`is_zero3_
+(sub-group, offset, ⌈n/dp⌉); its torch                  param` tells such a parameter by its ``ds_id``;
+optimizer's ``param_groups`` hold the                   :func:`zero3_fp32_flats` lists the flats with
+flats only during ``step``                              their param groups
 ``PipelineModule`` splits layers only   0.14.4 – 0.19   :func:`set_pipeline_parts` sets ``parts`` and
 ``uniform`` / ``parameters`` /                          ``_set_bounds`` as ``_partition_layers``
 ``type:`` (no explicit counts)                          does (``pipe.LanguageModelPipe`` overrides
@@ -75,7 +82,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TIED_WEIGHT_ATTR", "init_deepspeed_comm", "DeepSpeedMPU", "is_pipeline_tied_copy",
            "replace_fp32_gradient_clipping", "adopt_pipeline_engine", "pipeline_backward_bookkeeping",
-           "private_received_gradient", "set_pipeline_parts", "pipe_layer_key", "quiet_deepspeed"]
+           "private_received_gradient", "set_pipeline_parts", "pipe_layer_key", "quiet_deepspeed",
+           "is_zero3_param", "zero3_fp32_piece", "zero3_fp32_flats"]
 
 TIED_WEIGHT_ATTR = "tied_weight"  # TiedLayerSpec(tied_weight_attr=[...]): a plain name, no dots
 
@@ -93,6 +101,8 @@ def init_deepspeed_comm() -> None:
     if device_type() == "cpu":  # (a partial table, if DeepSpeed has not probed its ops yet: the
         import deepspeed.ops     # full probe runs compilers, and only this entry is ever read)
         vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+        from minimegatron.compat import cpu_accelerator_local_size
+        cpu_accelerator_local_size()  # DeepSpeed 0.14's CPU device count needs numactl otherwise
     deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
 
 
@@ -143,6 +153,26 @@ def replace_fp32_gradient_clipping(engine, clip: Callable[[], float]) -> None:
         self._global_grad_norm = clip()
 
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """True for a parameter ZeRO-3 has partitioned (``param`` is empty; ``param.ds_shape`` its shape)."""
+    return hasattr(param, "ds_id")
+
+
+def zero3_fp32_piece(optimizer, param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(flat, offset, numel)``: this rank's ``⌈n/dp⌉`` elements of ``param``'s fp32 copy are
+    ``flat[offset:offset + numel]``, and its moments the same slice of ``optimizer.optimizer.state[flat]``
+    (``optimizer``: a ``DeepSpeedZeroOptimizer_Stage3``)."""
+    sub_group, offset, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+    return optimizer.fp32_partitioned_groups_flat[sub_group], int(offset), int(numel)
+
+
+def zero3_fp32_flats(optimizer) -> list[tuple[torch.Tensor, int]]:
+    """Every ``(flat, param-group index)`` a ``DeepSpeedZeroOptimizer_Stage3`` steps: its torch
+    optimizer's ``param_groups`` hold them only during ``step`` (empty lists otherwise)."""
+    return [(flat, optimizer.sub_group_to_group_id[i])
+            for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat)]
 
 
 def adopt_pipeline_engine(engine, cls: type) -> None:

@@ -6,10 +6,10 @@ the machine checks), and returns the ModelConfig to build:
 
     the values        each int >= 1 (or >= 0), each float finite and in range (:data:`FLOAT_RULES`),
                       model / recompute / dtype / pipeline_schedule one of the choices, the --split string
-    the layout        global_batch_size = micro_batch_size · num_micro_batches · dp, the ZeRO stage with
-                      pp, heads divisible by tp, a layer per pipeline stage (--pipeline-layers: pp counts
-                      summing to num_layers), zb-h1 only with pp > 1, seq_len and tp under SP,
-                      tp·pp·dp = the launcher's WORLD_SIZE
+    the layout        global_batch_size = micro_batch_size · num_micro_batches · dp, the ZeRO stage
+                      (0-3; 2 and 3 only with pp = 1), heads divisible by tp, a layer per pipeline
+                      stage (--pipeline-layers: pp counts summing to num_layers), zb-h1 only with
+                      pp > 1, seq_len and tp under SP, tp·pp·dp = the launcher's WORLD_SIZE
     the data          a non-empty Dataset, or an indexed dataset whose ids fit the vocab (:mod:`.preflight`)
     the machine       --save / --out-dir writable, disk space, memory (:mod:`.preflight`; parent only)
     --load            a checkpoint of this model, below --steps (:mod:`.resume`)
@@ -28,7 +28,8 @@ from minimegatron.layers.language_model import sequence_parallel_split
 from minimegatron.mpu.context_parallel import context_parallel_split
 from minimegatron.sizes import is_int
 from minimegatron.pipe_balance import check_stage_layers
-from minimegatron.training.config import DTYPES, MODEL_CLASS, MODELS, PIPELINE_SCHEDULES, RECOMPUTE, TrainConfig
+from minimegatron.training.config import (DTYPES, MODEL_CLASS, MODELS, PIPELINE_SCHEDULES, RECOMPUTE,
+                                          ZERO_STAGES, TrainConfig)
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
 from minimegatron.training.resume import check_resume
 
@@ -134,13 +135,15 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
               f"{cfg.micro_batch_size}·{cfg.dp} = {per_step}: each data-parallel replica must get a "
               f"whole number of micro-batches; e.g. use global_batch_size="
               f"{per_step * max(1, cfg.global_batch_size // per_step)}")
-    if cfg.zero_stage not in (0, 1, 2):
-        _fail(f"zero_stage={cfg.zero_stage!r}: this trainer supports ZeRO stage 0 (plain data parallel), "
-              "1 (optimizer states sharded over dp) and, without a pipeline, 2")
+    if cfg.zero_stage not in ZERO_STAGES:
+        _fail(f"--zero-stage {cfg.zero_stage!r}: ZeRO has stages 0 (plain data parallel), 1 (optimizer "
+              "states sharded over dp), 2 (+ gradients) and 3 (+ parameters); give --zero-stage 0, 1, 2 "
+              "or 3")
     if cfg.zero_stage >= 2 and cfg.pp > 1:
         _fail(f"zero_stage={cfg.zero_stage} with pp={cfg.pp}: DeepSpeed's pipeline engine supports only "
-              "ZeRO stage 0 or 1 (gradients are accumulated across micro-batches, so they cannot be "
-              "sharded); use --zero-stage 1 or pp=1")
+              "ZeRO stage 0 or 1 (it asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
+              "parallelism': its gradients are accumulated across micro-batches, not reduced in each "
+              f"backward); use --zero-stage 1 with the pipeline, or --pp 1 for stage {cfg.zero_stage}")
     if cfg.recompute not in RECOMPUTE:
         _fail(f"recompute={cfg.recompute!r}: choose one of {RECOMPUTE}")
     if cfg.dtype not in DTYPES:

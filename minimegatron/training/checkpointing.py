@@ -18,7 +18,8 @@ what an exact resume needs::
 
 Saving is collective (every rank calls it)::
 
-    each tensor:  ZeRO-1: all-reduce the DP pieces of its moments  (optimizer_state.py)
+    each tensor:  ZeRO-3: gather the parameter's DP pieces (deepspeed.zero.GatheredParameters)
+                  ZeRO-1/2/3: all-reduce the DP pieces of its moments  (optimizer_state.py)
                   all-gather its TP shards -> full, drop vocab padding  (checkpoint.reshape)
     each stage p: its (tp 0, dp 0) rank sends its full tensors to rank 0 (stage 0, tp 0, dp 0)
     rank 0:       writes iter_…/ under a temporary name, fsyncs, renames, then rewrites ``latest``
@@ -29,7 +30,9 @@ pickle anywhere, so a checkpoint cannot run code) and keeps its TP shard — of 
 master and both moments, into wherever its optimizer keeps them (its ZeRO partition included). Then
 Adam's ``t``, the learning-rate schedule and the data position (step ``t`` reads global batch ``t``)
 continue from the saved step. So a checkpoint saved at TP2·PP2 resumes at DP2 + ZeRO-1 with the same
-losses. Only the random generators are per rank: they are restored when the layout is the same;
+losses. (ZeRO-3 is the one exception to "no communication": each parameter is whole only inside
+``GatheredParameters(modifier_rank=0)``, which gathers it, and partitions it again after the copy.)
+Only the random generators are per rank: they are restored when the layout is the same;
 at another layout they are reseeded from ``seed + step`` (a warning says so when dropout > 0; see
 :mod:`.rng_state`). Whether ``--load`` names a checkpoint of this model is checked before any rank
 starts (:mod:`.resume`).
@@ -38,6 +41,7 @@ DeepSpeed's own ``engine.save_checkpoint`` is not used: its files are pickles of
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -51,6 +55,7 @@ from minimegatron.checkpoint.files import (DAMAGED_FIX, LATEST_NAME, OPTIMIZER_N
                                            TRAINER_NAME, WEIGHTS_NAME, find_checkpoint, iteration_name,
                                            load_config, open_safetensors, read_json)
 from minimegatron.checkpoint.io import weights_metadata, write_iteration
+from minimegatron.deepspeed_glue import is_zero3_param
 from minimegatron.errors import one_line, os_error_advice
 from minimegatron.checkpoint.reshape import (CheckpointError, check_config_matches, full_shape,
                                              gather_full_tensor, shard_full_tensor, vocab_rows)
@@ -86,6 +91,17 @@ def _local_vocab_rows(model: nn.Module) -> dict[str, int]:
 
 def _optimized(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) and t.requires_grad
+
+
+def _whole(t: torch.Tensor, modifier_rank: int | None = None):
+    """ZeRO-3 keeps only ``1/dp`` of each parameter per rank: inside this block ``t`` is whole (this
+    rank's TP shard), ``deepspeed.zero.GatheredParameters``; with ``modifier_rank=0`` what rank 0 of
+    its DP group holds at the end is partitioned again. Any other tensor: nothing to do."""
+    if not is_zero3_param(t):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([t], modifier_rank=modifier_rank)
 
 
 # ---- moving full tensors to the writer ------------------------------------------------------------
@@ -132,10 +148,12 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
     weights, moments = {}, {}
     for name, t in _local_tensors(model).items():
-        weights[name] = gather_full_tensor(t, t, state, rows.get(name))
-        if _optimized(t):
-            for key in MOMENTS + (("master",) if t.dtype != torch.float32 else ()):
-                moments[f"{key}/{name}"] = gather_full_tensor(optimizer.get(t, key), t, state, rows.get(name))
+        with _whole(t):  # ZeRO-3: this TP shard, gathered over DP for the block
+            weights[name] = gather_full_tensor(t, t, state, rows.get(name))
+            if _optimized(t):
+                for key in MOMENTS + (("master",) if t.dtype != torch.float32 else ()):
+                    moments[f"{key}/{name}"] = gather_full_tensor(optimizer.get(t, key), t, state,
+                                                                  rows.get(name))
     device = next(model.parameters()).device
     weights = _gather_to_writer(weights, state, device)
     moments = _gather_to_writer(moments, state, device)
@@ -216,20 +234,19 @@ def load_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
     local = _local_tensors(model, tied_copies=True)
     has_optimizer = (path / OPTIMIZER_NAME).is_file() and (path / TRAINER_NAME).is_file()
-    with open_safetensors(path / WEIGHTS_NAME) as fh:
+    with open_safetensors(path / WEIGHTS_NAME) as fh, (
+            open_safetensors(path / OPTIMIZER_NAME) if has_optimizer else contextlib.nullcontext()) as opt:
         for name, t in local.items():
-            t.copy_(_read(fh, name, t, state, rows.get(name), path))
-    params = {n: t for n, t in local.items() if _optimized(t)}
-    masters = {n: t.float() for n, t in params.items()}  # fp32 master = the weights, unless saved
-    if has_optimizer:
-        with open_safetensors(path / OPTIMIZER_NAME) as fh:
-            for name, t in params.items():
-                if f"master/{name}" in fh.keys():  # a bf16 run's fp32 weights
-                    masters[name] = _read(fh, f"master/{name}", t, state, rows.get(name), path)
-                for key in MOMENTS:
-                    optimizer.set(t, key, _read(fh, f"{key}/{name}", t, state, rows.get(name), path))
-    for name, t in params.items():
-        optimizer.set(t, "master", masters[name])  # the copy the optimizer steps (ZeRO, bf16)
+            with _whole(t, modifier_rank=0):  # ZeRO-3: re-partitioned over DP when the block ends
+                t.copy_(_read(fh, name, t, state, rows.get(name), path))
+                if not _optimized(t):
+                    continue
+                master = t.detach().float().clone() if is_zero3_param(t) else t.float()  # = the weights,
+                if opt is not None and f"master/{name}" in opt.keys():                  # unless saved
+                    master = _read(opt, f"master/{name}", t, state, rows.get(name), path)  # (bf16 runs)
+                for key in MOMENTS if opt is not None else ():
+                    optimizer.set(t, key, _read(opt, f"{key}/{name}", t, state, rows.get(name), path))
+            optimizer.set(t, "master", master)  # the copy the optimizer steps (ZeRO, bf16)
     if not has_optimizer:
         if state.rank == 0:
             print(f"{path} holds weights only: starting at step 0 with a fresh optimizer", flush=True)

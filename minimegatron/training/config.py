@@ -30,11 +30,12 @@ from minimegatron.layers.transformer import RECOMPUTE_MODES as RECOMPUTE  # the 
 from minimegatron.models import MODEL_CLASS, MODELS  # the one model registry
 
 __all__ = ["TrainConfig", "MODELS", "MODEL_CLASS", "CLI_MODEL_FIELDS", "DTYPES", "RECOMPUTE",
-           "PIPELINE_SCHEDULES"]
+           "PIPELINE_SCHEDULES", "ZERO_STAGES"]
 
 CLI_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                     "ffn_hidden_size")  # the ModelConfig fields the command line sets
 DTYPES = ("fp32", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)  # DeepSpeed's: 1 shards the optimizer states over dp, 2 + gradients, 3 + weights
 PIPELINE_SCHEDULES = ("1f1b", "zb-h1")  # = minimegatron.pipe_schedules.PIPELINE_SCHEDULES (no DeepSpeed here)
 
 
@@ -67,7 +68,7 @@ class TrainConfig:
     warmup_steps: int = 2
     weight_decay: float = 0.01
     clip_grad: float = 1.0
-    zero_stage: int = 0
+    zero_stage: int = 0             # 0-3 (2 and 3 with pp = 1): see training/engine.py
     sequence_parallel: bool = False
     recompute: str = "none"
     dtype: str = "fp32"

@@ -8,6 +8,12 @@ pp > 1              ``GPTModelPipe`` / ``LLaMAModelPipe`` in DeepSpeed's Pipelin
                     per stage even or ``--pipeline-layers``
 ZeRO stage 1        ``"zero_optimization": {"stage": 1}``: each of the dp replicas keeps the fp32
                     master weights and Adam moments of 1/dp of the parameters (Rajbhandari et al.)
+ZeRO stage 2        ``{"stage": 2}`` (pp = 1): + the gradients, reduce-scattered in backward (each
+                    replica keeps the 1/dp it steps)
+ZeRO stage 3        ``{"stage": 3}`` (pp = 1): + the weights: each parameter is cut in dp pieces
+                    (``W.ds_tensor``), gathered for its module's forward and backward and freed
+                    after; ``stage3_param_persistence_threshold: 0`` cuts every one (DeepSpeed's
+                    default keeps those under 1e5 elements whole: all of a tiny model's)
 bf16                ``"bf16": {"enabled": true}``: bf16 weights and activations, fp32 master weights
 optimizer           AdamW from the config (``torch_adam``: torch's implementation, on any device)
 ==================  ===========================================================================
@@ -23,6 +29,26 @@ every layout — any tp, pp, dp — starts from the same model.
 Sequence parallelism needs nothing here: the replicated weights that see only ``s/tp`` tokens (norms,
 row-parallel biases) sum their gradients over TP in their own backward (``f``, ``layers/norms.py``),
 in both engines and every ZeRO stage.
+
+**The tie under ZeRO-3.** GPT's head multiplies by the word embeddings' table in
+``LanguageModel.forward``, outside the module that owns it, after that module's forward has freed it.
+DeepSpeed (0.14.4 – 0.19) notices a partitioned parameter read during the engine's forward and
+gathers it for the module being run; :func:`build_engine` says so itself, once,
+``deepspeed.zero.register_external_parameter(model, word_embeddings.weight)``: the table is gathered
+for the whole model's forward and backward. Gradient clipping needs nothing at stages 1–3: DeepSpeed's
+ZeRO optimizers count a replicated weight's ‖g‖² on TP rank 0 only (``is_model_parallel_parameter``)
+and sum over DP, then TP.
+
+**Why no FSDP2 path** (``torch.distributed.fsdp.fully_shard`` over ``DeviceMesh.from_group(dp_group)``).
+It runs with our TP on gloo (both stacks), but it does not compose with the rest: it replaces every
+Parameter with a new DTensor Parameter on the dp mesh, dropping the TP marks (``tensor_model_parallel``,
+``partition_dim``, ``partition_stride``) that checkpoint reshaping, the TP-aware norm and vocab padding
+read; our TP shards are plain tensors over plain groups, so DTensor's ``full_tensor``/``clip_grad_norm_``
+see the dp mesh only (a 2-D dp × tp mesh would mean rewriting ``mpu`` as DTensor parallel styles); and
+the loop, clipping, LR schedule, grad-norm log and checkpoints talk to a DeepSpeed engine and its
+optimizers. An FSDP2 flag would be a second trainer (its own AdamW over DTensors, accumulation with
+``set_requires_gradient_sync``, a TP × DP norm over local shards, ``MixedPrecisionPolicy`` for bf16,
+a third optimizer-state layout), not a flag; ZeRO-3 is the same algorithm, through the engine we use.
 
 One detail DeepSpeed leaves to us:
 
@@ -62,7 +88,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
         "gradient_clipping": cfg.clip_grad,  # DeepSpeed's default is 1.0, not off: always say it
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **({"stage3_param_persistence_threshold": 0}
+                                                           if cfg.zero_stage == 3 else {})},
         "bf16": {"enabled": cfg.dtype == "bf16"},
         # activations differ across TP ranks under SP: send them whole, not split over TP
         "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
@@ -125,6 +152,8 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
             config=deepspeed_config(cfg), lr_scheduler=schedule,
             mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
+    if cfg.zero_stage == 3 and model_config.tie_embeddings:  # see the module docstring: the tie
+        deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
     if state.pp > 1:
         from minimegatron.pipe_engine import use_pipeline_schedule
         use_pipeline_schedule(engine, cfg.pipeline_schedule)

@@ -71,10 +71,13 @@ def test_the_subprocess_cases_are_cases():
     (["--stpes", "3"], [r"unrecognized arguments: --stpes", r"see .* --help"]),
     (["--hidden-size", "65536", "--num-layers", "64"], [r"needs at least .*TB of memory",
                                                         r"parameters", r"smaller --hidden-size"]),
+    (["--zero-stage", "4"], [r"--zero-stage 4", r"stages 0 .* and 3", r"give --zero-stage 0, 1, 2 or 3"]),
+    (["--zero-stage", "3", "--pp", "2"], [r"zero_stage=3 with pp=2", r"stage 0 or 1",
+                                          r"--zero-stage 1 with the pipeline, or --pp 1"]),
 ], ids=["lr-inf", "lr-nan", "lr-zero", "min-lr-above-lr", "clip-nan", "weight-decay-negative",
         "dropout-one", "timeout-negative", "timeout-nan", "split-garbage", "split-four-parts", "steps-zero",
         "micro-batch-negative", "kv-heads-zero", "tp-heads", "batch-divisibility", "steps-not-int",
-        "misspelt-flag", "model-too-big"])
+        "misspelt-flag", "model-too-big", "zero-stage-4", "zero3-with-pipeline"])
 def test_train_refuses_bad_values(refused, tmp_path, args, patterns):
     run = refused(TRAIN, *TINY, "--out-dir", str(tmp_path / "log"), *args, cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
