@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exercises.grading import GradingError, kind_of
+from exercises.grading import GradingError, assert_close, kind_of
 
 D_IN, D_HID, D_OUT, LOCAL_B, STEPS = 5, 6, 3, 4, 3
-ADAM = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+ADAM = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 KINDS = {"all_reduce": ("all_reduce",),  # the names each collective goes by, in torch 2.6 .. 2.13
          "reduce_scatter": ("reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter"),
          "all_gather": ("all_gather_into_tensor", "all_gather_single", "all_gather")}
@@ -179,6 +179,20 @@ def ddp_problem(calls: list[dict], step: int, dp: int, sizes: list[int], param_s
     return None
 
 
+def check_grads(where: str, names: list[str], got: list[Any], expected: list[torch.Tensor], dp: int) -> None:
+    """The gradients after finish_grad_sync: tensors, not N_d× the mean, then the mean's values."""
+    for name, g in zip(names, got):
+        if not isinstance(g, torch.Tensor):
+            raise GradingError(f"{where}: {name}.grad is {'None' if g is None else kind_of(g)} after "
+                               "finish_grad_sync — copy the averaged bucket back into every p.grad")
+    if all(g.shape == e.shape and torch.allclose(g, dp * e, rtol=1e-5, atol=1e-7)
+           for g, e in zip(got, expected)):
+        raise GradingError(f"{where}: the gradients are {dp}× the whole batch's — the all-reduce sums the "
+                           f"N_d = {dp} replicas' gradients: divide by self.dp")
+    for name, g, e in zip(names, got, expected):
+        assert_close(f"{where}, {name}.grad (vs the whole batch's on one model)", g, e, rtol=1e-5, atol=1e-6)
+
+
 # --- 16.2 a ZeRO-2 step --------------------------------------------------------------------------------
 
 def zero2_problem(calls: list[dict], step: int, alive: list[str], dp: int) -> str | None:
@@ -217,7 +231,7 @@ def watch_zero3(model: Any, rec: CommLog, record: dict) -> None:
     sizes = [s.numel() for s in shards]
 
     def watched_gather(unit: Any) -> None:
-        k = model.units.index(unit)
+        k, where = model.units.index(unit), f"Exercise 16.3 (dp={model.dp}, step {rec.step + 1})"
         alive = [j for j, u in enumerate(model.units) if j != k and is_full(u)]
         if alive:
             record["alive"].append((rec.phase, rec.step, k, alive))
@@ -225,26 +239,23 @@ def watch_zero3(model: Any, rec: CommLog, record: dict) -> None:
         if not is_full(unit):
             shapes = [tuple(p.shape) for p in unit.params]
             if rec.phase == "backward":
-                raise GradingError(
-                    f"Exercise 16.3 (step {rec.step + 1}): in backward, after gather(unit {k}) its parameters "
-                    f"are {shapes}, still freed — gathering in forward only: backward needs the full weights "
-                    "again (grad_input = grad_output · W); gather must all-gather every time it is called")
-            raise GradingError(f"Exercise 16.3 (step {rec.step + 1}): after gather(unit {k}) its parameters "
-                               f"have shapes {shapes}, expected {[tuple(s) for s in unit.shapes]}: set each "
-                               "p.data to its view of the all-gathered flat vector")
+                raise GradingError(f"{where}: in backward, after gather(unit {k}) its parameters are {shapes}, "
+                                   "still freed — gathering in forward only: backward needs the full weights "
+                                   "again (grad_input = grad_output · W); gather must all-gather every time")
+            raise GradingError(f"{where}: after gather(unit {k}) its parameters have shapes {shapes}, expected "
+                               f"{[tuple(s) for s in unit.shapes]}: set each p.data to its view of the "
+                               "all-gathered flat vector")
         if rec.phase == "forward":
             record["used"][rec.step].append(flat(unit.params))
 
     def watched_release(unit: Any) -> None:
-        k = model.units.index(unit)
+        k, where = model.units.index(unit), f"Exercise 16.3 (dp={model.dp}, step {rec.step + 1})"
         release(unit)
         s = unit.shard
         if not (isinstance(s, torch.Tensor) and s is shards[k] and s.numel() == sizes[k]):
-            raise GradingError(
-                f"Exercise 16.3 (step {rec.step + 1}): after release(unit {k}) unit.shard is {kind_of(s)}"
-                f"{f' of {s.numel()} elements' if isinstance(s, torch.Tensor) else ''} — releasing the shard "
-                f"too: keep unit.shard (the ({sizes[k]},) parameter the optimizer updates, this "
-                "rank's only copy); free only the full parameters")
+            raise GradingError(f"{where}: after release(unit {k}) unit.shard is {kind_of(s)} — releasing the "
+                               f"shard too: keep unit.shard (the ({sizes[k]},) parameter the optimizer updates, "
+                               "this rank's only copy); free only the full parameters")
 
     model.gather, model.release = watched_gather, watched_release
 

@@ -35,7 +35,8 @@ def ddp_case(candidate_cls: type) -> dict:
 
     def note(numel: int) -> dict:
         i = index.get(numel)
-        return dict(bucket=i, ready=seen[i] if i is not None else 0, full=len(buckets[i]) if i is not None else 0)
+        return dict(bucket=None, ready=0, full=0) if i is None else \
+            dict(bucket=i, ready=seen[i], full=len(buckets[i]))
 
     rec = M.CommLog(state.dp_group, note)
     bucket_of, hook = {p: i for i, b in enumerate(buckets) for p in b}, ddp.on_grad_ready
@@ -128,7 +129,7 @@ def zero3_case(candidate_cls: type) -> dict:
         M.loss_fn(ref(x), y).backward()
         ref_opt.step()
         out["shards"].append([_kept(u.shard) for u in model.units])
-        out["expected"].append([M.flat(list(m.parameters()), u.padded)[r * u.padded // dp:(r + 1) * u.padded // dp]
+        out["expected"].append([M.flat(list(m.parameters()), u.padded).chunk(dp)[r]
                                 for m, u in zip(ref_units, model.units)])
     out["record"] = record
     return out

@@ -12,7 +12,6 @@ micro-batch; the mean gradient ḡ = (1/N_d) Σ_r g_r is what one model on the w
       ``dist.all_reduce(buffer, group=self.group, async_op=True)`` and keep the Work in
       ``self.handles`` — backward goes on computing earlier layers while the bucket travels.
       ``finish_grad_sync``: wait for every handle, divide by N_d = ``self.dp``, copy back into p.grad.
-      forward: nothing; backward: one all-reduce (sum) per bucket, overlapped.
 
 16.2  Zero2AdamW.on_grad_ready(param) and .step() — ZeRO-2 (Rajbhandari et al. 2020) per bucket, as
       Megatron's distributed optimizer cuts it: bucket i is flattened, zero-padded to ``self.padded[i]``
@@ -38,15 +37,12 @@ micro-batch; the mean gradient ḡ = (1/N_d) Σ_r g_r is what one model on the w
       forward: all-gather per unit; backward: all-gather again, then reduce-scatter the gradients.
 
 Grade with:  grade_bucketed_ddp(BucketedDDP)   grade_zero2_adamw(Zero2AdamW)   grade_zero3(Zero3Model)
-Each runs your class on 2 and 4 gloo ranks against one model on the whole batch (its gradients;
-torch.optim.AdamW over 3 steps), records every collective and hook call, and names the usual
-mistakes (``exercises/_ex16_mistakes.py``): reducing before a bucket is full, per parameter, twice,
-blocking, never waited, not after backward, not dividing by N_d, the wrong group; gradients kept,
-all-reduce for reduce-scatter, no all-gather; a stale shard, not releasing, releasing the shard.
+Each runs your class on 2 and 4 gloo ranks beside one model on the whole batch (its gradient; AdamW,
+3 steps), records every collective and hook call and names the usual mistakes (_ex16_mistakes.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -54,9 +50,9 @@ import torch.distributed as dist
 from torch import nn
 
 from exercises import _ex16_mistakes as M
+from exercises._ex16_ranks import DDP_STEPS, ddp_case, zero2_case, zero3_case
 from exercises.grading import MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed, run_graded
-from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor
-from minimegatron.mpu.state import initialize_model_parallel
+from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor  # noqa: F401 (yours too)
 
 
 class BucketedDDP:
@@ -84,9 +80,10 @@ class BucketedDDP:
 
     def on_grad_ready(self, param: nn.Parameter) -> None:
         """Your code (16.1): param.grad is final — put it in its bucket; launch the bucket when full."""
-        raise NotImplementedError("Exercise 16.1: copy param.grad into self.buffers[i] at self.offset_of[param], "
-                                  "count it in self.ready[i]; when the bucket is full launch dist.all_reduce("
-                                  "buffer, group=self.group, async_op=True) and keep the Work in self.handles")
+        raise NotImplementedError("Exercise 16.1: copy param.grad into self.buffers[i] at self.offset_of["
+                                  "param], count it in self.ready[i]; when the bucket is full launch dist."
+                                  "all_reduce(buffer, group=self.group, async_op=True), keep the Work in "
+                                  "self.handles")
 
     def finish_grad_sync(self) -> None:
         """Your code (16.1): before the step — every bucket reduced, averaged, back in p.grad."""
@@ -160,7 +157,7 @@ class Unit:
     padded: int                     # the flat parameters' numel, zero-padded to a multiple of dp
     shard: nn.Parameter             # (padded/dp,) this rank's slice: the only copy kept between uses
     group: Any
-    ready: int = field(default=0)   # gradients of the unit accumulated in this backward
+    ready: int = 0                  # gradients of the unit accumulated in this backward
 
 
 class Zero3Model:
@@ -170,12 +167,10 @@ class Zero3Model:
                  eps: float = 1e-8, weight_decay: float = 0.0, *, group: Any) -> None:
         self.model, self.group, self.dp = model, group, dist.get_world_size(group)
         r, self.units = dist.get_rank(group), []
-        for module in model:
+        for module in (m for m in model if list(m.parameters())):  # a unit per layer with parameters
             params = list(module.parameters())
-            if not params:
-                continue
             size = M.padded(sum(p.numel() for p in params), self.dp)
-            shard = nn.Parameter(M.flat(params, size)[r * size // self.dp:(r + 1) * size // self.dp].clone())
+            shard = nn.Parameter(M.flat(params, size).chunk(self.dp)[r].clone())  # (size/dp,)
             unit = Unit(module, params, [p.shape for p in params], size, shard, group)
             for p in params:
                 p.data = torch.empty(0)  # freed: the shard is all this rank keeps
@@ -228,43 +223,23 @@ class Zero3Model:
 
 # --- grading -----------------------------------------------------------------------------------------
 
-def _world_sizes(world_sizes: Sequence[int]) -> list[int]:
-    sizes = list(world_sizes)
-    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in sizes):
-        raise ValueError(f"world_sizes must be ints >= 2 (data-parallel ranks), got {world_sizes!r}")
-    return sizes
-
-
 @grader
 def grade_bucketed_ddp(candidate_cls: type, world_sizes: Sequence[int] = (2, 4),
                        timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """16.1 on 2 and 4 ranks, 2 steps: the collectives (per bucket, when full, async, waited, during
     backward, this group) and the gradients (the whole batch's, on one model)."""
-    from exercises._ex16_ranks import DDP_STEPS, ddp_case
-
     model = M.tiny_model()
     sizes = [sum(p.numel() for p in b) for b in M.reverse_buckets(model)]
-    names = [n for n, _ in model.named_parameters()]
-    for dp in _world_sizes(world_sizes):
+    names, numels = [n for n, _ in model.named_parameters()], {p.numel() for p in model.parameters()}
+    for dp in world_sizes:
         results = run_graded(ddp_case, dp, candidate_cls, timeout=timeout)
         for step in range(DDP_STEPS):
             where = f"Exercise 16.1 (dp={dp}, step {step + 1})"
-            problem = M.ddp_problem(results[0]["calls"], step, dp, sizes, {p.numel() for p in model.parameters()})
+            problem = M.ddp_problem(results[0]["calls"], step, dp, sizes, numels)
             if problem:
                 raise GradingError(f"{where}: {problem}")
             for r, res in enumerate(results):
-                got, expected = res["grads"][step], res["expected"][step]
-                for name, g in zip(names, got):
-                    if not isinstance(g, torch.Tensor):
-                        raise GradingError(f"{where}, rank {r}: {name}.grad is {M.kind_of(g)} after "
-                                           "finish_grad_sync — copy the averaged bucket back into every p.grad")
-                if all(g.shape == e.shape and torch.allclose(g, dp * e, rtol=1e-5, atol=1e-7)
-                       for g, e in zip(got, expected)):
-                    raise GradingError(f"{where}, rank {r}: the gradients are {dp}× the whole batch's — the "
-                                       f"all-reduce sums the N_d = {dp} replicas' gradients: divide by self.dp")
-                for name, g, e in zip(names, got, expected):
-                    assert_close(f"{where}, rank {r}, {name}.grad (vs the whole batch's on one model)", g, e,
-                                 rtol=1e-5, atol=1e-6)
+                M.check_grads(f"{where}, rank {r}", names, res["grads"][step], res["expected"][step], dp)
     return passed("Exercise 16.1: one async all-reduce per full bucket during backward, waited and averaged "
                   "— the whole batch's gradients on 2 and 4 ranks")
 
@@ -275,10 +250,9 @@ def grade_zero2_adamw(candidate_cls: type, world_sizes: Sequence[int] = (2, 4),
     """16.2 on 2 and 4 ranks, 3 steps: weights and this rank's exp_avg vs torch.optim.AdamW on the
     whole batch, the collectives (reduce-scatter in backward, all-gather in step), gradients freed."""
     import torch._dynamo  # noqa: F401  (AdamW's first step imports it: once here, not in every rank)
-
-    from exercises._ex16_ranks import zero2_case
-
-    for dp in _world_sizes(world_sizes):
+    names, shapes = zip(*[(n, p.shape) for n, p in M.tiny_model().named_parameters()])
+    numels = [s.numel() for s in shapes]
+    for dp in world_sizes:
         results = run_graded(zero2_case, dp, candidate_cls, timeout=timeout)
         for step in range(M.STEPS):
             where = f"Exercise 16.2 (dp={dp}, step {step + 1})"
@@ -295,8 +269,10 @@ def grade_zero2_adamw(candidate_cls: type, world_sizes: Sequence[int] = (2, 4),
                         torch.allclose(got, dp * expected, rtol=1e-4, atol=1e-7):
                     raise GradingError(f"{where}, rank {r}: exp_avg is {dp}× Adam's — the reduce-scatter "
                                        f"sums the replicas' gradients: divide by N_d = {dp} for the mean")
-            assert_close(f"{where}, the weights after the step (vs torch.optim.AdamW on the whole batch)",
-                         params[0], results[0]["expected"][step], rtol=1e-5, atol=1e-6)
+            for name, shape, got, expected in zip(names, shapes, params[0].split(numels),
+                                                  results[0]["expected"][step].split(numels)):
+                assert_close(f"{where}, {name} after the step (vs torch.optim.AdamW on the whole batch)",
+                             got.view(shape), expected.view(shape), rtol=1e-5, atol=1e-6)
             for r, res in enumerate(results):
                 assert_close(f"{where}, rank {r}, exp_avg: Adam's m for this rank's slice of every bucket",
                              res["exp_avg"][step], res["expected_exp_avg"][step], rtol=1e-5, atol=1e-7)
@@ -309,19 +285,15 @@ def grade_zero3(candidate_cls: type, world_sizes: Sequence[int] = (2, 4),
                 timeout: float = MULTI_RANK_TIMEOUT) -> str:
     """16.3 on 2 and 4 ranks, 3 steps: the weights each forward used and every shard after each step vs
     torch.optim.AdamW on the whole batch; the full parameters alive at each gather."""
-    import torch._dynamo  # noqa: F401
-
-    from exercises._ex16_ranks import zero3_case
-
-    for dp in _world_sizes(world_sizes):
+    import torch._dynamo  # noqa: F401  (as above)
+    for dp in world_sizes:
         results = run_graded(zero3_case, dp, candidate_cls, timeout=timeout)
         problem = M.zero3_problem(results[0]["record"], results[0]["used_expected"], dp)
         if problem:
             raise GradingError(f"Exercise 16.3 (dp={dp}), {problem}")
-        for step in range(M.STEPS):
-            for r, res in enumerate(results):
-                for k, (got, expected) in enumerate(zip(res["shards"][step], res["expected"][step])):
-                    assert_close(f"Exercise 16.3 (dp={dp}, after step {step + 1}), rank {r}'s shard of unit {k} "
-                                 "(vs torch.optim.AdamW on the whole batch)", got, expected, rtol=1e-5, atol=1e-6)
+        for step, r in ((step, r) for step in range(M.STEPS) for r in range(dp)):
+            for k, (got, expected) in enumerate(zip(results[r]["shards"][step], results[r]["expected"][step])):
+                assert_close(f"Exercise 16.3 (dp={dp}, after step {step + 1}), rank {r}'s shard of unit {k} (vs "
+                             "torch.optim.AdamW on the whole batch)", got, expected, rtol=1e-5, atol=1e-6)
     return passed("Exercise 16.3: ZeRO-3 — each unit gathered for its forward and backward and released "
                   "after — equals AdamW on the whole batch on 2 and 4 ranks")
