@@ -126,6 +126,7 @@ def of(calls: list[dict], **match: Any) -> list[dict]:
 
 BUCKET_RULE = ("launch dist.all_reduce(self.buffers[i], group=self.group, async_op=True) once, when "
                "self.ready[i] == len(self.buckets[i])")
+WATCHED = " (call them through torch.distributed, as dist.<name>: the grader watches those)"
 
 
 def ddp_problem(calls: list[dict], step: int, dp: int, sizes: list[int], param_sizes: set[int]) -> str | None:
@@ -136,7 +137,7 @@ def ddp_problem(calls: list[dict], step: int, dp: int, sizes: list[int], param_s
         other = next(c for c in calls if c["kind"] != "all_reduce")
         return f"a {other['kind']} was called: DDP averages each bucket with one all-reduce: {BUCKET_RULE}"
     if not reduces:
-        return f"nothing was all-reduced: every rank kept its own gradient — {BUCKET_RULE}"
+        return f"nothing was all-reduced: every rank kept its own gradient — {BUCKET_RULE}{WATCHED}"
     if any(not c["group_ok"] for c in reduces):
         return ("all-reduce over the wrong group: pass group=self.group (the data-parallel group). The "
                 "default group is every rank of the job — with tensor or pipeline parallelism as well, it "
@@ -204,7 +205,8 @@ def zero2_problem(calls: list[dict], step: int, alive: list[str], dp: int) -> st
                 "leaves each rank only its 1/N_d slice")
     scatters = of(calls, kind="reduce_scatter")
     if not scatters:
-        return "no reduce-scatter: each rank's gradient shard must be the sum over the ranks of its slice"
+        return ("no reduce-scatter: each rank's gradient shard must be the sum over the ranks of its slice — "
+                "minimegatron.collectives.reduce_scatter_tensor or dist.reduce_scatter_tensor" + WATCHED)
     if not of(scatters, phase="backward"):
         return ("the gradients were reduce-scattered only at step time: no overlap, and every full gradient "
                 "lived until then — reduce-scatter a bucket in on_grad_ready as soon as it is full")
@@ -213,7 +215,8 @@ def zero2_problem(calls: list[dict], step: int, alive: list[str], dp: int) -> st
                 "the gradients — set p.grad = None for the bucket's parameters once it is reduce-scattered")
     if not of(calls, kind="all_gather", phase="step"):
         return ("no all-gather in step(): each rank updated only its own shard, the other ranks' slices of "
-                "the weights are stale — all-gather every bucket's updated master slice into the parameters")
+                "the weights are stale — all-gather every bucket's updated master slice into the parameters"
+                + WATCHED)
     return None
 
 
@@ -253,7 +256,8 @@ def watch_zero3(model: Any, rec: CommLog, record: dict) -> None:
         release(unit)
         s = unit.shard
         if not (isinstance(s, torch.Tensor) and s is shards[k] and s.numel() == sizes[k]):
-            raise GradingError(f"{where}: after release(unit {k}) unit.shard is {kind_of(s)} — releasing the "
+            shown = "None" if s is None else kind_of(s)
+            raise GradingError(f"{where}: after release(unit {k}) unit.shard is {shown} — releasing the "
                                f"shard too: keep unit.shard (the ({sizes[k]},) parameter the optimizer updates, "
                                "this rank's only copy); free only the full parameters")
 
