@@ -132,6 +132,9 @@ SPECS = {
     "ex14_context_parallel.grade_zigzag_positions": Spec("zigzag_positions", False),
     "ex15_pipeline_schedules.grade_interleaved_order": Spec("interleaved_order", False),
     "ex15_pipeline_schedules.grade_zb_h1_order": Spec("zb_h1_order", False),
+    "ex16_data_parallel.grade_bucketed_ddp": Spec("BucketedDDP", True, takes_class=True),
+    "ex16_data_parallel.grade_zero2_adamw": Spec("Zero2AdamW", True, takes_class=True),
+    "ex16_data_parallel.grade_zero3": Spec("Zero3Model", True, takes_class=True),
 }
 
 
@@ -188,24 +191,64 @@ def _function_candidate(behaviour: str, name: str, reference: Callable | None) -
     return _named(returns_bad, name)
 
 
-def _class_candidate(behaviour: str) -> type:
-    """For grade_zero1_adamw: a Zero1AdamW whose step misbehaves."""
-    from exercises.ex07_zero import STEPS, ReferenceZero1AdamW
+def _misbehave(behaviour: str) -> None:
+    """What every class candidate does first in the method that misbehaves."""
+    if behaviour == "raises":
+        _raise()
+    if behaviour == "loops":
+        _loop()
+    if behaviour == "hangs_one_rank":
+        _hang_on_rank_0()
 
-    class Zero1AdamW(ReferenceZero1AdamW):
+
+def _class_candidate(key: str, behaviour: str) -> type:
+    """For the graders of a class: the reference with one method that misbehaves; the bad values go where
+    the grader reads them (exp_avg after the last step, p.grad after the sync, unit.shard on release)."""
+    if key == "ex07_zero.grade_zero1_adamw":
+        from exercises.ex07_zero import STEPS, ReferenceZero1AdamW
+
+        class Zero1AdamW(ReferenceZero1AdamW):
+            @torch.no_grad()
+            def step(self) -> None:
+                _misbehave(behaviour)
+                super().step()
+                if behaviour in BAD_VALUES and self.step_count == STEPS:  # after the last step
+                    self.exp_avg = BAD_VALUES[behaviour]()
+
+        return Zero1AdamW
+    from exercises import _ex16_reference as ex16
+    from exercises._ex16_mistakes import STEPS as ZERO_STEPS
+
+    class BucketedDDP(ex16.ReferenceBucketedDDP):
+        def on_grad_ready(self, param) -> None:
+            _misbehave(behaviour)
+            super().on_grad_ready(param)
+
+        def finish_grad_sync(self) -> None:
+            super().finish_grad_sync()
+            for p in self.bucket_of if behaviour in BAD_VALUES else ():
+                p.grad = BAD_VALUES[behaviour]()  # None; a str or a generator: torch refuses, naming the type
+
+    class Zero2AdamW(ex16.ReferenceZero2AdamW):
         @torch.no_grad()
         def step(self) -> None:
-            if behaviour == "raises":
-                _raise()
-            if behaviour == "loops":
-                _loop()
-            if behaviour == "hangs_one_rank":
-                _hang_on_rank_0()
+            _misbehave(behaviour)
             super().step()
-            if behaviour in BAD_VALUES and self.step_count == STEPS:  # after the last step
+            if behaviour in BAD_VALUES and self.step_count == ZERO_STEPS:
                 self.exp_avg = BAD_VALUES[behaviour]()
 
-    return Zero1AdamW
+    class Zero3Model(ex16.ReferenceZero3Model):
+        def gather(self, unit) -> None:
+            _misbehave(behaviour)
+            super().gather(unit)
+
+        def release(self, unit) -> None:
+            super().release(unit)
+            if behaviour in BAD_VALUES:
+                unit.shard = BAD_VALUES[behaviour]()
+
+    return {"ex16_data_parallel.grade_bucketed_ddp": BucketedDDP, "ex16_data_parallel.grade_zero2_adamw":
+            Zero2AdamW, "ex16_data_parallel.grade_zero3": Zero3Model}[key]
 
 
 EXPECTED = {  # what the message must say, by behaviour
@@ -273,7 +316,7 @@ def test_every_grader_has_a_timeout_keyword(key):
 def test_grader_reports_a_fault_as_a_grading_error(key, behaviour):
     spec, grade = SPECS[key], GRADERS[key]
     if spec.takes_class:
-        candidate = _class_candidate(behaviour)
+        candidate = _class_candidate(key, behaviour)
     else:
         candidate = _function_candidate(behaviour, spec.function, _references().get(key))
     must_time_out = behaviour in ("loops", "hangs_one_rank")
