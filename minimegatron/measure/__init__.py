@@ -46,3 +46,6 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "ulysses_calls_per_tensor", "cp_attention_comm", "group_totals", "cp_layer_activation_terms",
            "cp_layer_activation_bytes", "ring_work", "ring_work_closed_form", "ring_imbalance",
            "record_ring_timeline", "ring_timeline", "plot_ring_timeline"]
+from minimegatron.measure.overlap import OverlapTimeline, plot_overlap, record_overlap  # noqa: E402
+
+__all__ += ["OverlapTimeline", "record_overlap", "plot_overlap"]
