@@ -28,6 +28,14 @@ warn)                                                   graders see the call)
 ``weights_only=True`` default: its      torch ≥ 2.6     checkpoints hold (still no arbitrary
 own ZeRO files fail to load                             unpickling); newer DeepSpeed passes
                                                         ``weights_only=False`` itself
+ZeRO-3 asks the CPU accelerator for     DeepSpeed       :func:`set_deepspeed_cpu_local_size` sets
+``device_count()``: it runs             < 0.16          ``LOCAL_SIZE`` (what DeepSpeed's launcher
+``numactl --hardware``, and without                     sets) from the launch's ``LOCAL_WORLD_SIZE``
+numactl backward raises                                 before the engine is built
+FileNotFoundError
+ZeRO-3 in fp32 aliases its "fp32        DeepSpeed       :func:`deepspeed_zero3_copies_fp32_master`
+master" to the parameters' own          ≥ 0.18.2        says which (the memory formula's
+partition (no copy; PR #7651)                           ``fp32_master_copy``)
 ``DistributedAttention`` (Ulysses):   DeepSpeed       :func:`deepspeed_ulysses` calls it once per
 its reverse all-to-all is right for    < 0.15          sequence there; passes ``batch_dim_idx=1``
 batch 1 only (it transposes dims 0, 2);                 where the signature has it
@@ -55,11 +63,12 @@ import torch.distributed as dist
 __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check_torch",
            "check_deepspeed", "tcp_store", "all_gather_single", "reduce_scatter_single",
            "preload_deepspeed", "deepspeed_checkpoint_globals", "load_deepspeed_checkpoint",
-           "deepspeed_ulysses"]
+           "deepspeed_ulysses", "set_deepspeed_cpu_local_size", "deepspeed_zero3_copies_fp32_master"]
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
-LIBUV_LISTEN_FD_TORCH = (2, 8)  # the first torch whose libuv TCPStore takes a listen fd
+LIBUV_LISTEN_FD_TORCH = (2, 8)
+ZERO3_FP32_MASTER_ALIASED_DEEPSPEED = (0, 18, 2)  # DeepSpeed PR #7651: no fp32 master copy in fp32  # the first torch whose libuv TCPStore takes a listen fd
 
 
 class VersionError(RuntimeError):
@@ -194,3 +203,20 @@ def deepspeed_ulysses(local_attention: Callable, group) -> Callable:
         return lambda q, k, v: attention(q, k, v, 1)  # (s, b, ...): the batch is dim 1
     return lambda q, k, v: torch.cat([attention(*(t[:, i:i + 1] for t in (q, k, v)))  # one sequence
                                       for i in range(q.size(1))], dim=1)              # at a time
+
+
+def set_deepspeed_cpu_local_size() -> None:
+    """Give DeepSpeed's CPU accelerator the number of ranks on this machine (``LOCAL_SIZE``, as its own
+    launcher does), so that ZeRO-3 never asks ``numactl`` (absent on most machines; DeepSpeed 0.14)."""
+    import os
+
+    if "LOCAL_SIZE" not in os.environ:
+        os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", "1")
+
+
+def deepspeed_zero3_copies_fp32_master(version: str | None = None) -> bool:
+    """Does DeepSpeed's ZeRO-3 keep a separate fp32 master partition when the model is already fp32?
+
+    Yes before 0.18.2; from 0.18.2 (PR #7651) the master *is* the parameters' partition (no offload)."""
+    version = version or importlib.metadata.version("deepspeed")
+    return version_tuple(version) < ZERO3_FP32_MASTER_ALIASED_DEEPSPEED
