@@ -33,9 +33,10 @@ ZeRO-3 asks the CPU accelerator for     DeepSpeed       :func:`set_deepspeed_cpu
 ``numactl --hardware``, and without                     sets) from the launch's ``LOCAL_WORLD_SIZE``
 numactl backward raises                                 before the engine is built
 FileNotFoundError
-ZeRO-3 in fp32 aliases its "fp32        DeepSpeed       :func:`deepspeed_zero3_copies_fp32_master`
-master" to the parameters' own          ≥ 0.18.2        says which (the memory formula's
-partition (no copy; PR #7651)                           ``fp32_master_copy``)
+gloo's ``reduce_scatter_tensor``        torch < 2.8     :func:`fsdp2_gloo_sums_gradients` says
+ignores ``ReduceOp.AVG`` and sums                       when: FSDP2's gradients on CPU are then
+(AVG came to gloo with PR #149781):                     N_d × the mean (scale the loss by 1/N_d)
+FSDP2 on CPU sums its gradients
 ``DistributedAttention`` (Ulysses):   DeepSpeed       :func:`deepspeed_ulysses` calls it once per
 its reverse all-to-all is right for    < 0.15          sequence there; passes ``batch_dim_idx=1``
 batch 1 only (it transposes dims 0, 2);                 where the signature has it
@@ -63,11 +64,13 @@ import torch.distributed as dist
 __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check_torch",
            "check_deepspeed", "tcp_store", "all_gather_single", "reduce_scatter_single",
            "preload_deepspeed", "deepspeed_checkpoint_globals", "load_deepspeed_checkpoint",
-           "deepspeed_ulysses", "set_deepspeed_cpu_local_size", "deepspeed_zero3_copies_fp32_master"]
+           "deepspeed_ulysses", "set_deepspeed_cpu_local_size",
+           "fsdp2_gloo_sums_gradients"]
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
 LIBUV_LISTEN_FD_TORCH = (2, 8)
+GLOO_AVG_TORCH = (2, 8)  # the first torch whose gloo reduce-scatter averages for ReduceOp.AVG
 ZERO3_FP32_MASTER_ALIASED_DEEPSPEED = (0, 18, 2)  # DeepSpeed PR #7651: no fp32 master copy in fp32  # the first torch whose libuv TCPStore takes a listen fd
 
 
@@ -214,9 +217,10 @@ def set_deepspeed_cpu_local_size() -> None:
         os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", "1")
 
 
-def deepspeed_zero3_copies_fp32_master(version: str | None = None) -> bool:
-    """Does DeepSpeed's ZeRO-3 keep a separate fp32 master partition when the model is already fp32?
 
-    Yes before 0.18.2; from 0.18.2 (PR #7651) the master *is* the parameters' partition (no offload)."""
-    version = version or importlib.metadata.version("deepspeed")
-    return version_tuple(version) < ZERO3_FP32_MASTER_ALIASED_DEEPSPEED
+def fsdp2_gloo_sums_gradients(version: str | None = None) -> bool:
+    """True where torch FSDP2 (``fully_shard``) on a gloo mesh *sums* the replicas' gradients.
+
+    FSDP2 reduce-scatters fp32 gradients with ``ReduceOp.AVG``; before torch 2.8 gloo's
+    ``reduce_scatter_tensor`` ignores the op and sums (checked: 2.7.1 sums, 2.13 averages)."""
+    return version_tuple(version or torch.__version__) < GLOO_AVG_TORCH

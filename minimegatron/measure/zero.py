@@ -22,9 +22,11 @@ elements (a param group at stage 1, a bucket at stage 2, a unit at stage 3) keep
 
 DeepSpeed's own optimizer state (:func:`deepspeed_optimizer_state_bytes`): stages 1–2 pad each param
 group (alignment 2) and keep master + ``m`` + ``v`` + a ``step`` per group. Stage 3 pads each *parameter*
-to a multiple of N_d (``⌈n_p/N_d⌉`` per rank, summed per group); its fp32 master is a copy before
-DeepSpeed 0.18.2 and, in fp32, the parameters' partition itself from 0.18.2
-(``compat.deepspeed_zero3_copies_fp32_master``).
+to a multiple of N_d (``⌈n_p/N_d⌉`` per rank, summed per group) and keeps a separate fp32 master of
+that partition. (DeepSpeed ≥ 0.18.2 means to alias the master to an fp32 model's own partition, PR
+#7651, but tests ``partition.device == "cpu"``, a ``torch.device`` against a string — never equal on
+torch 2.13 — so our CPU runs get the copy on both stacks; ``optimizer_state_bytes`` counts the master
+only where it is a copy, and ``fp32_master_copy=False`` is the aliased case.)
 
 **Communication per step per rank** (:func:`zero_comm`): stages 0–2 move 2Ψ (an all-reduce, or its
 halves: reduce-scatter of the gradients + all-gather of the new weights); stage 3 moves 3Ψ (all-gather
@@ -91,7 +93,7 @@ def deepspeed_optimizer_state_bytes(group_param_numels: Sequence[Sequence[int]],
     """DeepSpeed's ZeRO optimizer state per rank, fp32, torch AdamW (``optimizer_state_bytes`` keys).
 
     ``group_param_numels``: per param group, the elements of each parameter. ``fp32_master_copy``
-    (stage 3): ``compat.deepspeed_zero3_copies_fp32_master()`` for the installed DeepSpeed."""
+    (stage 3): False where DeepSpeed aliases the master to the parameters' partition (module docstring)."""
     if stage not in (1, 2, 3):
         raise ValueError(f"DeepSpeed's ZeRO optimizer has stages 1, 2, 3, got {stage!r}")
     _check(stage, dp)

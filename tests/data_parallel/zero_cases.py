@@ -80,7 +80,8 @@ def deepspeed_engine(model, stage: int):
               "train_batch_size": MICRO * dist.get_world_size(), "gradient_clipping": 0,
               "optimizer": {"type": "AdamW", "params": {**{k: v for k, v in ADAMW.items() if k != "betas"},
                                                         "betas": list(ADAMW["betas"]), "torch_adam": True}},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                    "stage3_prefetch_bucket_size": 0},  # no prefetch: the plain schedule
               "steps_per_print": 10**9, "wall_clock_breakdown": False}
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(model=model, config=config,
@@ -92,8 +93,6 @@ def deepspeed_engine(model, stage: int):
 
 def deepspeed_run(name: str, stage: int) -> dict:
     """DeepSpeed at ``stage``: the whole parameters after each step, the losses, the optimizer state."""
-    import deepspeed
-
     from minimegatron.measure.memory import optimizer_state_bytes
 
     model = build(name)
@@ -106,7 +105,21 @@ def deepspeed_run(name: str, stage: int) -> dict:
         engine.step()
         out["losses"].append(mean_loss(loss))
         params = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext():
-            out["params"].append(flat(params))
+        out["params"].append(flat(_from_partitions(params) if stage == 3 else params))
     out["optimizer"] = optimizer_state_bytes(engine)
+    return out
+
+
+def _from_partitions(params) -> list[torch.Tensor]:
+    """ZeRO-3's whole parameters from every rank's own partition (``p.ds_tensor``), gathered here:
+    what the engine stores, read without its gather machinery (DeepSpeed 0.14's GatheredParameters
+    sometimes returned a stale final-norm buffer right after a step on CPU)."""
+    from minimegatron.collectives import all_gather_into_tensor
+
+    out = []
+    for p in params:
+        part = p.ds_tensor.detach().reshape(-1)                        # (⌈n/dp⌉,)
+        whole = part.new_empty(part.numel() * dist.get_world_size())   # (dp·⌈n/dp⌉,)
+        all_gather_into_tensor(whole, part)
+        out.append(whole[:p.ds_numel].view(p.ds_shape))
     return out
