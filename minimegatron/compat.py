@@ -69,9 +69,8 @@ __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
-LIBUV_LISTEN_FD_TORCH = (2, 8)
+LIBUV_LISTEN_FD_TORCH = (2, 8)  # the first torch whose libuv TCPStore takes a listen fd
 GLOO_AVG_TORCH = (2, 8)  # the first torch whose gloo reduce-scatter averages for ReduceOp.AVG
-ZERO3_FP32_MASTER_ALIASED_DEEPSPEED = (0, 18, 2)  # DeepSpeed PR #7651: no fp32 master copy in fp32  # the first torch whose libuv TCPStore takes a listen fd
 
 
 class VersionError(RuntimeError):
@@ -215,7 +214,6 @@ def set_deepspeed_cpu_local_size() -> None:
 
     if "LOCAL_SIZE" not in os.environ:
         os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", "1")
-
 
 
 def fsdp2_gloo_sums_gradients(version: str | None = None) -> bool:

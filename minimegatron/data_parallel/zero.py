@@ -5,7 +5,7 @@ ranks in 1/N_d slices — a readable re-implementation of DeepSpeed's ``DeepSpee
 parameters is flattened into one vector, zero-padded to a multiple of ``alignment · N_d`` elements and
 cut into ``N_d`` equal contiguous slices; data-parallel rank ``r`` owns slice ``r``::
 
-    flat = [p_0 | p_1 | … | p_k | 0 … 0]      (padded,)      padded = N_d · ⌈numel / (alignment·N_d)⌉ · alignment
+    flat = [p_0 | p_1 | … | p_k | 0 … 0]      (padded,)   padded = N_d·⌈numel/(alignment·N_d)⌉·alignment
            [ rank 0 | rank 1 | … | rank N_d-1 ]               each (padded/N_d,)
 
 Rank ``r`` keeps, for its slice only, the fp32 master weights and Adam's ``m`` and ``v`` (the paper's
@@ -151,8 +151,8 @@ class ZeroAdamW:
             raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage!r}; stage 3 shards the parameters "
                              "too: minimegatron.data_parallel.zero3.Zero3AdamW(model, ...)")
         if reduce_bucket_size < 1 or alignment < 1:
-            raise ValueError(f"ZeroAdamW: reduce_bucket_size ({reduce_bucket_size}) and alignment ({alignment}) "
-                             "must be >= 1 element")
+            raise ValueError(f"ZeroAdamW: reduce_bucket_size ({reduce_bucket_size}) and alignment "
+                             f"({alignment}) must be >= 1 element")
         self.lr, self.betas, self.eps, self.stage, self.group = lr, betas, eps, stage, process_group
         self.dp, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self.step_count = 0
@@ -179,7 +179,8 @@ class ZeroAdamW:
         if self._arrived[shard] < len(shard.params):
             return
         self._arrived[shard] = 0
-        g = shard.reduce_scatter_mean(shard.flatten([p.grad for p in shard.params]), self.group)  # (padded/dp,)
+        flat = shard.flatten([p.grad for p in shard.params])   # (padded,) this replica's gradients
+        g = shard.reduce_scatter_mean(flat, self.group)          # (padded/dp,) slice r of their mean
         shard.grad = g if shard.grad is None else shard.grad.add_(g)  # accumulates over micro-batches
         for p in shard.params:
             p.grad = None  # the full gradient is gone: this rank keeps 1/dp of it
@@ -204,8 +205,8 @@ class ZeroAdamW:
                                                        self.group)
             elif shard.grad is None or self._arrived[shard]:
                 raise RuntimeError(f"ZeroAdamW.step (stage 2): bucket {shard.name} was not reduced — only "
-                                   f"{self._arrived[shard]} of its {len(shard.params)} parameters got a gradient "
-                                   "in backward; every trainable parameter must take part in the loss")
+                                   f"{self._arrived[shard]} of its {len(shard.params)} parameters got a "
+                                   "gradient in backward; every trainable parameter must enter the loss")
             adamw_update_(shard.master, shard.grad, shard.exp_avg, shard.exp_avg_sq, self.step_count,
                           self.lr, self.betas, self.eps, shard.decay)
             shard.unflatten_into(shard.all_gather(shard.master, self.group))  # (padded,) -> parameters

@@ -9,9 +9,9 @@ shard of that slice — nothing else between units::
 
     forward pre-hook     full ← all_gather(shard_0 … shard_{N-1})     the unit's weights, (padded,)
     forward hook         free full                                     (weights gone until backward)
-    ∂L/∂output arrives   full ← all_gather(shards) again               backward needs W for ∂L/∂x = ∂L/∂y·W
+    ∂L/∂output arrives   full ← all_gather(shards) again               backward needs W: ∂L/∂x = ∂L/∂y·W
     grads accumulated    g_r ← reduce_scatter(flat(∇W))[r] / N_d;  free full and every p.grad
-    step                 AdamW on master_r;  shard_r ← master_r        (no all-gather: the next forward does it)
+    step                 AdamW on master_r;  shard_r ← master_r        (no all-gather: next forward's)
 
 Per step and rank that is 2 all-gathers + 1 reduce-scatter of every unit: 3Ψ, against 2Ψ for stages
 0–2 (``minimegatron.measure.zero``) — 1.5× the volume for 1/N_d of the parameters' memory.
@@ -125,14 +125,15 @@ class Zero3AdamW:
                  eps: float = 1e-8, weight_decay: float = 0.0, *, units: list[Unit] | None = None,
                  process_group=None, alignment: int = 2, decay_all: bool = False) -> None:
         if getattr(model, "recompute", "none") != "none":
-            raise ValueError(f"Zero3AdamW: the model recomputes activations ({model.recompute!r}), which re-runs "
-                             "forward inside backward and would free the weights backward needs; build the "
-                             "model with recompute='none'")
+            raise ValueError(f"Zero3AdamW: the model recomputes activations ({model.recompute!r}), which "
+                             "re-runs forward inside backward and would free the weights backward needs; "
+                             "build the model with recompute='none'")
         units = zero3_units(model) if units is None else units
         seen = [id(p) for u in units for p in u.params]
         if len(seen) != len(set(seen)) or set(seen) != {id(p) for p in model.parameters() if p.requires_grad}:
-            raise ValueError("Zero3AdamW: every trainable parameter must be in exactly one unit; pass units= "
-                             "that cover model.parameters() once (zero3_units(model) does for a LanguageModel)")
+            raise ValueError("Zero3AdamW: every trainable parameter must be in exactly one unit; pass "
+                             "units= that cover model.parameters() once (zero3_units(model) does for a "
+                             "LanguageModel)")
         self.lr, self.betas, self.eps, self.group = lr, betas, eps, process_group
         self.dp, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         self.step_count = 0

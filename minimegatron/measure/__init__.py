@@ -46,3 +46,10 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "ulysses_calls_per_tensor", "cp_attention_comm", "group_totals", "cp_layer_activation_terms",
            "cp_layer_activation_bytes", "ring_work", "ring_work_closed_form", "ring_imbalance",
            "record_ring_timeline", "ring_timeline", "plot_ring_timeline"]
+# ZeRO stages 0–3: the paper's bytes and volume, our exact fp32 numbers, DeepSpeed's rules
+from minimegatron.measure.zero import (deepspeed_optimizer_state_bytes, zero_comm,  # noqa: E402
+                                       zero_fp32_bytes, zero_paper_bytes, zero_paper_comm_elements,
+                                       zero_state_bytes)
+
+__all__ += ["zero_paper_bytes", "zero_paper_comm_elements", "zero_fp32_bytes",
+            "deepspeed_optimizer_state_bytes", "zero_comm", "zero_state_bytes"]

@@ -18,7 +18,8 @@ step count is a Python int. The sharded terms are exact with the padding: each f
 elements (a param group at stage 1, a bucket at stage 2, a unit at stage 3) keeps
 ``partition_numel(n) = ⌈n/(alignment·N_d)⌉·alignment`` elements per rank::
 
-    stage 1:  4Ψ + 4Ψ + 12·P      stage 2:  4Ψ + 4·P + 12·P      stage 3:  4·P + 4·P + 12·P     P = Σ partition_numel(n)
+    stage 1:  4Ψ + 4Ψ + 12·P    stage 2:  4Ψ + 4·P + 12·P    stage 3:  4·P + 4·P + 12·P
+    (P = Σ partition_numel(n))
 
 DeepSpeed's own optimizer state (:func:`deepspeed_optimizer_state_bytes`): stages 1–2 pad each param
 group (alignment 2) and keep master + ``m`` + ``v`` + a ``step`` per group. Stage 3 pads each *parameter*
@@ -31,7 +32,8 @@ only where it is a copy, and ``fp32_master_copy=False`` is the aliased case.)
 **Communication per step per rank** (:func:`zero_comm`): stages 0–2 move 2Ψ (an all-reduce, or its
 halves: reduce-scatter of the gradients + all-gather of the new weights); stage 3 moves 3Ψ (all-gather
 in forward, again in backward, reduce-scatter of the gradients). Logical bytes are those tensors' sizes;
-the ring puts ``(N_d − 1)/N_d`` of them on each rank's wire (:func:`~minimegatron.measure.comm.ring_wire_bytes`).
+the ring puts ``(N_d − 1)/N_d`` of them on each rank's wire
+(:func:`~minimegatron.measure.comm.ring_wire_bytes`).
 """
 from __future__ import annotations
 

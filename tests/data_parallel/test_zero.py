@@ -70,8 +70,9 @@ def test_zero1_and_zero2_match_adamw_and_deepspeed_with_the_formulas(dp):
                 for rank, res in enumerate(results):
                     run, where = res[name, engine, stage], f"{name} {engine} ZeRO-{stage} dp={dp} rank {rank}"
                     for step in range(STEPS):  # every replica holds the whole-batch AdamW weights
+                        after = f"{where}, parameters after step {step + 1}"
                         torch.testing.assert_close(run["params"][step], ref["params"][step], **TOL,
-                                                   msg=lambda m, w=f"{where}, parameters after step {step + 1}": f"{w}: {m}")
+                                                   msg=lambda m, w=after: f"{w}: {m}")
                     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5), where
             # DeepSpeed's optimizer state per rank = its partition rule, byte for byte
             for res in results:

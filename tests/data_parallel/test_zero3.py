@@ -137,11 +137,13 @@ def test_zero3_matches_adamw_deepspeed_and_fsdp2_with_the_formulas(dp):
             for rank, res in enumerate(results):
                 run, where = res[name][engine], f"{name} {engine} ZeRO-3 dp={dp} rank {rank}"
                 for step in range(STEPS):
+                    after = f"{where}, parameters after step {step + 1}"
                     torch.testing.assert_close(run["params"][step], ref["params"][step], **TOL,
-                                               msg=lambda m, w=f"{where}, parameters after step {step + 1}": f"{w}: {m}")
+                                               msg=lambda m, w=after: f"{w}: {m}")
                 assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5), where
         for res in results:  # DeepSpeed's ZeRO-3 optimizer state: each parameter padded to dp, a master copy
-            assert res[name]["deepspeed"]["optimizer"] == deepspeed_optimizer_state_bytes(res["groups"][name], dp, 3)
+            expected = deepspeed_optimizer_state_bytes(res["groups"][name], dp, 3)
+            assert res[name]["deepspeed"]["optimizer"] == expected
         for rank, res in enumerate(results):
             run, where = res[name]["ours"], f"{name} ours dp={dp} rank {rank}"
             sizes = run["sizes"]
@@ -175,7 +177,8 @@ def test_zero3_refuses_recompute_and_partial_units():
         errors = []
         model = build("llama")
         model.recompute = "full"
-        for kwargs in ({}, {"units": [Unit("embedding", (model.embedding,), list(model.embedding.parameters()))]}):
+        partial = [Unit("embedding", (model.embedding,), list(model.embedding.parameters()))]
+        for kwargs in ({}, {"units": partial}):
             try:
                 Zero3AdamW(model, **kwargs)
             except ValueError as e:

@@ -12,7 +12,8 @@ from minimegatron.config import gpt_config
 from minimegatron.llama import llama_config
 
 # hidden 10 and ffn 25: flat vectors that are not multiples of alignment·dp (the padding is exercised)
-CONFIGS = {"gpt": gpt_config(hidden_size=10, num_attention_heads=2, num_layers=2, vocab_size=50, max_seq_len=9),
+CONFIGS = {"gpt": gpt_config(hidden_size=10, num_attention_heads=2, num_layers=2, vocab_size=50,
+                             max_seq_len=9),
            "llama": llama_config(hidden_size=10, num_attention_heads=5, num_layers=2, vocab_size=50,
                                  max_seq_len=8, ffn_hidden_size=25)}
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -5,7 +5,8 @@ is in tests/data_parallel/test_zero.py and test_zero3.py."""
 import pytest
 
 from minimegatron.measure.comm import ring_wire_bytes
-from minimegatron.measure.memory import partition_numel, zero1_bytes_per_parameter, zero1_optimizer_state_bytes
+from minimegatron.measure.memory import (partition_numel, zero1_bytes_per_parameter,
+                                         zero1_optimizer_state_bytes)
 from minimegatron.measure.zero import (deepspeed_optimizer_state_bytes, zero_comm, zero_fp32_bytes,
                                        zero_paper_bytes, zero_paper_comm_elements)
 
@@ -26,7 +27,9 @@ def test_fp32_variant_per_parameter_and_padding():
     # 101 elements over 4 ranks: padded to 104 (a multiple of 2·4), 26 per rank
     assert partition_numel(101, 4) == 26 and partition_numel(101, 4, alignment=1) == 26
     assert partition_numel(5, 4, alignment=1) == 2 and partition_numel(5, 4) == 2
-    assert zero_fp32_bytes([101, 3], 2, 3) == {"parameters": 4 * 54, "gradients": 4 * 54, "optimizer": 12 * 54}  # 52 + 2
+    per_rank = 52 + 2  # ⌈101/4⌉·2 + ⌈3/4⌉·2
+    assert zero_fp32_bytes([101, 3], 2, 3) == {"parameters": 4 * per_rank, "gradients": 4 * per_rank,
+                                               "optimizer": 12 * per_rank}
     assert zero_fp32_bytes([101], 1, 0, num_tensors=2)["optimizer"] == 8 * 101 + 8
 
 
