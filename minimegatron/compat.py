@@ -33,6 +33,10 @@ runs ``numactl --hardware`` unless      0.14.4 (0.19:   ``LOCAL_SIZE`` (what Dee
 ``LOCAL_SIZE`` is set; ZeRO-3's         1 when numactl  launcher sets: the ranks on this machine)
 gradient reduce-scatter asks it: a      is missing)     when it is unset and ``numactl`` is not
 machine without numactl fails there                     installed
+gloo's ``reduce_scatter_tensor``        torch < 2.8     :func:`fsdp2_gloo_sums_gradients` says
+ignores ``ReduceOp.AVG`` and sums                       when: FSDP2's gradients on CPU are then
+(AVG came to gloo with PR #149781):                     N_d × the mean (scale the loss by 1/N_d)
+FSDP2 on CPU sums its gradients
 ``DistributedAttention`` (Ulysses):   DeepSpeed       :func:`deepspeed_ulysses` calls it once per
 its reverse all-to-all is right for    < 0.15          sequence there; passes ``batch_dim_idx=1``
 batch 1 only (it transposes dims 0, 2);                 where the signature has it
@@ -62,11 +66,12 @@ import torch.distributed as dist
 __all__ = ["MIN_TORCH", "MIN_DEEPSPEED", "VersionError", "version_tuple", "check_torch",
            "check_deepspeed", "tcp_store", "all_gather_single", "reduce_scatter_single",
            "preload_deepspeed", "deepspeed_checkpoint_globals", "load_deepspeed_checkpoint",
-           "deepspeed_ulysses", "cpu_accelerator_local_size"]
+           "deepspeed_ulysses", "cpu_accelerator_local_size", "fsdp2_gloo_sums_gradients"]
 
 MIN_TORCH = (2, 6)
 MIN_DEEPSPEED = (0, 14, 4)
 LIBUV_LISTEN_FD_TORCH = (2, 8)  # the first torch whose libuv TCPStore takes a listen fd
+GLOO_AVG_TORCH = (2, 8)  # the first torch whose gloo reduce-scatter averages for ReduceOp.AVG
 
 
 class VersionError(RuntimeError):
@@ -210,3 +215,11 @@ def cpu_accelerator_local_size() -> None:
     ``LOCAL_WORLD_SIZE`` (set by ``launch`` and torchrun), else 1. A value already set is kept."""
     if "LOCAL_SIZE" not in os.environ and shutil.which("numactl") is None:
         os.environ["LOCAL_SIZE"] = os.environ.get("LOCAL_WORLD_SIZE", "1")
+
+
+def fsdp2_gloo_sums_gradients(version: str | None = None) -> bool:
+    """True where torch FSDP2 (``fully_shard``) on a gloo mesh *sums* the replicas' gradients.
+
+    FSDP2 reduce-scatters fp32 gradients with ``ReduceOp.AVG``; before torch 2.8 gloo's
+    ``reduce_scatter_tensor`` ignores the op and sums (checked: 2.7.1 sums, 2.13 averages)."""
+    return version_tuple(version or torch.__version__) < GLOO_AVG_TORCH

@@ -13,6 +13,10 @@ optimizer memory       :func:`optimizer_state_bytes` (ZeRO-1)      :func:`zero1_
 context parallelism    CommCounter, SavedActivationCounter,        :func:`cp_attention_comm`,
                        :func:`ring_timeline` (per-step events)     :func:`cp_layer_activation_bytes`,
                                                                    :func:`ring_work`
+ZeRO stages 0–3        :func:`zero_state_bytes` (storages),        :func:`zero_paper_bytes` (2Ψ+2Ψ+KΨ…),
+                       CommCounter                                 :func:`zero_fp32_bytes`,
+                                                                   :func:`zero_comm` (2Ψ, 3Ψ)
+DDP overlap            :func:`record_overlap` (hooks, futures)     the hidden share of communication
 =====================  ==========================================  =====================================
 
 Importing this package imports torch only (DeepSpeed and matplotlib are imported where used).
@@ -30,10 +34,13 @@ from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_
                                        ring_wire_bytes, tp_layer_comm)
 from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
                                          zero1_bytes_per_parameter, zero1_optimizer_state_bytes)
+from minimegatron.measure.overlap import OverlapTimeline, plot_overlap, record_overlap
 from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTimeline, idle_intervals,
                                            interleaved_bubble_fraction, measured_bubble_fraction,
                                            pipeline_bubble_fraction, zb_h1_bubble_fraction,
                                            plot_timeline)
+from minimegatron.measure.zero import (deepspeed_optimizer_state_bytes, zero_comm, zero_fp32_bytes,
+                                       zero_paper_bytes, zero_paper_comm_elements, zero_state_bytes)
 
 __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
            "tp_layer_comm", "SavedActivationCounter", "SavedTensor", "korthikanti_activation_bytes",
@@ -45,7 +52,7 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "zero1_optimizer_state_bytes", "ring_attention_comm", "ulysses_attention_comm",
            "ulysses_calls_per_tensor", "cp_attention_comm", "group_totals", "cp_layer_activation_terms",
            "cp_layer_activation_bytes", "ring_work", "ring_work_closed_form", "ring_imbalance",
-           "record_ring_timeline", "ring_timeline", "plot_ring_timeline"]
-from minimegatron.measure.overlap import OverlapTimeline, plot_overlap, record_overlap  # noqa: E402
-
-__all__ += ["OverlapTimeline", "record_overlap", "plot_overlap"]
+           "record_ring_timeline", "ring_timeline", "plot_ring_timeline",
+           "OverlapTimeline", "record_overlap", "plot_overlap",
+           "zero_paper_bytes", "zero_paper_comm_elements", "zero_fp32_bytes",
+           "deepspeed_optimizer_state_bytes", "zero_comm", "zero_state_bytes"]

@@ -28,7 +28,32 @@ import torch
 from torch import nn
 
 __all__ = ["optimizer_state_bytes", "model_state_bytes", "zero1_bytes_per_parameter",
-           "zero1_optimizer_state_bytes", "adam_state_bytes"]
+           "zero1_optimizer_state_bytes", "adam_state_bytes", "partition_numel", "storage_bytes"]
+
+
+def partition_numel(numel: int, dp: int, alignment: int = 2) -> int:
+    """Elements of one rank's slice: ``numel`` padded to a multiple of ``alignment · dp``, divided by dp.
+
+    DeepSpeed's ZeRO-1/2 rule (``flatten_dense_tensors_aligned``, then equal contiguous slices), also
+    the rule of ``minimegatron.data_parallel.zero``; ZeRO-3 in DeepSpeed pads each parameter to a
+    multiple of dp (``alignment=1``, one parameter at a time)."""
+    if dp < 1 or alignment < 1:
+        raise ValueError(f"partition_numel: dp ({dp}) and alignment ({alignment}) must be >= 1")
+    return math.ceil(numel / (alignment * dp)) * alignment
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors`` (None skipped), each storage counted once.
+
+    A storage freed in place (``untyped_storage().resize_(0)``, ZeRO-3's and FSDP's trick) counts 0,
+    even while views of it (autograd's saved ``W.t()``) are alive; a view keeps its whole storage."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        seen[s.data_ptr() or id(s)] = s.nbytes()
+    return sum(seen.values())
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -42,9 +67,10 @@ def _unwrap(optimizer: Any) -> Any:
 def optimizer_state_bytes(optimizer: Any) -> dict[str, int]:
     """Bytes of optimizer state on this rank, by kind (each storage counted once).
 
-    Accepts a ``torch.optim`` optimizer, DeepSpeed's ZeRO optimizer, or a DeepSpeed engine.
-    Keys: the state names (``exp_avg``, ``exp_avg_sq``, ``step``, ...) plus ``fp32_master`` for
-    ZeRO's master partition.
+    Accepts a ``torch.optim`` optimizer, DeepSpeed's ZeRO optimizer (stages 1–3), a DeepSpeed engine,
+    or ``minimegatron.data_parallel``'s ZeRO optimizers (torch's ``state`` layout). Keys: the state
+    names (``exp_avg``, ``exp_avg_sq``, ``step``, ...) plus ``fp32_master`` for ZeRO's master partition
+    (DeepSpeed's stage-3 master counts only where it is a copy, not the parameters' own partition).
     """
     opt = _unwrap(optimizer)
     out: dict[str, int] = {}
@@ -62,6 +88,13 @@ def optimizer_state_bytes(optimizer: Any) -> dict[str, int]:
         for t in masters:
             add("fp32_master", t)
         opt = opt.optimizer  # the wrapped torch optimizer, over the partitions
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None)  # DeepSpeed ZeRO stage 3
+    if masters is not None:
+        params = {t.untyped_storage().data_ptr() for t in opt.fp16_partitioned_groups_flat}
+        for t in masters:  # DeepSpeed >= 0.18.2 in fp32 aliases the parameters' partition: not extra
+            if t.untyped_storage().data_ptr() not in params:
+                add("fp32_master", t)
+        opt = opt.optimizer
     for state in opt.state.values():
         for name, value in state.items():
             if torch.is_tensor(value):
@@ -102,7 +135,7 @@ def zero1_optimizer_state_bytes(num_params: int | Sequence[int], dp: int, alignm
     multiple of ``alignment · dp``; this rank keeps ``1/dp`` of it as fp32 master, ``m`` and ``v``.
     """
     groups = [num_params] if isinstance(num_params, int) else list(num_params)
-    partition = sum(math.ceil(n / (alignment * dp)) * alignment for n in groups)
+    partition = sum(partition_numel(n, dp, alignment) for n in groups)
     return {"fp32_master": master_bytes * partition, "exp_avg": moment_bytes * partition,
             "exp_avg_sq": moment_bytes * partition, "step": 4 * len(groups)}
 
