@@ -7,7 +7,9 @@
 1. ``throughput_vs_hf``  minimegatron vs Hugging Face, training tokens/s, GPT and LLaMA, tiny and small
                          (with the per-block breakdown of where the time goes);
 2. ``tp_scaling``        TP = 1, 2, 4 (with and without sequence parallelism) on simulated ranks;
-3. ``notebook_suite``    time to execute every notebook.
+3. ``ddp_overlap``       naive vs bucketed vs overlapped data parallelism on 2 ranks, and the share of
+                         communication backward hides per bucket size;
+4. ``notebook_suite``    time to execute every notebook.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import notebook_suite, throughput_vs_hf, tp_scaling  # noqa: E402
+from benchmarks import ddp_overlap, notebook_suite, throughput_vs_hf, tp_scaling  # noqa: E402
 
 BENCHMARKS = {"throughput": (throughput_vs_hf.main, ["--breakdown"]),
               "tp": (tp_scaling.main, ["--sequence-parallel"]),
+              "ddp": (ddp_overlap.main, []),
               "notebooks": (notebook_suite.main, [])}
 
 

@@ -4,7 +4,7 @@ Smoke tests only: no timing is asserted (benchmarks report, they do not pass or 
 """
 import pytest
 
-from benchmarks import notebook_suite, run_all, throughput_vs_hf, tp_scaling
+from benchmarks import ddp_overlap, notebook_suite, run_all, throughput_vs_hf, tp_scaling
 
 
 def test_throughput_vs_hf_quick(tmp_path):
@@ -30,6 +30,15 @@ def test_tp_scaling_quick(tmp_path):
     assert (tmp_path / "tp_scaling_quick.png").exists()
 
 
+def test_ddp_overlap_quick(tmp_path):
+    rows = ddp_overlap.main(["--quick", "--out", str(tmp_path)])
+    assert [r["bucket_mb"] for r in rows] == [0.01, 1.0]
+    assert all(0.0 <= r["hidden_share"] <= 1.0 for r in rows)
+    text = (tmp_path / "ddp_overlap_quick.md").read_text()
+    assert "naive" in text and "overlapped" in text
+    assert (tmp_path / "ddp_overlap_quick.png").stat().st_size > 0
+
+
 def test_notebook_suite_quick(tmp_path):
     [row] = notebook_suite.main(["--quick", "--out", str(tmp_path)])
     assert row["error"] == "" and row["cells"] == 2
@@ -37,4 +46,4 @@ def test_notebook_suite_quick(tmp_path):
 
 
 def test_run_all_parses_and_skips(tmp_path):
-    assert run_all.main(["--quick", "--skip", "throughput", "tp", "notebooks", "--out", str(tmp_path)]) == {}
+    assert run_all.main(["--quick", "--skip", "throughput", "tp", "ddp", "notebooks", "--out", str(tmp_path)]) == {}
