@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimegatron.data_parallel.buckets import assign_buckets
 from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor
+from minimegatron.data_parallel.buckets import assign_buckets
 from minimegatron.measure.memory import partition_numel
 
 __all__ = ["FlatShard", "ZeroAdamW", "adamw_update_", "split_param_groups"]

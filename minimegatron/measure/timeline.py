@@ -41,6 +41,7 @@ from typing import Any
 import torch.distributed as dist
 
 from minimegatron.measure.fixed_time import FixedTimeLayer  # (defined there, re-exported here)
+from minimegatron.measure.overlap import subtract  # interval arithmetic, one copy
 from minimegatron.schedules import stage_bubble_fractions  # the one bubble formula
 
 __all__ = ["PipeEvent", "PipelineTimeline", "FixedTimeLayer", "pipeline_bubble_fraction",
@@ -225,15 +226,8 @@ def idle_intervals(events: list[PipeEvent], rank: int, step: int | None = None
     """The gaps in one rank's compute (forward/backward/weight) within the step's span."""
     chosen = _step_events(events, step)
     t0, t1 = _span(chosen)
-    busy = sorted((e.start, e.end) for e in chosen if e.rank == rank and e.kind in COMPUTE)
-    gaps, cursor = [], t0
-    for s, e in busy:
-        if s > cursor:
-            gaps.append((cursor, s))
-        cursor = max(cursor, e)
-    if cursor < t1:
-        gaps.append((cursor, t1))
-    return gaps
+    busy = [(e.start, e.end) for e in chosen if e.rank == rank and e.kind in COMPUTE]
+    return subtract([(t0, t1)], busy)
 
 
 def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, title: str | None = None,
