@@ -47,7 +47,7 @@ def ddp_case(candidate_cls: type) -> dict:
 
     ddp.on_grad_ready = counted  # the scaffold's hooks look it up at every call
     out: dict = {"grads": [], "expected": []}
-    with rec.patched():
+    with rec.patched(candidate_cls):
         for step in range(DDP_STEPS):
             x, y = M.batch(step, dp)
             rec.step, seen[:] = step, [0] * len(buckets)
@@ -75,7 +75,7 @@ def zero2_case(candidate_cls: type) -> dict:
     names = {p: n for n, p in model.named_parameters()}
     rec = M.CommLog(state.dp_group)
     out: dict = {k: [] for k in ("params", "expected", "exp_avg", "expected_exp_avg", "alive")}
-    with rec.patched():
+    with rec.patched(candidate_cls):
         for step in range(M.STEPS):
             x, y = M.batch(step, dp)
             rec.step = step

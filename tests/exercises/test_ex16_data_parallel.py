@@ -3,6 +3,7 @@ usual mistake — each a switch of a plain solution below — fail with the mess
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed import all_reduce as imported_all_reduce  # a student's import, seen too
 
 from exercises import _ex16_reference as ref
 from exercises import ex16_data_parallel as ex16
@@ -20,6 +21,7 @@ class DDP(ex16.BucketedDDP):
     when = None  # reduce a bucket when this many gradients are in (None: when it is full)
     per_param = after_backward = twice = everything = False
     async_op = wait = divide = own_group = True
+    imported = False  # call the collective by a name imported from torch.distributed
 
     def on_grad_ready(self, param):
         i, o = self.bucket_of[param], self.offset_of[param]
@@ -29,7 +31,8 @@ class DDP(ex16.BucketedDDP):
         if self.per_param:
             self.handles.append((None, dist.all_reduce(param.grad, group=group, async_op=True)))
         elif not (self.after_backward or self.everything) and self.ready[i] == (self.when or len(self.buckets[i])):
-            self.handles.append((i, dist.all_reduce(self.buffers[i], group=group, async_op=self.async_op)))
+            reduce = imported_all_reduce if self.imported else dist.all_reduce
+            self.handles.append((i, reduce(self.buffers[i], group=group, async_op=self.async_op)))
 
     def finish_grad_sync(self):
         if self.everything:  # one flat vector of the whole model, after backward
@@ -58,6 +61,7 @@ def ddp_with(**switches):
 def test_references_and_hand_written_solutions_pass():
     assert ex16.grade_bucketed_ddp(ref.ReferenceBucketedDDP).startswith("✓ Exercise 16.1")
     assert ex16.grade_bucketed_ddp(DDP).startswith("✓ Exercise 16.1")
+    assert ex16.grade_bucketed_ddp(ddp_with(imported=True), world_sizes=TWO).startswith("✓ Exercise 16.1")
     assert ex16.grade_zero2_adamw(ref.ReferenceZero2AdamW).startswith("✓ Exercise 16.2")
     assert ex16.grade_zero2_adamw(Zero2).startswith("✓ Exercise 16.2")
     assert ex16.grade_zero3(ref.ReferenceZero3Model).startswith("✓ Exercise 16.3")
