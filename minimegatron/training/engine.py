@@ -68,8 +68,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimegatron.deepspeed_glue import (DeepSpeedMPU, init_deepspeed_comm, is_pipeline_tied_copy,
-                                         quiet_deepspeed, replace_fp32_gradient_clipping)
+from minimegatron.deepspeed_glue import (DeepSpeedMPU, expert_aware_gradient_reduction,
+                                         init_deepspeed_comm, is_expert_parameter, is_pipeline_tied_copy,
+                                         keep_expert_parameters, quiet_deepspeed,
+                                         replace_fp32_gradient_clipping)
 from minimegatron.config import ModelConfig
 from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState
@@ -121,15 +123,22 @@ def clip_grad_norm(parameters, max_norm: float, state: ParallelState) -> torch.T
 
     ‖g‖² = Σ over this rank's tensor-parallel shards + (on TP rank 0 only) the replicated weights,
     skipping the pipeline's second copy of a tied weight, summed over the model-parallel group.
-    Gradients are already identical across data-parallel replicas. Returns ‖g‖.
+    Gradients are already identical across data-parallel replicas — except the experts' (``param.
+    expert_parallel``), which differ across the ``ep`` ranks of an EP group: their squares are summed
+    over ``ep_group`` first (each expert counted once), then with the rest over TP × PP. Returns ‖g‖.
     """
     params = [p for p in parameters if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
+    device = params[0].grad.device if params else None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    experts = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if is_pipeline_tied_copy(p):
             continue
         if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
-            total += p.grad.detach().float().pow(2).sum()
+            (experts if is_expert_parameter(p) else total).add_(p.grad.detach().float().pow(2).sum())
+    if getattr(state, "ep", 1) > 1:
+        dist.all_reduce(experts, group=state.ep_group)
+    total += experts
     if state.mp_group is not None:
         dist.all_reduce(total, group=state.mp_group)
     norm = total.sqrt()
