@@ -50,6 +50,15 @@ optimizers. An FSDP2 flag would be a second trainer (its own AdamW over DTensors
 ``set_requires_gradient_sync``, a TP × DP norm over local shards, ``MixedPrecisionPolicy`` for bf16,
 a third optimizer-state layout), not a flag; ZeRO-3 is the same algorithm, through the engine we use.
 
+**Experts** (``num_experts`` > 0, ``ep`` > 1: each EP rank of a dp group holds other experts).
+DeepSpeed would broadcast every parameter from the dp group's first rank at ``initialize`` and average
+every gradient over dp; the glue keeps the experts through the broadcast
+(``deepspeed_glue.keep_expert_parameters``) and reduces expert gradients over the expert-data-parallel
+group instead (``expert_aware_gradient_reduction``: summed over ``edp_group``, divided by dp·cp, the
+a2a backward having summed the EP group's tokens already); :func:`clip_grad_norm` counts each expert
+once over ``ep_group``. ZeRO ≥ 1 and bf16 reduce gradients in their own optimizers: refused with
+``ep > 1`` (``training.args.check_experts``).
+
 One detail DeepSpeed leaves to us:
 
 * Gradient clipping with ZeRO stage 0 in fp32: under a pipeline, DeepSpeed's fp32 path counts the
@@ -156,13 +165,17 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
     init_deepspeed_comm()
     model = build_model(cfg, model_config, state)
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building
+    ep = getattr(state, "ep", 1)  # experts differ across EP ranks: not broadcast from dp rank 0
+    experts = keep_expert_parameters(model) if ep > 1 else contextlib.nullcontext()
+    with experts, contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
             config=deepspeed_config(cfg), lr_scheduler=schedule,
             mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
     if cfg.zero_stage == 3 and model_config.tie_embeddings:  # see the module docstring: the tie
         deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
+    if ep > 1:  # expert gradients: summed over edp_group, / dp·cp (see the module docstring)
+        expert_aware_gradient_reduction(engine, state)
     if state.pp > 1:
         from minimegatron.pipe_engine import use_pipeline_schedule
         use_pipeline_schedule(engine, cfg.pipeline_schedule)

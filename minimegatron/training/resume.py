@@ -123,7 +123,8 @@ def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> 
     family = family_of(saved_class) or cfg.model
     try:
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
-        flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:] if trial[k] != saved[k]})  # not derived
+        flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:]  # not derived (older files: no MoE keys)
+                      if k in saved and trial[k] != saved[k]})
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
     except ValueError:  # these flags alone make no valid model
         trial = {}
