@@ -22,5 +22,5 @@ __all__ = ["ParallelState", "initialize_model_parallel",
            "ColumnParallelLinear", "RowParallelLinear", "ReplicatedLinear", "VocabParallelEmbedding",
            "ParallelLMHead", "shard_weight", "gather_weight", "vocab_parallel_cross_entropy",
            "validate_token_ids", "validate_targets",
-           "RNGStatesTracker", "model_parallel_seed", "model_parallel_rng",
-           "AllToAllDispatcher", "all_to_all"]
+           "RNGStatesTracker", "model_parallel_seed", "model_parallel_rng"]
+__all__ += ["AllToAllDispatcher", "all_to_all"]
