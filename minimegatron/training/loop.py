@@ -103,7 +103,8 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
     model_config = validate(cfg, preflight=False)  # the parent checked the machine before forking
     if state is None:
         state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel,
-                                          context_parallel_size=cfg.cp, cp_comm=cfg.cp_comm)
+                                          context_parallel_size=cfg.cp, cp_comm=cfg.cp_comm,
+                                          expert_model_parallel_size=cfg.ep)
     model_parallel_seed(cfg.seed, state)
     engine, model = build_engine(cfg, model_config, state)
     if cfg.load:  # weights, optimizer, schedule, RNG: continues at engine.global_steps
@@ -123,7 +124,7 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
 
         steps = tqdm(steps, initial=engine.global_steps, total=cfg.steps, unit="step",
                      desc=f"{cfg.model} tp{cfg.tp}{f' cp{cfg.cp}' if cfg.cp > 1 else ''} "
-                          f"pp{cfg.pp} dp{cfg.dp}")
+                          f"pp{cfg.pp} dp{cfg.dp}{f' ep{cfg.ep}' if cfg.ep > 1 else ''}")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     try:
         for step in steps:
