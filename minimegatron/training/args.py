@@ -101,7 +101,9 @@ def check_split(split: Any, flag: str = "--split") -> tuple[float, float, float]
 def check_experts(cfg: TrainConfig) -> None:
     """The MoE flags, and what expert parallelism (``ep`` consecutive dp replicas sharing out the
     experts) needs and cannot do yet; ValueError naming the flags and the fix."""
-    E, k, cf, ep = cfg.num_experts, cfg.moe_top_k, cfg.moe_capacity_factor, cfg.ep
+    src = cfg.model_config if isinstance(cfg.model_config, ModelConfig) else cfg  # it overrides the flags
+    E, k, cf, ep = src.num_experts, src.moe_top_k, src.moe_capacity_factor, cfg.ep
+    aux, z = src.moe_aux_loss_coeff, getattr(src, "moe_z_loss_coeff", 0.0)
     if E and k > E:
         _fail(f"--moe-top-k {k} > --num-experts {E}: each token picks k distinct experts; give "
               f"--moe-top-k {min(2, E)} (or more experts)")
@@ -109,6 +111,15 @@ def check_experts(cfg: TrainConfig) -> None:
                                and math.isfinite(cf) and cf > 0):
         _fail(f"--moe-capacity-factor {_g(cf)} must be a finite number > 0 (slots per expert = "
               "ceil(cf·tokens·k/E)); try --moe-capacity-factor 1.25, or leave it out to drop no token")
+    if E and cfg.pp > 1 and (aux or z):
+        _fail(f"--moe-aux-loss-coeff {_g(aux)} (z-loss {_g(z)}) with --pp {cfg.pp}: the router losses "
+              "of a stage's MoE layers never reach the last stage's loss (only activations cross "
+              "stages), so they would not be trained; use --pp 1 with them, or --moe-aux-loss-coeff 0")
+    if E and cfg.cp > 1 and (aux or z or cf is not None):
+        _fail(f"--cp {cfg.cp} with --moe-aux-loss-coeff / --moe-capacity-factor: each CP rank routes "
+              f"only its seq_len/cp tokens, so the load-balancing loss and the capacity would be "
+              "counted over pieces of the sequences, not what one rank computes; use --cp 1 with them, "
+              "or leave them out (plain top-k routing is the same at any cp)")
     if ep == 1:
         return
     if not E:
