@@ -6,7 +6,8 @@ data-parallel group, as an MoE layer's do. The reference is one process holding 
 shared Linear and all ``ep`` experts) and its loss ``(1/dp) Σ_r loss_r``, stepped by torch's AdamW with
 torch's ``clip_grad_norm_`` (clipping active). DeepSpeed's engine, with the glue, must give each rank
 its own expert after ``deepspeed.initialize`` (not rank 0's: the broadcast), the reference's gradients
-(the shared one averaged over dp, an expert's summed over its ``edp_group`` and divided by dp), the
+(the shared one averaged over dp, an expert's summed over its ``edp_group`` and divided by dp; the
+groups are ``ParallelState``'s, ``initialize_model_parallel(expert_model_parallel_size=ep)``), the
 reference's ‖g‖ (each expert counted once) and, after two steps, the reference's weights — at ep = 2
 (edp groups of 2) and ep = dp = 4 (each expert on one rank).
 """
@@ -65,22 +66,6 @@ def reference(ep: int) -> dict:
     return out
 
 
-def expert_groups(state, ep: int) -> None:
-    """ep / ep_group / edp_group as the MoE interface carves them from dp (consecutive dp ranks)."""
-    import torch.distributed as dist
-
-    d = state.dp_rank
-    state.ep, state.ep_rank = ep, d % ep
-    for first in range(0, DP, ep):  # new_group: every rank, every group, in order
-        g = dist.new_group(list(range(first, first + ep)))
-        if d // ep == first // ep:
-            state.ep_group = g
-    for e in range(ep):
-        g = dist.new_group(list(range(e, DP, ep)))
-        if d % ep == e:
-            state.edp_group = g
-
-
 def on_rank(eps: tuple[int, ...]) -> dict:
     import contextlib
     import io
@@ -97,8 +82,7 @@ def on_rank(eps: tuple[int, ...]) -> dict:
     init_deepspeed_comm()
     results = {}
     for ep in eps:
-        state = initialize_model_parallel()
-        expert_groups(state, ep)
+        state = initialize_model_parallel(expert_model_parallel_size=ep)  # ep_group, edp_group
         model = Toy(state.ep_rank)
         config = {"train_batch_size": DP, "train_micro_batch_size_per_gpu": 1,
                   "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
