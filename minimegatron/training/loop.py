@@ -48,8 +48,10 @@ def _is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def train_step(engine, batches, state: ParallelState) -> float:
-    """One optimizer step over this replica's micro-batches; returns the global-batch mean loss."""
+def train_step(engine, batches, state: ParallelState, aux: list[torch.Tensor] | None = None) -> float:
+    """One optimizer step over this replica's micro-batches; returns the global-batch mean loss.
+
+    ``aux`` (pp = 1, an MoE model): each micro-batch's Σ-over-layers router aux loss is appended."""
     if _is_pipeline(engine):
         loss = engine.train_batch(batches)  # averaged over micro-batches and replicas by DeepSpeed
         mark_step()
@@ -57,6 +59,8 @@ def train_step(engine, batches, state: ParallelState) -> float:
     losses = []
     for tokens, labels in batches:
         loss = engine(tokens.to(engine.device), labels.to(engine.device))
+        if aux is not None:  # the MoE layers keep the last forward's router losses
+            aux.append(engine.module.moe_losses()[0].detach().float())
         engine.backward(loss)  # scales by 1/num_micro_batches; all-reduces over dp on the last one
         mark_step()
         engine.step()  # only the last micro-batch's call updates the weights
@@ -130,8 +134,9 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
         for step in steps:
             lr = engine.get_lr()[0]
             start = time.perf_counter()
+            aux = [] if model_config.num_experts and state.pp == 1 else None
             loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank, state.cp_rank),
-                              state)
+                              state, aux)
             synchronize()
             elapsed = time.perf_counter() - start
             norm = engine.get_global_grad_norm()
@@ -141,9 +146,12 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
             history.grad_norm.append(None if norm is None else float(norm))
             history.step_time.append(elapsed)
             history.tokens_per_s.append(tokens_per_step / elapsed)
+            if aux:  # the routers' load-balancing loss: one scalar all-reduce over dp
+                history.aux_loss.append(_replica_mean(torch.stack(aux).mean(), state))
             if writer:
                 writer.write(step=step, loss=loss, lr=lr, grad_norm=history.grad_norm[-1],
-                             step_time=elapsed, tokens_per_s=history.tokens_per_s[-1])
+                             step_time=elapsed, tokens_per_s=history.tokens_per_s[-1],
+                             **({"aux_loss": history.aux_loss[-1]} if aux else {}))
             if not math.isfinite(loss):  # the same global-batch mean on every rank: all stop here
                 raise TrainingDiverged(_diverged_message(cfg, step, loss, lr))
             if valid_data is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):
