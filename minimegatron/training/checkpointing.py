@@ -193,7 +193,7 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     message: str | None = None
     if state.rank == 0:
         layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "cp": state.cp,
-                  "ep": getattr(state, "ep", 1)}
+                  **({"ep": state.ep} if getattr(state, "ep", 1) > 1 else {})}
         trainer = {"step": step, "consumed_samples": step * cfg.global_batch_size,
                    "optimizer_step": optimizer.step_count(), "next_lr": engine.get_lr()[0],
                    "layout": {**layout, "zero_stage": cfg.zero_stage, "dtype": cfg.dtype,
