@@ -60,18 +60,12 @@ flat fp32 tensor per sub-group:                         param`` does, which cann
 (sub-group, offset, ⌈n/dp⌉); its torch                  param` tells such a parameter by its ``ds_id``;
 optimizer's ``param_groups`` hold the                   :func:`zero3_fp32_flats` lists the flats with
 flats only during ``step``                              their param groups
-``buffered_allreduce_fallback(grads=   0.14.4 – 0.19   :func:`expert_aware_gradient_reduction`
-None)`` (ZeRO-0; the pipeline's                         replaces the engine's method: DeepSpeed gets
-``_exec_reduce_grads`` too) averages                    ``grads=[the non-expert ones]``; an expert
-every gradient over its data-parallel                   parameter's (``param.expert_parallel``) is
-group: expert parameters differ                         summed over ``state.edp_group`` and divided
-across the EP ranks of that group                       by dp·cp (the MoE interface's rule). (Its
-(its own MoE switch, ``param.                           own MoE path needs ``deepspeed.moe``'s
-allreduce = False``, is for ``deepspeed                 modules: ``allreduce=False`` alone is a
-.moe.layer.MoE`` only)                                  KeyError in ``_get_gradients_for_reduction``)
-``deepspeed.initialize`` broadcasts     0.14.4 – 0.19   :func:`keep_expert_parameters` snapshots the
-every parameter from the dp group's                     expert parameters around it and puts them
-first rank (``_broadcast_model``)                       back
+ZeRO-0 ``buffered_allreduce_fallback``  0.14.4 – 0.19   :func:`expert_aware_gradient_reduction`:
+(the pipeline's too) averages every                     DeepSpeed gets the non-expert grads; the
+grad over dp, experts too (its MoE                      experts' are summed over ``edp_group``,
+path: ``deepspeed.moe`` modules only)                   ÷ dp·cp
+``_broadcast_model`` gives all dp rank  0.14.4 – 0.19   :func:`keep_expert_parameters` puts them back
+0's experts at ``initialize``
 ``PipelineModule`` splits layers only   0.14.4 – 0.19   :func:`set_pipeline_parts` sets ``parts`` and
 ``uniform`` / ``parameters`` /                          ``_set_bounds`` as ``_partition_layers``
 ``type:`` (no explicit counts)                          does (``pipe.LanguageModelPipe`` overrides
@@ -88,6 +82,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from minimegatron.mpu.state import ParallelState
@@ -160,16 +155,14 @@ def is_pipeline_tied_copy(param: torch.Tensor) -> bool:
 
 
 def is_expert_parameter(param: torch.Tensor) -> bool:
-    """True for an expert's weight (``param.expert_parallel``): it differs across the EP ranks of a
-    data-parallel group, and is the same only on the ranks of its ``edp_group``."""
+    """True for an expert's weight (``param.expert_parallel``): it differs across the EP ranks."""
     return bool(getattr(param, "expert_parallel", False))
 
 
 @contextlib.contextmanager
 def keep_expert_parameters(model: torch.nn.Module):
-    """Around ``deepspeed.initialize``: its broadcast from the dp group's first rank would give every
-    EP rank that rank's experts; the expert parameters are put back as they were (the same Parameter
-    objects, so the optimizer DeepSpeed built holds them)."""
+    """Around ``deepspeed.initialize``: the expert parameters are put back after its broadcast from dp
+    rank 0 (the same Parameter objects: the optimizer DeepSpeed built holds them)."""
     saved = [(p, p.detach().clone()) for p in model.parameters() if is_expert_parameter(p)]
     yield
     with torch.no_grad():
@@ -179,54 +172,38 @@ def keep_expert_parameters(model: torch.nn.Module):
 
 def expert_aware_gradient_reduction(engine, state: ParallelState) -> None:
     """Make the engine's gradient all-reduce (ZeRO-0: ``buffered_allreduce_fallback(grads=None)``) leave
-    the expert parameters out, and reduce those over the expert-data-parallel group instead::
+    the expert parameters to one all_reduce(SUM) of their flattened gradients over ``edp_group`` (and
+    ``cp_group`` when cp > 1); a parameter without a gradient gets zeros first, as in DeepSpeed::
 
         non-expert:  g ← (1/(dp·cp)) Σ_{dp·cp ranks} g          (DeepSpeed, as before)
-        expert:      g ← (1/(dp·cp)) Σ_{edp_group × cp ranks} g  (here: the a2a backward has already
-                                                                  summed its EP group's tokens into g)
-
-    (forward: nothing; this is the backward's last collective: one all_reduce(SUM) of the flattened
-    expert gradients over ``edp_group``, and over ``cp_group`` when cp > 1.) A parameter without a
-    gradient gets zeros first, as DeepSpeed does, so that every rank reduces the same sizes."""
+        expert:      g ← (1/(dp·cp)) Σ_{edp_group × cp ranks} g  (the a2a backward has already summed
+                                                                  its EP group's tokens into g)"""
     if hasattr(engine.optimizer, "get_grads_for_reduction"):  # BF16_Optimizer: its own fp32 copies
         raise TypeError(f"expert-parallel gradient reduction needs DeepSpeed's ZeRO-0 fp32 path, not "
-                        f"{type(engine.optimizer).__name__} (it reduces its own gradient copies); "
-                        "use fp32 with ZeRO stage 0")
+                        f"{type(engine.optimizer).__name__} (it reduces its own copies); use fp32, ZeRO 0")
     deepspeed_reduce = engine.buffered_allreduce_fallback  # the bound method of the engine's class
-    divisor = state.dp * state.cp  # what DeepSpeed divides the others by
+    groups = [g for g in (state.edp_group, state.cp_group if state.cp > 1 else None) if g is not None]
 
+    @torch.no_grad()
     def buffered_allreduce_fallback(self, grads=None, elements_per_buffer=500000000):
         if grads is not None:
             return deepspeed_reduce(grads=grads, elements_per_buffer=elements_per_buffer)
         shared, experts = [], []
         for p in self.module.parameters():
-            if not p.requires_grad or p.numel() == 0:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            (experts if is_expert_parameter(p) else shared).append(p.grad.data)
+            if p.requires_grad and p.numel() > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                (experts if is_expert_parameter(p) else shared).append(p.grad.data)
         deepspeed_reduce(grads=shared, elements_per_buffer=elements_per_buffer)
         if experts:
-            _sum_over_expert_data_parallel(experts, state, divisor)
+            flat = torch.cat([g.reshape(-1) for g in experts])  # (Σ numel,)
+            for group in groups:
+                dist.all_reduce(flat, group=group)
+            flat.div_(state.dp * state.cp)  # what DeepSpeed divides the others by
+            for g, piece in zip(experts, flat.split([g.numel() for g in experts])):
+                g.copy_(piece.view_as(g))
 
     engine.buffered_allreduce_fallback = types.MethodType(buffered_allreduce_fallback, engine)
-
-
-@torch.no_grad()
-def _sum_over_expert_data_parallel(grads: list[torch.Tensor], state: ParallelState, divisor: int) -> None:
-    import torch.distributed as dist
-
-    for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat buffer per dtype
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])  # (Σ numel,)
-        for group in (getattr(state, "edp_group", None), state.cp_group if state.cp > 1 else None):
-            if group is not None:
-                dist.all_reduce(flat, group=group)
-        flat.div_(divisor)
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def replace_fp32_gradient_clipping(engine, clip: Callable[[], float]) -> None:

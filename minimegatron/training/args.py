@@ -149,8 +149,9 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     and --out-dir can be written, that the checkpoints fit on the disk and the model in memory."""
     if cfg.model not in MODELS:
         _fail(f"model={cfg.model!r}: choose one of {MODELS}")
-    for name in ("tp", "pp", "dp", "cp", "ep", "moe_top_k", "moe_every", "micro_batch_size", "global_batch_size", "steps", "seq_len",
-                 "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters"):
+    for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch_size", "global_batch_size", "steps", "seq_len",
+                 "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters", "moe_top_k",
+                 "moe_every"):
         v = getattr(cfg, name)
         if not is_int(v) or v < 1:
             _fail(f"{name} must be a positive int, got {v!r} ({type(v).__name__}); give {_flag(name)} 1 "
@@ -160,7 +161,8 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
         if v is not None and (not is_int(v) or v < 1):
             _fail(f"{name} must be a positive int (or left out: the model's default), got {v!r} "
                   f"({type(v).__name__}); give {_flag(name)} 1 or more, or leave it out")
-    for name in ("num_experts", "warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed", "load_step"):
+    for name in ("num_experts", "warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed",
+                 "load_step"):
         v = getattr(cfg, name)
         if v is not None and (not is_int(v) or v < 0):
             _fail(f"{name} must be >= 0 (an int), got {v!r} ({type(v).__name__}); give {_flag(name)} 0 "

@@ -44,7 +44,6 @@ DeepSpeed's own ``engine.save_checkpoint`` is not used: its files are pickles of
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -63,6 +62,7 @@ from minimegatron.checkpoint.reshape import (CheckpointError, check_config_match
                                              gather_full_tensor, shard_full_tensor, vocab_rows)
 from minimegatron.mpu.state import ParallelState
 from minimegatron.training.config import MODEL_CLASS, TrainConfig
+from minimegatron.training.checkpoint_transfer import gather_to_writer
 from minimegatron.training.optimizer_state import MOMENTS, OptimizerState
 from minimegatron.training.rng_state import gather_rng_states, restore_rng_states
 
@@ -124,50 +124,6 @@ def _whole(t: torch.Tensor, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters([t], modifier_rank=modifier_rank)
 
 
-# ---- moving full tensors to the writer ------------------------------------------------------------
-def _send(tensors: dict[str, torch.Tensor], dst: int, device: torch.device) -> None:
-    header = json.dumps([[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
-                         for k, v in tensors.items()]).encode()
-    dist.send(torch.tensor([len(header)], device=device), dst)
-    dist.send(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device), dst)
-    for v in tensors.values():
-        dist.send(v.contiguous().to(device), dst)
-
-
-def _recv(src: int, device: torch.device) -> dict[str, torch.Tensor]:
-    size = torch.zeros(1, dtype=torch.long, device=device)
-    dist.recv(size, src)
-    header = torch.empty(int(size), dtype=torch.uint8, device=device)
-    dist.recv(header, src)
-    out = {}
-    for name, shape, dtype in json.loads(header.cpu().numpy().tobytes()):
-        out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        dist.recv(out[name], src)
-    return out
-
-
-def _gather_to_writer(tensors: dict[str, torch.Tensor], state: ParallelState, device: torch.device,
-                      experts: set[str]) -> dict[str, torch.Tensor] | None:
-    """Every stage's full tensors, in stage order, on global rank 0; None on every other rank.
-
-    ``experts``: the global names of this rank's expert tensors (a moment ``exp_avg/<name>`` by its
-    ``<name>``); with ep > 1 the dp ranks 1 … ep-1 of (tp 0, cp 0) hold other experts and send those."""
-    ep = getattr(state, "ep", 1)
-    if state.tp_rank != 0 or state.cp_rank != 0 or state.dp_rank >= ep:
-        return None  # its replica/shard twin on (tp 0, cp 0, dp < ep) has the same full tensors
-    if state.dp_rank > 0:  # another EP rank: only its experts are not on dp rank 0
-        _send({k: v for k, v in tensors.items() if k.split("/", 1)[-1] in experts}, 0, device)
-        return None
-    if state.pp_rank > 0:
-        _send(tensors, 0, device)
-        return None
-    out = dict(tensors)
-    for stage in range(state.pp):
-        for d in range(0 if stage else 1, ep):
-            out.update(_recv(ParallelState.rank_of(0, d, stage, state.tp, state.dp, 0, state.cp), device))
-    return out
-
-
 # ---- save ------------------------------------------------------------------------------------------
 def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: ParallelState,
                              directory: str | os.PathLike, step: int) -> Path:
@@ -186,8 +142,8 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
                     moments[f"{key}/{key_name}"] = gather_full_tensor(optimizer.get(t, key), t, state,
                                                                       rows.get(name))
     device = next(model.parameters()).device
-    weights = _gather_to_writer(weights, state, device, set(experts.values()))
-    moments = _gather_to_writer(moments, state, device, set(experts.values()))
+    weights = gather_to_writer(weights, state, device, set(experts.values()))
+    moments = gather_to_writer(moments, state, device, set(experts.values()))
     rng = gather_rng_states(state, device)
     error: BaseException | None = None
     message: str | None = None
