@@ -14,7 +14,7 @@ micro-batches (step t reads global batch t, each replica a contiguous part of it
 slots: the losses agree — and differ from the run that drops none.
 
 Checkpoints hold every expert by its global index: a run saved at ep2·dp2·tp2 resumes at ep4 and on one
-rank with the losses of the run that never stopped.
+rank with the losses of the run that never stopped, and one saved at pp2·dp2·ep2 on one rank.
 """
 import pytest
 import torch
@@ -88,3 +88,11 @@ def test_a_checkpoint_holds_every_expert_and_resumes_at_another_ep(reference, tm
         resumed = run(**layout, load=str(tmp_path / "ck"), load_step=2)
         torch.testing.assert_close(resumed.loss, full.loss[2:], rtol=0, atol=ATOL)
         torch.testing.assert_close(resumed.grad_norm, full.grad_norm[2:], rtol=1e-5, atol=0)
+
+
+def test_a_pipeline_checkpoint_sends_every_stages_experts(reference, tmp_path):
+    """pp2·dp2·ep2: the second stage's two EP ranks each send their experts to the writer."""
+    full = reference(moe_aux_loss_coeff=0.0)
+    run(pp=2, dp=2, ep=2, moe_aux_loss_coeff=0.0, save=str(tmp_path / "ck"), save_interval=2)
+    resumed = run(moe_aux_loss_coeff=0.0, load=str(tmp_path / "ck"), load_step=2)
+    torch.testing.assert_close(resumed.loss, full.loss[2:], rtol=0, atol=ATOL)
