@@ -209,6 +209,8 @@ class ParallelConfig:
     ``cp``: context parallelism, the sequence split over ``cp`` ranks for attention; ``cp_comm``
     how attention reaches the rest of the sequence: ``"p2p"`` (ring attention, k/v blocks passed
     round the ring) or ``"a2a"`` (all-to-all: scatter heads, gather the sequence; DeepSpeed-Ulysses).
+    ``ep``: expert parallelism, carved from DP (Megatron's expert-model-parallel size): each group of
+    ``ep`` consecutive dp ranks shares out the experts and all-to-alls its tokens; ``ep`` divides ``dp``.
     """
 
     tp: int = 1
@@ -218,9 +220,10 @@ class ParallelConfig:
     sequence_parallel: bool = False   # with tp = 1 it changes nothing
     cp: int = 1
     cp_comm: str = "p2p"
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep"):
             v = getattr(self, name)
             _check(is_int(v) and v >= 1, f"ParallelConfig.{name} must be an int >= 1, got {v!r}")
         _check(self.cp_comm in CP_COMM_TYPES, f"cp_comm={self.cp_comm!r} is not a context-parallel "
@@ -239,3 +242,7 @@ class ParallelConfig:
         _check(self.world_size == model * self.dp,
                f"world size {self.world_size} != tp·cp·pp·dp = {self.tp}·{self.cp}·{self.pp}·{self.dp} = "
                f"{model * self.dp}; launch tp·cp·pp·dp ranks or change the sizes")
+        _check(self.dp % self.ep == 0,
+               f"expert-parallel size ep={self.ep} does not divide the data-parallel size dp={self.dp}: "
+               "EP is carved from DP (groups of ep consecutive dp ranks exchange tokens); choose ep "
+               "dividing dp")

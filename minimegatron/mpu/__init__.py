@@ -12,6 +12,7 @@ from minimegatron.mpu.layers import (ColumnParallelLinear, ReplicatedLinear, Row
 from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding, validate_token_ids
 from minimegatron.mpu.cross_entropy import validate_targets, vocab_parallel_cross_entropy
 from minimegatron.mpu.random import RNGStatesTracker, model_parallel_rng, model_parallel_seed
+from minimegatron.mpu.expert_parallel import AllToAllDispatcher, all_to_all
 
 __all__ = ["ParallelState", "initialize_model_parallel",
            "copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
@@ -22,3 +23,4 @@ __all__ = ["ParallelState", "initialize_model_parallel",
            "ParallelLMHead", "shard_weight", "gather_weight", "vocab_parallel_cross_entropy",
            "validate_token_ids", "validate_targets",
            "RNGStatesTracker", "model_parallel_seed", "model_parallel_rng"]
+__all__ += ["AllToAllDispatcher", "all_to_all"]

@@ -130,3 +130,78 @@ def test_context_parallel_groups_on_real_ranks():
         for kind, (got, expected) in sums.items():
             assert got == expected, f"rank {rank}: the {kind} process group is not its ranks"
         assert size == 4 and dp_rank == dp_cp_rank == topo.get_coord(rank).data, rank
+
+
+# ---- expert parallelism: EP carved from DP -------------------------------------------------------
+EP_GRIDS = [(2, 1, 1, 2), (2, 2, 1, 2), (2, 1, 2, 2)]  # (tp, pp, cp, ep) on 8 ranks: dp = 4, 2, 2
+
+
+def _coords(rank: int, tp: int, cp: int, dp: int) -> tuple[int, int, int, int]:
+    """(pp, dp, cp, tp) indices of a rank, by division (rank = ((pp·dp + d)·cp + c)·tp + t)."""
+    rest, t = divmod(rank, tp)
+    rest, c = divmod(rest, cp)
+    p, d = divmod(rest, dp)
+    return p, d, c, t
+
+
+def _ep_groups_on_ranks():
+    out = {}
+    for tp, pp, cp, ep in EP_GRIDS:
+        st = initialize_model_parallel(tp, pp, context_parallel_size=cp, expert_model_parallel_size=ep)
+        sums = {}
+        for kind in ("ep", "edp"):
+            t = torch.tensor([float(st.rank)])
+            dist.all_reduce(t, group=getattr(st, f"{kind}_group"))
+            sums[kind] = int(t.item())
+        out[(tp, pp, cp, ep)] = dict(ep_rank=st.ep_rank, edp_rank=st.edp_rank, edp=st.edp,
+                                     ep_ranks=st.ep_ranks, edp_ranks=st.edp_ranks, sums=sums)
+    try:  # ep ∤ dp: raised by every rank before any group is made
+        initialize_model_parallel(2, expert_model_parallel_size=3)
+        out["bad"] = None
+    except ValueError as e:
+        out["bad"] = str(e)
+    st = initialize_model_parallel(2)  # ep = 1: no EP group, the expert gradients average over dp
+    out["ep1"] = (st.ep, st.ep_group is None, st.edp_group is st.dp_group, st.edp_ranks == st.dp_ranks)
+    return out
+
+
+def test_expert_parallel_groups_on_real_ranks():
+    from deepspeed.utils.groups import _get_expert_parallel_ranks  # DeepSpeed's "E + M + D" layout
+
+    results = launch(_ep_groups_on_ranks, 8, timeout=120)
+    for tp, pp, cp, ep in EP_GRIDS:
+        dp = 8 // (tp * pp * cp)
+        if cp == 1:  # DeepSpeed knows no context parallelism: its data axis is our dp
+            ds_ep, ds_edp = _get_expert_parallel_ranks(8, tp, ep, pp)
+            assert sorted(map(sorted, ds_ep)) == sorted(grid_groups(tp, pp, dp, cp, ep)["ep"])
+            assert sorted(map(sorted, ds_edp)) == sorted(grid_groups(tp, pp, dp, cp, ep)["edp"])
+        for rank, res in enumerate(results):
+            r, where = res[(tp, pp, cp, ep)], f"tp={tp} pp={pp} cp={cp} dp={dp} ep={ep} rank {rank}"
+            p, d, c, t = _coords(rank, tp, cp, dp)
+            same = [q for q in range(8) if _coords(q, tp, cp, dp)[::2] == (p, c)
+                    and _coords(q, tp, cp, dp)[3] == t]  # the dp ranks of this (pp, cp, tp)
+            ep_group = [q for q in same if _coords(q, tp, cp, dp)[1] // ep == d // ep]
+            edp_group = [q for q in same if _coords(q, tp, cp, dp)[1] % ep == d % ep]
+            assert (r["ep_rank"], r["edp_rank"], r["edp"]) == (d % ep, d // ep, dp // ep), where
+            assert r["ep_ranks"] == ep_group and r["edp_ranks"] == edp_group, where
+            assert len(ep_group) == ep and len(edp_group) == dp // ep, where
+            assert r["sums"] == {"ep": sum(ep_group), "edp": sum(edp_group)}, f"{where}: process groups"
+    for res in results:
+        assert "ep=3 does not divide the data-parallel size dp=4" in res["bad"]
+        assert res["ep1"] == (1, True, True, True)
+
+
+def test_expert_parallel_size_validated_once():
+    from minimegatron.config import ParallelConfig
+
+    with pytest.raises(ValueError, match="ep=2 does not divide the data-parallel size dp=1"):
+        ParallelConfig(tp=2, world_size=2, ep=2)
+    with pytest.raises(ValueError, match="ParallelConfig.ep must be an int >= 1"):
+        ParallelConfig(ep=0)
+    with pytest.raises(ValueError, match="ep=4 does not divide"):
+        grid_groups(tp=1, pp=1, dp=2, ep=4)
+    with pytest.raises(RuntimeError, match="ep=2 needs 2\\+ ranks"):
+        initialize_model_parallel(expert_model_parallel_size=2)
+    assert ParallelConfig(tp=2, world_size=16, ep=4).dp == 8
+    st = ParallelState(tp=2, dp=4, ep=2, rank=6)  # dp index 3: second EP group, EP index 1
+    assert (st.dp_rank, st.ep_rank, st.edp_rank, st.edp) == (3, 1, 1, 2)
