@@ -7,6 +7,8 @@ import torch
 from minimegatron.checkpoint import UnsupportedHFConfig, config_from_hf, config_to_hf, from_hf, to_hf
 from minimegatron.generate import generate
 from minimegatron.launch import launch
+from minimegatron.layers.language_model import count_parameters
+from minimegatron.layers.moe import router_losses
 from minimegatron.mixtral import mixtral_config
 from minimegatron.mpu.state import initialize_model_parallel
 from tests.checkpoint.hf_models import hf_mixtral, token_ids
@@ -71,7 +73,7 @@ def test_loss_with_aux_equals_hf_for_one_moe_layer():
     with torch.no_grad():
         ours = model(ids, labels)
         theirs = hf(ids, labels=labels)
-    torch.testing.assert_close(model.moe_losses()[0] * 2, theirs.aux_loss, **TOL)
+    torch.testing.assert_close(router_losses(model.layers)[0] * 2, theirs.aux_loss, **TOL)
     # HF shifts labels inside; ours takes them as given: shift them back for HF
     with torch.no_grad():
         shifted = torch.cat([torch.full_like(ids[:, :1], -100), labels[:, :-1]], 1)
@@ -89,12 +91,14 @@ def test_from_hf_tp2_matches_transformers():
         with torch.no_grad():
             out = {"logits": model(ids), "greedy": generate(model, ids[:, :5], max_new_tokens=8)}
         out["roundtrip"] = same_weights(to_hf(model), hf)
+        out["params"] = (model.num_parameters(), count_parameters(model.config))  # sharded experts too
         return out
 
     expected, greedy = hf_logits(hf, ids), hf_greedy(hf, ids[:, :5])
     for rank, out in enumerate(launch(run, 2, timeout=120)):
         torch.testing.assert_close(out["logits"], expected, **TOL, msg=f"rank {rank}")
         assert torch.equal(out["greedy"], greedy) and out["roundtrip"], f"rank {rank}"
+        assert out["params"][0] == out["params"][1] == sum(p.numel() for p in hf.parameters())
 
 
 def test_config_roundtrip_and_refusals():
