@@ -76,6 +76,10 @@ def test_moe_matches_per_token_loop(activation, cf, k):
     torch.testing.assert_close(out, expected, **TOL)
     assert torch.equal(moe.routing.keep, keep)
     assert moe.routing.dropped == int((~keep).sum())
+    kept = torch.bincount(moe.routing.experts[keep], minlength=4)  # the load each expert computes
+    assert torch.equal(moe.routing.kept_per_expert, kept)
+    if cf is not None:
+        assert moe.routing.capacity == math.ceil(cf * 12 * k / 4) and int(kept.max()) <= moe.routing.capacity
     if cf is not None and cf < 1:
         assert moe.routing.dropped > 0  # the case exercises dropping
     (out * g).sum().backward()
