@@ -12,6 +12,10 @@ Two more switches are alike in both presets and there for study (:data:`STUDY_SW
 ``final_norm`` (the original GPT was post-norm without one; GPT-2 added ``ln_f``, which LLaMA keeps as
 an RMSNorm — a difference of ``norm``, not of ``final_norm``) and ``num_kv_heads`` (grouped-query
 attention: LLaMA-2 70B and LLaMA-3 use fewer kv heads than query heads, LLaMA-1 does not).
+
+Mixture of experts (``num_experts``, ``moe_top_k``, ``moe_every``, ``moe_capacity_factor``, the two
+loss coefficients; ``layers/moe.py``) is off in both presets; Mixtral is LLaMA with it on — one more
+porting point, :data:`MOE_PORTING_POINTS`, whose values live in :func:`minimegatron.mixtral.mixtral_config`.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ PORTING_POINTS: dict[str, str] = {"norm": "norm", "activation": "activation",
                                   "position_embedding": "positions", "bias": "biases",
                                   "tie_embeddings": "embeddings", "ffn_hidden_size": "MLP width"}
 STUDY_SWITCHES = ("final_norm", "num_kv_heads")  # alike in both presets (see above)
+# LLaMA -> Mixtral: one more porting point, the MoE MLP (its values: mixtral.py's ``mixtral_config``).
+# Both GPT-2 and LLaMA are dense (num_experts=0), so it is not a GPT/LLaMA difference.
+MOE_PORTING_POINTS: dict[str, str] = {"num_experts": "MoE MLP (experts)", "moe_top_k": "experts per token"}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -68,6 +75,14 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     use_fused_kernels: bool = True          # Gaudi's fused kernels for tensors on "hpu" (kernels.py)
+    # mixture of experts (layers/moe.py): 0 = dense; layer i is MoE iff i % moe_every == 0 (Megatron's
+    # moe_layer_freq: 1 = every layer, Mixtral; 2 = layers 0, 2, 4, …)
+    num_experts: int = 0
+    moe_top_k: int = 2                      # experts per token (Mixtral 2, Switch 1)
+    moe_every: int = 1
+    moe_capacity_factor: float | None = None  # None: no token dropped (Mixtral); else ⌈cf·n·k/E⌉ per expert
+    moe_aux_loss_coeff: float = 0.0         # × load-balancing loss, summed over MoE layers
+    moe_z_loss_coeff: float = 0.0           # × router z-loss, summed over MoE layers
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -111,6 +126,30 @@ class ModelConfig:
         _check(_is_real(self.init_std) and self.init_std >= 0,
                f"ModelConfig.init_std={self.init_std!r} must be >= 0: it is the standard deviation of "
                "the normal init N(0, std²) (Megatron's default 0.02)")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        E, k = self.num_experts, self.moe_top_k
+        _check(is_int(E) and E >= 0, f"ModelConfig.num_experts={E!r} must be an int >= 0 (0 = dense MLP)")
+        _check(is_int(self.moe_every) and self.moe_every >= 1,
+               f"ModelConfig.moe_every={self.moe_every!r} must be an int >= 1 (1 = every layer is MoE)")
+        _check(is_int(k) and k >= 1 and (E == 0 or k <= E),
+               f"ModelConfig.moe_top_k={k!r} must be an int in [1, num_experts={E}]: each token picks "
+               "k distinct experts")
+        cf = self.moe_capacity_factor
+        _check(cf is None or (_is_real(cf) and cf > 0), f"ModelConfig.moe_capacity_factor={cf!r} must "
+               "be > 0 (slots per expert = ceil(cf·tokens·k/E)), or None to drop no token")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            v = getattr(self, name)
+            _check(_is_real(v) and v >= 0, f"ModelConfig.{name}={v!r} must be a number >= 0 (0 = off)")
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Layer ``layer_number`` (0-based) has an MoE MLP: num_experts > 0 and i % moe_every == 0."""
+        return self.num_experts > 0 and layer_number % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def head_dim(self) -> int:
@@ -185,7 +224,7 @@ def diff_fields(a: dict[str, Any], b: dict[str, Any], ignore: Collection[str] = 
 def flavour_changes(config: ModelConfig, preset: Callable[..., ModelConfig]) -> dict[str, Any]:
     """The porting points and study switches where ``config`` differs from ``preset`` of the same
     sizes, as {field: value}: ``{}`` for the preset itself."""
-    switches = (*PORTING_POINTS, *STUDY_SWITCHES)
+    switches = (*PORTING_POINTS, *STUDY_SWITCHES, *MOE_PORTING_POINTS)
     sizes = {k: v for k, v in config.to_dict().items() if k not in switches and k != "name"}
     reference = preset(**sizes)
     return {k: getattr(config, k) for k in switches if getattr(config, k) != getattr(reference, k)}
@@ -194,7 +233,7 @@ def flavour_changes(config: ModelConfig, preset: Callable[..., ModelConfig]) -> 
 def __getattr__(name: str) -> Any:
     """``from minimegatron.config import gpt_config, llama_config``: the presets, from their homes
     (imported on first use: they import the model, which imports this file)."""
-    if name in ("gpt_config", "llama_config"):
+    if name in ("gpt_config", "llama_config", "mixtral_config"):
         return getattr(importlib.import_module(f"minimegatron.{name.removesuffix('_config')}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

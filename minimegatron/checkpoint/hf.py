@@ -17,6 +17,17 @@ the shards and undoes the layout. Weight by weight (``i`` = layer)::
     final_norm                                  ln_f                          model.norm
     lm_head.weight                              (tied to wte)                 lm_head
 
+MixtralForCausalLM is the LLaMA table where ``config.num_experts > 0``, its MLP rows replaced by::
+
+    layers.i.mlp.router.weight  (E, h)                           model.layers.i.mlp.gate.weight
+    layers.i.mlp.experts.e.dense_h_to_4h.weight  (2f, h)         model.layers.i.mlp.experts.gate_up_proj[e]
+    layers.i.mlp.experts.e.dense_4h_to_h.weight  (h, f)          model.layers.i.mlp.experts.down_proj[e]
+
+transformers 5 stores the experts fused, as 3-D (E, 2f, h) / (E, h, f) tensors; ``gate_up_proj[e]`` is
+``[W_gate; W_up]`` (its forward chunks the output in two), exactly our fused ``dense_h_to_4h``. Older
+checkpoints (the Hub's) name each expert ``block_sparse_moe.experts.e.w1 / w3 / w2`` (gate / up /
+down) and the gate ``block_sparse_moe.gate``: read as well (``_legacy_mixtral``).
+
 (ᵀ) GPT-2 uses ``Conv1D``, which stores weights as (in, out) — the transpose of ``nn.Linear``'s
 (out, in). Its fused ``c_attn`` output is ``[q | k | v]``, exactly our ``[W_Q; W_K; W_V]`` once
 transposed. HF LLaMA's q/k projections already use the rotate-half RoPE layout we use: no permutation.
@@ -73,10 +84,17 @@ _LLAMA_FUSED_MHA = [("attention.query_key_value.weight",
 _LLAMA_FUSED_GQA = [("attention.query.weight", ["self_attn.q_proj.weight"]),
                     ("attention.key_value.weight", ["self_attn.k_proj.weight", "self_attn.v_proj.weight"])]
 _LLAMA_FUSED_MLP = [("mlp.dense_h_to_4h.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"])]
+_MIXTRAL_LAYER = [p for p in _LLAMA_LAYER if not p[0].startswith("mlp.")] + [
+    ("mlp.router.weight", "mlp.gate.weight", _ID)]
+# stacked in HF Mixtral, one tensor per expert here: ours(e) = HF[e]
+_MIXTRAL_EXPERTS = [("mlp.experts.{e}.dense_h_to_4h.weight", "mlp.experts.gate_up_proj"),
+                    ("mlp.experts.{e}.dense_4h_to_h.weight", "mlp.experts.down_proj")]
+_LEGACY_EXPERT = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\."
+                            r"(gate\.weight|experts\.(\d+)\.(w[123])\.weight)$")
 
 
 def _tables(config: ModelConfig):
-    """(one-to-one name pairs, fused pairs) of the whole model, layers expanded."""
+    """(one-to-one name pairs, fused pairs, stacked experts) of the whole model, layers expanded."""
     family = "gpt" if config.position_embedding == "learned" else "llama"
     if family == "gpt":
         glob, layer, fused, prefix = _GPT_GLOBAL, _GPT_LAYER, [], "h.{i}."
@@ -85,21 +103,46 @@ def _tables(config: ModelConfig):
         mha = config.num_kv_heads == config.num_attention_heads
         fused = (_LLAMA_FUSED_MHA if mha else _LLAMA_FUSED_GQA) + _LLAMA_FUSED_MLP
     pairs = list(glob)
-    fused_pairs = []
+    fused_pairs, stacked = [], []  # stacked: ([ours of expert 0 … E-1], HF 3-D name)
     for i in range(config.num_layers):
-        p = prefix.format(i=i)
-        pairs += [(f"layers.{i}.{ours}", p + hf, fn) for ours, hf, fn in layer]
-        fused_pairs += [(f"layers.{i}.{ours}", [p + h for h in hfs]) for ours, hfs in fused]
+        p, moe = prefix.format(i=i), config.is_moe_layer(i)
+        pairs += [(f"layers.{i}.{ours}", p + hf, fn) for ours, hf, fn in (_MIXTRAL_LAYER if moe else layer)]
+        fused_pairs += [(f"layers.{i}.{ours}", [p + h for h in hfs]) for ours, hfs in fused
+                        if not (moe and ours.startswith("mlp."))]
+        stacked += [([f"layers.{i}." + ours.format(e=e) for e in range(config.num_experts)], p + hf)
+                    for ours, hf in (_MIXTRAL_EXPERTS if moe else [])]
     if not config.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight", _ID))
-    return pairs, fused_pairs
+    return pairs, fused_pairs, stacked
+
+
+def _legacy_mixtral(sd: Tensors) -> Tensors:
+    """The Hub's per-expert Mixtral names (``block_sparse_moe.experts.e.w1/w3/w2``) -> the fused 3-D
+    ``mlp.experts.gate_up_proj`` (= [w1; w3] per expert) and ``down_proj`` (w2); others unchanged."""
+    out, experts = {}, {}
+    for name, t in sd.items():
+        m = _LEGACY_EXPERT.match(name)
+        if m is None:
+            out[name] = t
+        elif m.group(3) is None:
+            out[m.group(1) + "mlp.gate.weight"] = t
+        else:
+            experts.setdefault(m.group(1), {})[(int(m.group(3)), m.group(4))] = t
+    for prefix, w in experts.items():
+        E = 1 + max(e for e, _ in w)
+        out[prefix + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([w[e, "w1"], w[e, "w3"]]) for e in range(E)])  # (E, 2f, h)
+        out[prefix + "mlp.experts.down_proj"] = torch.stack([w[e, "w2"] for e in range(E)])  # (E, h, f)
+    return out
 
 
 def state_dict_from_hf(hf_state_dict: Tensors, config: ModelConfig) -> Tensors:
     """HF names/layouts -> the full minimegatron state dict (TP-independent, unpadded vocab)."""
     sd = {k.removeprefix("transformer."): v for k, v in hf_state_dict.items()}  # GPT2LMHeadModel/GPT2Model
-    pairs, fused = _tables(config)
-    used = {hf for _, hf, _ in pairs} | {h for _, hfs in fused for h in hfs}
+    if config.num_experts:
+        sd = _legacy_mixtral(sd)
+    pairs, fused, stacked = _tables(config)
+    used = {hf for _, hf, _ in pairs} | {h for _, hfs in fused for h in hfs} | {hf for _, hf in stacked}
     missing = sorted(n for n in used if n not in sd)
     if missing:
         more = " …" if len(missing) > 6 else ""
@@ -116,12 +159,17 @@ def state_dict_from_hf(hf_state_dict: Tensors, config: ModelConfig) -> Tensors:
                               "biases) the one these weights were saved with?")
     out = {ours: fn(sd[hf]) for ours, hf, fn in pairs}
     out.update({ours: torch.cat([sd[h] for h in hfs], dim=0) for ours, hfs in fused})  # (Σ out, h)
+    for ours, hf in stacked:
+        if sd[hf].size(0) != len(ours):
+            raise CheckpointError(f"{hf} holds {sd[hf].size(0)} experts, the config {len(ours)}: pass "
+                                  "the weights with their own config (num_local_experts)")
+        out.update(zip(ours, sd[hf].unbind(0)))  # (E, …) -> E tensors
     return out
 
 
 def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
     """The full minimegatron state dict -> HF names/layouts (inverse of :func:`state_dict_from_hf`)."""
-    pairs, fused = _tables(config)
+    pairs, fused, stacked = _tables(config)
     gpt = config.position_embedding == "learned"
     out = {("transformer." + hf if gpt and hf != "lm_head.weight" else hf): fn(full[ours])
            for ours, hf, fn in pairs}
@@ -130,6 +178,7 @@ def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
                  config.num_kv_heads * config.head_dim if ("k_proj" in h or "v_proj" in h) else
                  config.ffn_hidden_size for h in hfs]
         out.update(zip(hfs, full[ours].split(sizes, dim=0)))  # (Σ out, h) -> parts
+    out.update({hf: torch.stack([full[name] for name in ours]) for ours, hf in stacked})  # (E, …)
     if config.tie_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight" if gpt else "model.embed_tokens.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -138,6 +187,12 @@ def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
 def _model_class(config: ModelConfig) -> type[nn.Module]:
     """GPTModel for learned positions (GPT-2), else LLaMAModel (the registry: minimegatron.models)."""
     return model_class("gpt" if config.position_embedding == "learned" else "llama")
+
+
+def _refuse_expert_parallel(state: ParallelState) -> None:
+    if getattr(state, "ep", 1) > 1:
+        raise CheckpointError(f"expert parallelism ep={state.ep}: each rank holds E/ep experts; convert "
+                              "Hugging Face weights with ep=1 (every expert on each rank)")
 
 
 def load_hf_directory(directory: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:
@@ -160,7 +215,8 @@ def load_hf_directory(directory: str | os.PathLike) -> tuple[Tensors, dict[str, 
 
 def from_hf(hf_model_or_state_dict: Any, hf_config: Any = None, state: ParallelState | None = None,
             dtype: torch.dtype | None = None) -> nn.Module:
-    """A GPTModel / LLaMAModel holding a Hugging Face model's weights, split for ``state``'s TP size.
+    """A GPTModel / LLaMAModel holding a Hugging Face model's weights, split for ``state``'s TP size
+    (``MixtralForCausalLM``: a LLaMAModel with MoE layers, every expert on this rank — ep = 1).
 
     ``hf_model_or_state_dict``: a ``GPT2LMHeadModel`` / ``LlamaForCausalLM``, its ``state_dict()``
     (then ``hf_config`` is required: the HF config object or its config.json dict), or the path of a
@@ -184,6 +240,7 @@ def from_hf(hf_model_or_state_dict: Any, hf_config: Any = None, state: ParallelS
     config = config_from_hf(hf_config)
     state = state or ParallelState()
     config.validate_tp(state.tp)
+    _refuse_expert_parallel(state)
     model = _model_class(config)(config, state)
     load_full_state_dict(model, state_dict_from_hf(sd, config))
     return model.to(dtype) if dtype is not None else model
@@ -199,11 +256,12 @@ def to_hf(model: nn.Module, save_directory: str | os.PathLike | None = None,
     ``hf_config_overrides`` go to the HF config (e.g. ``eos_token_id=...``).
     """
     config = model_config(model)
-    parallel_state_of(model)  # refuses pipeline stages
+    _refuse_expert_parallel(parallel_state_of(model))  # refuses pipeline stages and ep > 1
     hf_config = config_to_hf(config, **hf_config_overrides)  # raises early if no HF architecture fits
     full = full_state_dict(model)  # collective over TP
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-    cls = GPT2LMHeadModel if config.position_embedding == "learned" else LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM
+    cls = (GPT2LMHeadModel if config.position_embedding == "learned" else
+           MixtralForCausalLM if config.num_experts else LlamaForCausalLM)
     hf_model = cls(hf_config).eval()
     result = hf_model.load_state_dict(state_dict_to_hf(full, config), strict=False)
     unexpected = list(result.unexpected_keys)

@@ -17,6 +17,16 @@ tie_embeddings                 tie_word_embeddings           tie_word_embeddings
 dropout                        resid_pdrop                   attention_dropout
 =============================  ============================  =====================================
 
+``MixtralConfig`` (``MixtralForCausalLM``) is ``LlamaConfig``'s table plus the MoE fields::
+
+    num_experts          num_local_experts           moe_top_k     num_experts_per_tok
+    moe_every            1 (every layer is MoE)      moe_capacity_factor   None (no token dropped)
+    moe_aux_loss_coeff   k · router_aux_loss_coef if output_router_logits, else 0
+    moe_z_loss_coeff     0 (HF Mixtral has no z-loss; a non-zero one is a training-only term, dropped)
+
+HF's aux loss counts f_e as slots/n (Σ f = k), ours as slots/(n·k) (Σ f = 1): for one MoE layer
+``HF aux = k · ours``, hence the factor k on the coefficient (``layers/router.py``).
+
 Anything the minimegatron model does not compute (RoPE scaling, attention biases in LLaMA, GPT-2's
 per-layer attention scaling, ...) raises :class:`UnsupportedHFConfig` naming the field: a converted
 model that silently computes something else is worse than no model. ``transformers`` is imported
@@ -52,10 +62,10 @@ def hf_family(hf_config: Any) -> str:
     model_type = _get(hf_config, "model_type")
     if model_type == "gpt2":
         return "gpt"
-    if model_type == "llama":
-        return "llama"
-    _refuse("model_type", model_type, "minimegatron converts 'gpt2' (GPT2LMHeadModel) and 'llama' "
-            "(LlamaForCausalLM) checkpoints only")
+    if model_type in ("llama", "mixtral"):
+        return model_type
+    _refuse("model_type", model_type, "minimegatron converts 'gpt2' (GPT2LMHeadModel), 'llama' "
+            "(LlamaForCausalLM) and 'mixtral' (MixtralForCausalLM) checkpoints only")
 
 
 def _rope_theta(cfg: Any) -> float:
@@ -96,6 +106,20 @@ def _llama_from_hf(cfg: Any) -> ModelConfig:
         dropout=float(_get(cfg, "attention_dropout", 0.0) or 0.0), name="llama-from-hf")
 
 
+def _mixtral_from_hf(cfg: Any) -> ModelConfig:
+    if _get(cfg, "sliding_window") is not None:
+        _refuse("sliding_window", _get(cfg, "sliding_window"), "attention here is full causal; "
+                "sliding-window attention is not implemented (set sliding_window=None)")
+    if _get(cfg, "router_jitter_noise", 0.0):
+        _refuse("router_jitter_noise", _get(cfg, "router_jitter_noise"), "the router here has no "
+                "input jitter; set router_jitter_noise=0")
+    k = _get(cfg, "num_experts_per_tok", 2)
+    coeff = float(_get(cfg, "router_aux_loss_coef", 0.0)) * k if _get(cfg, "output_router_logits") else 0.0
+    return _llama_from_hf(cfg).replace(
+        num_experts=_get(cfg, "num_local_experts", 8), moe_top_k=k, moe_every=1,
+        moe_capacity_factor=None, moe_aux_loss_coeff=coeff, moe_z_loss_coeff=0.0, name="mixtral-from-hf")
+
+
 def _gpt_from_hf(cfg: Any) -> ModelConfig:
     act = _get(cfg, "activation_function", "gelu_new")
     if act not in _GELU:
@@ -119,7 +143,8 @@ def _gpt_from_hf(cfg: Any) -> ModelConfig:
 
 def config_from_hf(hf_config: Any) -> ModelConfig:
     """ModelConfig of a ``GPT2Config``/``LlamaConfig`` (or its config.json dict); refuses what differs."""
-    return _gpt_from_hf(hf_config) if hf_family(hf_config) == "gpt" else _llama_from_hf(hf_config)
+    family = hf_family(hf_config)
+    return {"gpt": _gpt_from_hf, "llama": _llama_from_hf, "mixtral": _mixtral_from_hf}[family](hf_config)
 
 
 def _family_of(config: ModelConfig) -> str:
@@ -138,7 +163,15 @@ def _family_of(config: ModelConfig) -> str:
             raise UnsupportedHFConfig(
                 f"ModelConfig.{field}={getattr(config, field)!r}: {hf} (chosen by position_embedding="
                 f"{config.position_embedding!r}) needs {field}={value!r}; no HF architecture matches")
-    return family
+    if config.num_experts == 0:
+        return family
+    for field, value, why in (("position_embedding", "rope", "only Mixtral (a LLaMA) has experts in HF"),
+                              ("moe_every", 1, "MixtralForCausalLM's every layer is MoE"),
+                              ("moe_capacity_factor", None, "MixtralForCausalLM drops no token")):
+        if getattr(config, field) != value:
+            raise UnsupportedHFConfig(f"ModelConfig.{field}={getattr(config, field)!r}: {why}; "
+                                      f"MixtralForCausalLM needs {field}={value!r}")
+    return "mixtral"
 
 
 def config_to_hf(config: ModelConfig, **overrides: Any):
@@ -156,7 +189,7 @@ def config_to_hf(config: ModelConfig, **overrides: Any):
                   bos_token_id=None, eos_token_id=None)
         kw.update(overrides)
         return GPT2Config(**kw)
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig
     kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
               intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
               num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_kv_heads,
@@ -165,5 +198,12 @@ def config_to_hf(config: ModelConfig, **overrides: Any):
               attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
               head_dim=config.head_dim, architectures=["LlamaForCausalLM"],
               bos_token_id=None, eos_token_id=None)
+    if family == "mixtral":
+        for field in ("attention_bias", "mlp_bias"):
+            del kw[field]
+        coeff = config.moe_aux_loss_coeff
+        kw.update(num_local_experts=config.num_experts, num_experts_per_tok=config.moe_top_k,
+                  output_router_logits=coeff > 0, router_aux_loss_coef=coeff / config.moe_top_k,
+                  router_jitter_noise=0.0, sliding_window=None, architectures=["MixtralForCausalLM"])
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return MixtralConfig(**kw) if family == "mixtral" else LlamaConfig(**kw)

@@ -12,6 +12,8 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
+MoE: the loss adds ``moe_aux_loss_coeff·Σ aux + moe_z_loss_coeff·Σ z`` over MoE layers (``router.py``).
+
 Context parallelism (``state.cp > 1``): ``input_ids`` and ``labels`` are this CP rank's zig-zag piece
 of the sequences, (b, s/cp) (``mpu.context_parallel.split_for_context_parallel``); positions default to
 those tokens' global positions (:func:`default_position_ids`); only attention talks across CP ranks;
@@ -32,11 +34,12 @@ Weights are drawn per layer index (``init_seed.py``), so a model built with a se
 weights as a TP=k model's shards and as every pipeline stage built with it.
 
 Parameter count (:func:`parameter_counts`, closed form, unpadded vocab ``V``; ``d`` = head_dim, ``kv``
-= num_kv_heads, ``f`` = ffn_hidden_size, ``[·]`` = 1 if the condition holds else 0)::
+= num_kv_heads, ``f`` = ffn_hidden_size, ``M`` MoE layers of ``E`` experts + an (E, h) gate, ``[·]`` = 1
+if the condition holds else 0)::
 
     embedding   V·h                      positions  [learned]·max_seq_len·h
     attention   L·(h·(h + 2·kv·d) + h·h + [bias]·(2h + 2·kv·d))
-    mlp         L·((1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h))
+    mlp         (L − M)·m + M·E·(m + h)        m = (1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h)
     norms       (2L + [final_norm])·(1 + [layernorm and bias])·h
     lm_head     [untied]·V·h
 
@@ -56,6 +59,7 @@ from torch import nn
 from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache
 from minimegatron.layers.init_seed import init_rng, model_seed
+from minimegatron.layers.moe import expert_parameter_count, router_losses
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
 from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
                                             check_recompute)
@@ -244,18 +248,22 @@ class LanguageModel(RecomputeSwitch, nn.Module):
             return logits[..., :self.config.vocab_size].transpose(0, 1).contiguous()  # (b, s, V)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-        return lm_loss(logits, labels, self.state, self.config.vocab_size)
+        loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
+        if not self.config.num_experts:
+            return loss
+        aux, z = router_losses(self.layers)  # MoE: + the router losses of its MoE layers
+        return loss + self.config.moe_aux_loss_coeff * aux + self.config.moe_z_loss_coeff * z
 
     def num_parameters(self, include_padding: bool = False) -> int:
         """Parameters of the whole model (all TP ranks), without the vocab padding rows by default."""
-        sharded = sum(p.numel() for p in self.parameters() if getattr(p, "tensor_model_parallel", False))
-        replicated = sum(p.numel() for p in self.parameters()
-                         if not getattr(p, "tensor_model_parallel", False))
+        dense = [p for p in self.parameters() if not getattr(p, "expert_parallel", False)]
+        sharded = sum(p.numel() for p in dense if getattr(p, "tensor_model_parallel", False))
+        replicated = sum(p.numel() for p in dense if not getattr(p, "tensor_model_parallel", False))
         if self.state.tp > 1:
             total = torch.tensor([sharded], dtype=torch.int64)
             dist.all_reduce(total, group=self.state.tp_group)
             sharded = int(total.item())
-        count = sharded + replicated
+        count = sharded + replicated + expert_parameter_count(self, self.state)  # experts: over TP, EP
         if not include_padding:
             tables = 1 if self.config.tie_embeddings else 2
             padding_rows = self.lm_head.padded_vocab_size - self.config.vocab_size
@@ -272,11 +280,13 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     kv, f, bias = config.num_kv_heads, config.ffn_hidden_size, int(config.bias)
     gated = int(config.activation == "swiglu")
     norm_size = (2 if config.norm == "layernorm" and config.bias else 1) * h
+    mlp = (1 + gated) * h * f + f * h + bias * ((1 + gated) * f + h)  # one (dense or expert) MLP
+    moe, E = config.num_moe_layers, config.num_experts
     counts = {
         "embedding": V * h,
         "positions": config.max_seq_len * h if config.position_embedding == "learned" else 0,
         "attention": L * (h * (h + 2 * kv * d) + h * h + bias * (2 * h + 2 * kv * d)),
-        "mlp": L * ((1 + gated) * h * f + f * h + bias * ((1 + gated) * f + h)),
+        "mlp": (L - moe) * mlp + moe * (E * mlp + E * h),  # MoE layer: E experts + the (E, h) gate
         "norms": 2 * L * norm_size,
         "final_norm": norm_size if config.final_norm else 0,
         "lm_head": 0 if config.tie_embeddings else V * h,

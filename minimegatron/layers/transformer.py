@@ -27,6 +27,9 @@ All three give the same loss and gradients; only memory and time differ.
 (s[/tp], b, h); :class:`~minimegatron.layers.language_model.LanguageModel` puts the embedding before it
 and the LM head after it. Layer ``i``'s weights come from ``init_rng(seed, i + 1)`` (``init_seed.py``):
 the same as layer ``i`` of the language model and of the pipeline built with that seed.
+
+Mixture of experts: layer ``i``'s MLP is :class:`~minimegatron.layers.moe.MoEMLP` where
+``config.is_moe_layer(i)`` (``num_experts > 0`` and ``i % moe_every == 0``), the dense one elsewhere.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache, ParallelAttention
 from minimegatron.layers.init_seed import init_rng, model_seed
 from minimegatron.layers.mlp import ParallelMLP
+from minimegatron.layers.moe import MoEMLP
 from minimegatron.layers.norms import build_norm
 from minimegatron.layers.recompute import recompute
 from minimegatron.mpu.random import model_parallel_rng
@@ -73,7 +77,8 @@ class ParallelTransformerLayer(nn.Module):
         self.attention = ParallelAttention(config, state, layer_number,
                                            recompute_core=check_recompute(recompute) == "selective")
         self.post_attention_norm = build_norm(config.norm, config.hidden_size, **norm)
-        self.mlp = ParallelMLP(config, state)
+        # MoE where config.is_moe_layer(i) (num_experts > 0, every moe_every-th layer), else dense
+        self.mlp = MoEMLP(config, state) if config.is_moe_layer(layer_number) else ParallelMLP(config, state)
         self.hidden_dropout = config.dropout
         self.recompute = recompute
 

@@ -40,3 +40,15 @@ def hf_llama(kv_heads: int = 4, vocab: int = 100, layers: int = 2, seed: int = 0
 
 def token_ids(vocab: int = 100, batch: int = 2, seq: int = 11, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_mixtral(kv_heads: int = 2, vocab: int = 100, layers: int = 2, experts: int = 4, top_k: int = 2,
+               seed: int = 0, **kw):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+               num_local_experts=experts, num_experts_per_tok=top_k, rope_theta=500.0,
+               rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return randomize_(MixtralForCausalLM(MixtralConfig(**cfg)), seed)
