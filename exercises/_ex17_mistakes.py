@@ -149,6 +149,12 @@ def inverse_problem(inverse: torch.Tensor, order: torch.Tensor, keep: torch.Tens
         return ("the dropped slots' inverse is not -1 (got "
                 f"{sorted(set(inverse[~keep].tolist()))}): a dropped slot has no row — mark it -1, so that "
                 "combine gives it 0 instead of some other slot's output")
+    m = order.numel()
+    if bool(((inverse < -1) | (inverse >= m)).any()):
+        bad = int(inverse[(inverse < -1) | (inverse >= m)][0])
+        return (f"inverse wrong: it holds {bad}, but there are only m = {m} rows — inverse maps each slot to "
+                "its ROW (0 … m-1; -1 if dropped), not to a slot id: that is order. inverse.view(-1)[order] = "
+                "arange(m)")
     got = permuted_moe(x, order, counts, inverse, probs)
     want = loop_moe(x, experts, keep, probs)
     t = int((got - want).abs().amax(1).argmax())
@@ -214,8 +220,10 @@ def as_splits(got: Any, ep: int) -> tuple[list[int], list[int]] | str:
     return out[0], out[1]
 
 
-def split_problem(sends: list[int], receives: list[int], counts: list[torch.Tensor], me: int) -> str | None:
-    """The first usual mistake the candidate's splits on EP rank ``me`` show; None if they are right."""
+def split_problem(sends: list[int], receives: list[int], counts: list[torch.Tensor], me: int,
+                  first_counts: list[torch.Tensor] | None = None) -> str | None:
+    """The first usual mistake the candidate's splits on EP rank ``me`` show; None if they are right.
+    ``first_counts``: the counts of global ranks 0 … ep-1 (what a gather over the whole job puts first)."""
     ep, shown = len(counts), f"got input {sends}, output {receives}"
     right_in, right_out = splits_of(counts, me)
     if (sends, receives) == (right_in, right_out):
@@ -235,6 +243,10 @@ def split_problem(sends: list[int], receives: list[int], counts: list[torch.Tens
                 "are what the OTHER ranks send here, which only they know: exchange the counts first "
                 "(all_to_all_single of the (E,) counts, or all_gather) and sum rank s's counts over your "
                 "experts")
+    if first_counts is not None and receives == splits_of(first_counts, me)[1] != right_out:
+        return (f"the counts were exchanged over the wrong group: {shown}, expected output {right_out} — the "
+                f"output splits summed the counts of global ranks 0..{ep - 1}, not of this EP group: pass "
+                "group=group (the EP group) to the collective, not the default group (every rank of the job)")
     for how, what in (("round_robin", "experts assigned to ranks round-robin (expert e on rank e % ep)"),
                       ("shifted", "off-by-one block boundaries (rank s's experts taken from s·E/ep + 1)"),
                       ("inclusive", "off-by-one block boundaries (the block's end included: (s+1)·E/ep too)"),

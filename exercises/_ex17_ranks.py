@@ -32,7 +32,8 @@ def split_case(candidate: Callable) -> list[dict]:
         counts = [M.rank_counts(ep, base + s) for s in range(ep)]  # (E,) of every rank of my EP group
         got = candidate(counts[ep_rank].clone(), ep, ep_rank, group)
         splits = M.as_splits(got, ep)
-        verdict = splits if isinstance(splits, str) else M.split_problem(*splits, counts, ep_rank)
+        first = [M.rank_counts(ep, s) for s in range(ep)] if base else None  # global ranks 0 … ep-1
+        verdict = splits if isinstance(splits, str) else M.split_problem(*splits, counts, ep_rank, first)
         wrong = torch.tensor([float(verdict is not None)])
         dist.all_reduce(wrong)  # the grader's: every rank learns whether any rank's splits are wrong
         result = dict(ep=ep, ep_rank=ep_rank, base=base, verdict=verdict, received=None)
