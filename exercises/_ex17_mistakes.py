@@ -109,8 +109,9 @@ def order_problem(order: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor
     if order.numel() == expected.numel() and torch.equal(flat_experts[order], flat_experts[expected]) and \
             torch.equal(order.sort().values, expected.sort().values) and not torch.equal(order, expected):
         e = int(next(flat_experts[a] for a, b in zip(order, expected) if a != b))
-        return (f"not stable: the rows are grouped by expert, but inside expert {e} in the order "
-                f"{order[flat_experts[order] == e].tolist()}, expected {expected[flat_experts[expected] == e].tolist()}"
+        got, want = order[flat_experts[order] == e].tolist(), expected[flat_experts[expected] == e].tolist()
+        return (f"not stable: the rows are grouped by expert, but inside expert {e} in the order {got}, "
+                f"expected {want}"
                 " (by token, then slot) — torch.argsort(..., stable=True): an unstable sort may reorder equal "
                 "keys, and the rank that combines relies on (token, slot) order")
     if not torch.equal(order, expected):
