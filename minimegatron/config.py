@@ -12,6 +12,10 @@ Two more switches are alike in both presets and there for study (:data:`STUDY_SW
 ``final_norm`` (the original GPT was post-norm without one; GPT-2 added ``ln_f``, which LLaMA keeps as
 an RMSNorm — a difference of ``norm``, not of ``final_norm``) and ``num_kv_heads`` (grouped-query
 attention: LLaMA-2 70B and LLaMA-3 use fewer kv heads than query heads, LLaMA-1 does not).
+
+Mixture of experts (``num_experts``, ``moe_top_k``, ``moe_every``, ``moe_capacity_factor``, the two
+loss coefficients; ``layers/moe.py``) is off in both presets; Mixtral is LLaMA with it on — one more
+porting point, :data:`MOE_PORTING_POINTS`, whose values live in :func:`minimegatron.mixtral.mixtral_config`.
 """
 from __future__ import annotations
 

@@ -12,10 +12,7 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
-Mixture of experts (``config.num_experts > 0``): with labels, the returned loss is
-``lm_loss + moe_aux_loss_coeff · Σ aux + moe_z_loss_coeff · Σ z`` over the MoE layers (each layer's
-losses over the tokens it routed, ``layers/router.py``); ``moe_losses()`` gives the two sums of the
-last forward. The logits path is unchanged.
+MoE: the loss adds ``moe_aux_loss_coeff·Σ aux + moe_z_loss_coeff·Σ z`` over MoE layers (``router.py``).
 
 Context parallelism (``state.cp > 1``): ``input_ids`` and ``labels`` are this CP rank's zig-zag piece
 of the sequences, (b, s/cp) (``mpu.context_parallel.split_for_context_parallel``); positions default to
@@ -37,12 +34,12 @@ Weights are drawn per layer index (``init_seed.py``), so a model built with a se
 weights as a TP=k model's shards and as every pipeline stage built with it.
 
 Parameter count (:func:`parameter_counts`, closed form, unpadded vocab ``V``; ``d`` = head_dim, ``kv``
-= num_kv_heads, ``f`` = ffn_hidden_size, ``[·]`` = 1 if the condition holds else 0)::
+= num_kv_heads, ``f`` = ffn_hidden_size, ``M`` MoE layers of ``E`` experts + an (E, h) gate, ``[·]`` = 1
+if the condition holds else 0)::
 
     embedding   V·h                      positions  [learned]·max_seq_len·h
     attention   L·(h·(h + 2·kv·d) + h·h + [bias]·(2h + 2·kv·d))
-    mlp         L_d·m + L_moe·(E·m + E·h)      m = (1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h)
-                (L_moe = config.num_moe_layers, L_d = L − L_moe; E·h: the router's gate)
+    mlp         (L − M)·m + M·E·(m + h)        m = (1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h)
     norms       (2L + [final_norm])·(1 + [layernorm and bias])·h
     lm_head     [untied]·V·h
 
@@ -62,6 +59,7 @@ from torch import nn
 from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache
 from minimegatron.layers.init_seed import init_rng, model_seed
+from minimegatron.layers.moe import expert_parameter_count, router_losses
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
 from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
                                             check_recompute)
@@ -251,35 +249,21 @@ class LanguageModel(RecomputeSwitch, nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
         loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
-        if self.config.num_experts > 0:
-            aux, z = self.moe_losses()
-            loss = loss + self.config.moe_aux_loss_coeff * aux + self.config.moe_z_loss_coeff * z
-        return loss
-
-    def moe_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ aux, Σ z) over the MoE layers, from the last forward (zeros for a dense model)."""
-        moe = [layer.mlp for layer in self.layers if getattr(layer.mlp, "aux_loss", None) is not None]
-        zero = torch.zeros((), device=self.embedding.word_embeddings.weight.device)
-        return (sum((m.aux_loss for m in moe), zero), sum((m.z_loss for m in moe), zero))
+        if not self.config.num_experts:
+            return loss
+        aux, z = router_losses(self.layers)  # MoE: + the router losses of its MoE layers
+        return loss + self.config.moe_aux_loss_coeff * aux + self.config.moe_z_loss_coeff * z
 
     def num_parameters(self, include_padding: bool = False) -> int:
         """Parameters of the whole model (all TP ranks), without the vocab padding rows by default."""
-        def over(n: int, group: Any, size: int) -> int:  # n summed over the ranks of ``group``
-            if size == 1:
-                return n
-            total = torch.tensor([n], dtype=torch.int64)
-            dist.all_reduce(total, group=group)
-            return int(total.item())
-
-        def numel(tp_sharded: bool, expert: bool) -> int:
-            return sum(p.numel() for p in self.parameters()
-                       if bool(getattr(p, "tensor_model_parallel", False)) == tp_sharded
-                       and bool(getattr(p, "expert_parallel", False)) == expert)
-
-        tp, ep = (self.state.tp, self.state.tp_group), (getattr(self.state, "ep", 1),
-                                                        getattr(self.state, "ep_group", None))
-        count = (over(numel(True, False), tp[1], tp[0]) + numel(False, False)  # experts: E/ep here
-                 + over(over(numel(True, True), tp[1], tp[0]) + numel(False, True), ep[1], ep[0]))
+        dense = [p for p in self.parameters() if not getattr(p, "expert_parallel", False)]
+        sharded = sum(p.numel() for p in dense if getattr(p, "tensor_model_parallel", False))
+        replicated = sum(p.numel() for p in dense if not getattr(p, "tensor_model_parallel", False))
+        if self.state.tp > 1:
+            total = torch.tensor([sharded], dtype=torch.int64)
+            dist.all_reduce(total, group=self.state.tp_group)
+            sharded = int(total.item())
+        count = sharded + replicated + expert_parameter_count(self, self.state)  # experts: over TP, EP
         if not include_padding:
             tables = 1 if self.config.tie_embeddings else 2
             padding_rows = self.lm_head.padded_vocab_size - self.config.vocab_size

@@ -38,9 +38,10 @@ holds the :class:`~minimegatron.layers.router.Routing` (``tokens_per_expert``, `
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from minimegatron.config import ModelConfig
@@ -52,7 +53,8 @@ from minimegatron.mpu.mappings import (gather_from_sequence_parallel_region,
 from minimegatron.mpu.state import ParallelState
 from minimegatron.sizes import divide
 
-__all__ = ["TokenDispatcher", "LocalDispatcher", "MoEMLP", "build_dispatcher"]
+__all__ = ["TokenDispatcher", "LocalDispatcher", "MoEMLP", "build_dispatcher", "router_losses",
+           "expert_parameter_count"]
 
 
 class TokenDispatcher(Protocol):
@@ -153,3 +155,26 @@ class MoEMLP(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts {self.local_expert_ids[0]}…{self.local_expert_ids[-1]} of {self.num_experts} "
                 f"here, sequence_parallel={self.sequence_parallel}")
+
+
+def router_losses(layers: Iterable[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ aux, Σ z) of the last forward over the transformer ``layers`` whose MLP is an MoEMLP."""
+    moe = [layer.mlp for layer in layers if isinstance(layer.mlp, MoEMLP) and layer.mlp.aux_loss is not None]
+    zero = torch.zeros(())  # a 0-dim CPU tensor adds to a tensor on any device
+    return (sum((m.aux_loss for m in moe), zero), sum((m.z_loss for m in moe), zero))
+
+
+def expert_parameter_count(module: nn.Module, state: ParallelState) -> int:
+    """Elements of the ``expert_parallel`` parameters of the whole model: this rank holds E/ep experts
+    (summed over the EP group) and of each its TP shard (the TP-sharded ones summed over TP too)."""
+    def over(n: int, group, size: int) -> int:
+        total = torch.tensor([n], dtype=torch.int64)
+        if size > 1:
+            dist.all_reduce(total, group=group)
+        return int(total.item())
+
+    experts = [p for p in module.parameters() if getattr(p, "expert_parallel", False)]
+    sharded = sum(p.numel() for p in experts if getattr(p, "tensor_model_parallel", False))
+    replicated = sum(p.numel() for p in experts if not getattr(p, "tensor_model_parallel", False))
+    return over(over(sharded, state.tp_group, state.tp) + replicated,
+                getattr(state, "ep_group", None), getattr(state, "ep", 1))

@@ -17,6 +17,9 @@ ZeRO stages 0–3        :func:`zero_state_bytes` (storages),        :func:`zero
                        CommCounter                                 :func:`zero_fp32_bytes`,
                                                                    :func:`zero_comm` (2Ψ, 3Ψ)
 DDP overlap            :func:`record_overlap` (hooks, futures)     the hidden share of communication
+MoE all-to-all         :class:`MoECommCounter` (split sizes)       :func:`moe_a2a_comm` (uniform),
+                                                                   :func:`routing_a2a_comm` (exact)
+MoE dropped tokens     :func:`dropped_fraction`                    :func:`expected_dropped_fraction`
 =====================  ==========================================  =====================================
 
 Importing this package imports torch only (DeepSpeed and matplotlib are imported where used).
@@ -34,6 +37,9 @@ from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_
                                        ring_wire_bytes, tp_layer_comm)
 from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
                                          zero1_bytes_per_parameter, zero1_optimizer_state_bytes)
+from minimegatron.measure.moe import (MoECommCounter, dropped_fraction, expected_dropped_fraction,
+                                      expert_capacity, moe_a2a_comm, plot_expert_load, routing_a2a_comm,
+                                      routing_rows)
 from minimegatron.measure.overlap import OverlapTimeline, plot_overlap, record_overlap
 from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTimeline, idle_intervals,
                                            interleaved_bubble_fraction, measured_bubble_fraction,
@@ -56,3 +62,5 @@ __all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wi
            "OverlapTimeline", "record_overlap", "plot_overlap",
            "zero_paper_bytes", "zero_paper_comm_elements", "zero_fp32_bytes",
            "deepspeed_optimizer_state_bytes", "zero_comm", "zero_state_bytes"]
+__all__ += ["MoECommCounter", "moe_a2a_comm", "routing_a2a_comm", "routing_rows", "expert_capacity",
+            "dropped_fraction", "expected_dropped_fraction", "plot_expert_load"]

@@ -61,6 +61,7 @@ def _references() -> dict[str, Callable]:
     from exercises import ex02_parallel_mlp as ex02
     from exercises import ex03_vocab_parallel as ex03
     from exercises import ex05_sequence_parallel as ex05
+    from exercises._ex17_reference import reference_split_sizes
     from minimegatron import collectives, schedules
     from minimegatron.generate import generate, top_p_filter
     from minimegatron.mpu import mappings
@@ -85,6 +86,7 @@ def _references() -> dict[str, Callable]:
         "ex10_training.grade_rank_groups": _rank_groups_reference,
         "ex12_generation.grade_top_p_filter": top_p_filter,
         "ex12_generation.grade_greedy_decode": lambda model, ids, n: generate(model, ids, n),
+        "ex17_moe_dispatch.grade_split_sizes": reference_split_sizes,
     }
 
 
@@ -135,6 +137,8 @@ SPECS = {
     "ex16_data_parallel.grade_bucketed_ddp": Spec("BucketedDDP", True, takes_class=True),
     "ex16_data_parallel.grade_zero2_adamw": Spec("Zero2AdamW", True, takes_class=True),
     "ex16_data_parallel.grade_zero3": Spec("Zero3Model", True, takes_class=True),
+    "ex17_moe_dispatch.grade_permute_by_expert": Spec("permute_by_expert", False),
+    "ex17_moe_dispatch.grade_split_sizes": Spec("split_sizes", True),
 }
 
 

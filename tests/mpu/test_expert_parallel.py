@@ -2,7 +2,6 @@
 expert: the output, ∂x, ∂probs and each expert's weight gradient (summed over edp, ÷ dp), the rows in
 the protocol's order, with uneven routing (an expert that receives nothing, a rank that sends nothing)
 and capacity-dropped slots."""
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from minimegatron.launch import launch
 from minimegatron.mpu.expert_parallel import AllToAllDispatcher, all_to_all
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
                                        reduce_from_tensor_model_parallel_region)
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.mpu.state import initialize_model_parallel
 
 N, H, FFN, E, K = 6, 8, 8, 8, 2  # tokens per rank, hidden, expert ffn, experts, top-k
 
