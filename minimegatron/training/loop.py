@@ -33,6 +33,7 @@ from minimegatron.errors import exception_text
 from minimegatron.device import mark_step, synchronize
 from minimegatron.launch import RankError, launch
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.layers.moe import router_losses
 from minimegatron.training.args import validate
 from minimegatron.training.checkpointing import load_training_checkpoint, save_training_checkpoint
 from minimegatron.training.config import TrainConfig
@@ -60,7 +61,7 @@ def train_step(engine, batches, state: ParallelState, aux: list[torch.Tensor] | 
     for tokens, labels in batches:
         loss = engine(tokens.to(engine.device), labels.to(engine.device))
         if aux is not None:  # the MoE layers keep the last forward's router losses
-            aux.append(engine.module.moe_losses()[0].detach().float())
+            aux.append(router_losses(engine.module.layers)[0].detach().float())
         engine.backward(loss)  # scales by 1/num_micro_batches; all-reduces over dp on the last one
         mark_step()
         engine.step()  # only the last micro-batch's call updates the weights
