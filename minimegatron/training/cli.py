@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.moe_aux_loss_coeff, help="weight of the load-balancing loss added to the "
                    "LM loss (0: none)")
     p.add_argument("--dp", type=int, default=None,
-                   help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else 1)")
+                   help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else "
+                   "--ep)")
     ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
             "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_len", "steps", "warmup_steps", "zero_stage",
             "eval_interval", "eval_iters", "seed")
@@ -105,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if ns["dp"] is None:
         world = int(os.environ.get("WORLD_SIZE", 0)) if "RANK" in os.environ else 0
         model = ns["tp"] * ns["cp"] * ns["pp"]
-        ns["dp"] = max(1, world // model) if world and model > 0 else 1
+        ns["dp"] = max(1, world // model) if world and model > 0 else max(1, ns["ep"])  # ep ⊂ dp
     if ns["out_dir"] is None:
         cp = f"_cp{ns['cp']}" if ns["cp"] != 1 else ""
         ep = f"_ep{ns['ep']}" if ns["ep"] != 1 else ""
