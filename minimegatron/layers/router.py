@@ -18,7 +18,8 @@ Mixtral's no-drop mode (``keep`` all True).
 
     aux = E · Σ_e f_e · P_e,   f_e = (slots routed to e) / (n·k)   (before dropping; Σ_e f_e = 1)
                                P_e = mean over tokens of p[:, e]
-It is 1 when routing is uniform and grows to E when one expert takes everything; the gradient flows
+It is 1 when routing is uniform; at collapse — every token's k slots on the same k experts, each with
+probability ≈ 1/k — f_e = P_e = 1/k on those k, so aux = E/k (E for Switch's k = 1). The gradient flows
 through P_e only (f_e counts). Hugging Face's ``load_balancing_loss_func`` takes ``f_e`` as slots / n
 (summing to k), so its value is k·aux for one layer (equal for k = 1); over several layers it averages
 f and P across layers before multiplying — equal to ours only for one MoE layer.
