@@ -60,6 +60,12 @@ flat fp32 tensor per sub-group:                         param`` does, which cann
 (sub-group, offset, ⌈n/dp⌉); its torch                  param` tells such a parameter by its ``ds_id``;
 optimizer's ``param_groups`` hold the                   :func:`zero3_fp32_flats` lists the flats with
 flats only during ``step``                              their param groups
+ZeRO-0 ``buffered_allreduce_fallback``  0.14.4 – 0.19   :func:`expert_aware_gradient_reduction`:
+(the pipeline's too) averages every                     DeepSpeed gets the non-expert grads; the
+grad over dp, experts too (its MoE                      experts' are summed over ``edp_group``,
+path: ``deepspeed.moe`` modules only)                   ÷ dp·cp
+``_broadcast_model`` gives all dp rank  0.14.4 – 0.19   :func:`keep_expert_parameters` puts them back
+0's experts at ``initialize``
 ``PipelineModule`` splits layers only   0.14.4 – 0.19   :func:`set_pipeline_parts` sets ``parts`` and
 ``uniform`` / ``parameters`` /                          ``_set_bounds`` as ``_partition_layers``
 ``type:`` (no explicit counts)                          does (``pipe.LanguageModelPipe`` overrides
@@ -76,6 +82,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.distributed as dist
 
 if TYPE_CHECKING:
     from minimegatron.mpu.state import ParallelState
@@ -83,7 +90,8 @@ if TYPE_CHECKING:
 __all__ = ["TIED_WEIGHT_ATTR", "init_deepspeed_comm", "DeepSpeedMPU", "is_pipeline_tied_copy",
            "replace_fp32_gradient_clipping", "adopt_pipeline_engine", "pipeline_backward_bookkeeping",
            "private_received_gradient", "set_pipeline_parts", "pipe_layer_key", "quiet_deepspeed",
-           "is_zero3_param", "zero3_fp32_piece", "zero3_fp32_flats"]
+           "is_zero3_param", "zero3_fp32_piece", "zero3_fp32_flats", "is_expert_parameter",
+           "expert_aware_gradient_reduction", "keep_expert_parameters"]
 
 TIED_WEIGHT_ATTR = "tied_weight"  # TiedLayerSpec(tied_weight_attr=[...]): a plain name, no dots
 
@@ -144,6 +152,58 @@ for _name, _answer in _MPU_ANSWERS.items():
 def is_pipeline_tied_copy(param: torch.Tensor) -> bool:
     """True for the pipeline's second copy of a tied weight (the last stage's): count it once."""
     return bool(getattr(param, "ds_pipe_replicated", False))
+
+
+def is_expert_parameter(param: torch.Tensor) -> bool:
+    """True for an expert's weight (``param.expert_parallel``): it differs across the EP ranks."""
+    return bool(getattr(param, "expert_parallel", False))
+
+
+@contextlib.contextmanager
+def keep_expert_parameters(model: torch.nn.Module):
+    """Around ``deepspeed.initialize``: the expert parameters are put back after its broadcast from dp
+    rank 0 (the same Parameter objects: the optimizer DeepSpeed built holds them)."""
+    saved = [(p, p.detach().clone()) for p in model.parameters() if is_expert_parameter(p)]
+    yield
+    with torch.no_grad():
+        for p, value in saved:
+            p.copy_(value)
+
+
+def expert_aware_gradient_reduction(engine, state: ParallelState) -> None:
+    """Make the engine's gradient all-reduce (ZeRO-0: ``buffered_allreduce_fallback(grads=None)``) leave
+    the expert parameters to one all_reduce(SUM) of their flattened gradients over ``edp_group`` (and
+    ``cp_group`` when cp > 1); a parameter without a gradient gets zeros first, as in DeepSpeed::
+
+        non-expert:  g ← (1/(dp·cp)) Σ_{dp·cp ranks} g          (DeepSpeed, as before)
+        expert:      g ← (1/(dp·cp)) Σ_{edp_group × cp ranks} g  (the a2a backward has already summed
+                                                                  its EP group's tokens into g)"""
+    if hasattr(engine.optimizer, "get_grads_for_reduction"):  # BF16_Optimizer: its own fp32 copies
+        raise TypeError(f"expert-parallel gradient reduction needs DeepSpeed's ZeRO-0 fp32 path, not "
+                        f"{type(engine.optimizer).__name__} (it reduces its own copies); use fp32, ZeRO 0")
+    deepspeed_reduce = engine.buffered_allreduce_fallback  # the bound method of the engine's class
+    groups = [g for g in (state.edp_group, state.cp_group if state.cp > 1 else None) if g is not None]
+
+    @torch.no_grad()
+    def buffered_allreduce_fallback(self, grads=None, elements_per_buffer=500000000):
+        if grads is not None:
+            return deepspeed_reduce(grads=grads, elements_per_buffer=elements_per_buffer)
+        shared, experts = [], []
+        for p in self.module.parameters():
+            if p.requires_grad and p.numel() > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                (experts if is_expert_parameter(p) else shared).append(p.grad.data)
+        deepspeed_reduce(grads=shared, elements_per_buffer=elements_per_buffer)
+        if experts:
+            flat = torch.cat([g.reshape(-1) for g in experts])  # (Σ numel,)
+            for group in groups:
+                dist.all_reduce(flat, group=group)
+            flat.div_(state.dp * state.cp)  # what DeepSpeed divides the others by
+            for g, piece in zip(experts, flat.split([g.numel() for g in experts])):
+                g.copy_(piece.view_as(g))
+
+    engine.buffered_allreduce_fallback = types.MethodType(buffered_allreduce_fallback, engine)
 
 
 def replace_fp32_gradient_clipping(engine, clip: Callable[[], float]) -> None:

@@ -7,10 +7,11 @@
     cli.py       the command line -> TrainConfig
     schedule.py  warmup + cosine learning rate
     data.py      synthetic and indexed-dataset batches: which rank reads which sequences
-    engine.py    the DeepSpeed engine: plain (pp = 1) or pipeline (pp > 1), ZeRO-1, bf16, clipping
+    engine.py    the DeepSpeed engine: plain (pp = 1) or pipeline (pp > 1), ZeRO, bf16, clipping, experts
     loop.py      train() / train_on_rank(): steps, evaluation, save/resume
     log.py       History, the jsonl log, the loss curve
     checkpointing.py     save=/load=: full weights + full optimizer state, resumable at any layout
+    checkpoint_transfer.py   ... the full tensors (every stage's, every EP rank's experts) to the writer
     optimizer_state.py   Adam's moments per parameter, wherever DeepSpeed keeps them (ZeRO-1, bf16)
     rng_state.py         every rank's random generators in a checkpoint
 """

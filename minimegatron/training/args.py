@@ -6,6 +6,8 @@ the machine checks), and returns the ModelConfig to build:
 
     the values        each int >= 1 (or >= 0), each float finite and in range (:data:`FLOAT_RULES`),
                       model / recompute / dtype / pipeline_schedule one of the choices, the --split string
+    the experts       --moe-top-k <= --num-experts, the capacity factor > 0; --ep: an MoE model, ep
+                      dividing num_experts and dp, ZeRO stage 0, fp32 (:func:`check_experts`)
     the layout        global_batch_size = micro_batch_size · num_micro_batches · dp, the ZeRO stage
                       (0-3; 2 and 3 only with pp = 1), heads divisible by tp, a layer per pipeline
                       stage (--pipeline-layers: pp counts summing to num_layers), zb-h1 only with
@@ -33,7 +35,7 @@ from minimegatron.training.config import (DTYPES, MODEL_CLASS, MODELS, PIPELINE_
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
 from minimegatron.training.resume import check_resume
 
-__all__ = ["validate", "check_float", "check_split", "FLOAT_RULES", "TrainConfig"]
+__all__ = ["validate", "check_float", "check_split", "check_experts", "FLOAT_RULES", "TrainConfig"]
 
 
 def _fail(msg: str) -> None:
@@ -57,6 +59,7 @@ FLOAT_RULES: dict[str, tuple[float, bool, float | str | None, bool, str, str]] =
     "clip_grad": (0.0, False, None, False, "the gradient-norm clipping threshold, 0 for no clipping,", "1.0"),
     "dropout": (0.0, False, 1.0, True, "the dropout probability", "0.1"),
     "timeout": (0.0, False, None, False, "the run's wall-clock limit in seconds, 0 for no limit,", "3600"),
+    "moe_aux_loss_coeff": (0.0, False, None, False, "the load-balancing loss's weight, 0 for none,", "0.01"),
 }
 
 
@@ -95,6 +98,50 @@ def check_split(split: Any, flag: str = "--split") -> tuple[float, float, float]
         raise ValueError(f"{flag} {split!r}: {why}") from None
 
 
+def check_experts(cfg: TrainConfig) -> None:
+    """The MoE flags, and what expert parallelism (``ep`` consecutive dp replicas sharing out the
+    experts) needs and cannot do yet; ValueError naming the flags and the fix."""
+    src = cfg.model_config if isinstance(cfg.model_config, ModelConfig) else cfg  # it overrides the flags
+    E, k, cf, ep = src.num_experts, src.moe_top_k, src.moe_capacity_factor, cfg.ep
+    aux, z = src.moe_aux_loss_coeff, getattr(src, "moe_z_loss_coeff", 0.0)
+    if E and k > E:
+        _fail(f"--moe-top-k {k} > --num-experts {E}: each token picks k distinct experts; give "
+              f"--moe-top-k {min(2, E)} (or more experts)")
+    if cf is not None and not (isinstance(cf, (int, float)) and not isinstance(cf, bool)
+                               and math.isfinite(cf) and cf > 0):
+        _fail(f"--moe-capacity-factor {_g(cf)} must be a finite number > 0 (slots per expert = "
+              "ceil(cf·tokens·k/E)); try --moe-capacity-factor 1.25, or leave it out to drop no token")
+    if E and cfg.pp > 1 and (aux or z):
+        _fail(f"--moe-aux-loss-coeff {_g(aux)} (z-loss {_g(z)}) with --pp {cfg.pp}: the router losses "
+              "of a stage's MoE layers never reach the last stage's loss (only activations cross "
+              "stages), so they would not be trained; use --pp 1 with them, or --moe-aux-loss-coeff 0")
+    if E and cfg.cp > 1 and (aux or z or cf is not None):
+        _fail(f"--cp {cfg.cp} with --moe-aux-loss-coeff / --moe-capacity-factor: each CP rank routes "
+              f"only its seq_len/cp tokens, so the load-balancing loss and the capacity would be "
+              "counted over pieces of the sequences, not what one rank computes; use --cp 1 with them, "
+              "or leave them out (plain top-k routing is the same at any cp)")
+    if ep == 1:
+        return
+    if not E:
+        _fail(f"--ep {ep} with a dense model: expert parallelism shares out the experts of MoE layers; "
+              f"give --num-experts (a multiple of {ep}), or --ep 1")
+    if E % ep:
+        _fail(f"--num-experts {E} is not divisible by --ep {ep}: each EP rank holds E/ep whole experts; "
+              f"give --num-experts {ep * max(1, E // ep)} or an --ep that divides {E}")
+    if cfg.dp % ep:
+        _fail(f"--ep {ep} does not divide --dp {cfg.dp}: expert parallelism is carved from data "
+              f"parallelism (ep consecutive dp replicas share out the experts); give --dp "
+              f"{ep * max(1, cfg.dp // ep)} (world = tp·cp·pp·dp) or an --ep that divides {cfg.dp}")
+    if cfg.zero_stage >= 1:
+        _fail(f"--ep {ep} with --zero-stage {cfg.zero_stage}: DeepSpeed's ZeRO optimizers reduce and "
+              "partition every gradient over all dp replicas, mixing experts that differ across the "
+              "EP ranks; use --zero-stage 0 with --ep, or --ep 1 with ZeRO")
+    if cfg.dtype != "fp32":
+        _fail(f"--ep {ep} with --dtype {cfg.dtype}: DeepSpeed's bf16 optimizers reduce and clip their "
+              "own fp32 gradient copies over all dp replicas, mixing experts that differ across the "
+              "EP ranks; use --dtype fp32 with --ep, or --ep 1 with bf16")
+
+
 def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     """Raise ValueError for any layout/argument that cannot work; return the ModelConfig to build.
 
@@ -102,8 +149,9 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     and --out-dir can be written, that the checkpoints fit on the disk and the model in memory."""
     if cfg.model not in MODELS:
         _fail(f"model={cfg.model!r}: choose one of {MODELS}")
-    for name in ("tp", "pp", "dp", "cp", "micro_batch_size", "global_batch_size", "steps", "seq_len",
-                 "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters"):
+    for name in ("tp", "pp", "dp", "cp", "ep", "micro_batch_size", "global_batch_size", "steps", "seq_len",
+                 "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "eval_iters", "moe_top_k",
+                 "moe_every"):
         v = getattr(cfg, name)
         if not is_int(v) or v < 1:
             _fail(f"{name} must be a positive int, got {v!r} ({type(v).__name__}); give {_flag(name)} 1 "
@@ -113,13 +161,15 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
         if v is not None and (not is_int(v) or v < 1):
             _fail(f"{name} must be a positive int (or left out: the model's default), got {v!r} "
                   f"({type(v).__name__}); give {_flag(name)} 1 or more, or leave it out")
-    for name in ("warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed", "load_step"):
+    for name in ("num_experts", "warmup_steps", "zero_stage", "eval_interval", "save_interval", "seed",
+                 "load_step"):
         v = getattr(cfg, name)
         if v is not None and (not is_int(v) or v < 0):
             _fail(f"{name} must be >= 0 (an int), got {v!r} ({type(v).__name__}); give {_flag(name)} 0 "
                   "or more")
     for name in FLOAT_RULES:  # finite, in range: lr > 0, 0 <= min_lr <= lr, 0 <= dropout < 1, ...
         check_float(cfg, name)
+    check_experts(cfg)
     if cfg.model_config is not None:
         if not isinstance(cfg.model_config, ModelConfig):
             _fail(f"model_config must be a minimegatron.config.ModelConfig, got "

@@ -21,7 +21,9 @@ Saving is collective (every rank calls it)::
     each tensor:  ZeRO-3: gather the parameter's DP pieces (deepspeed.zero.GatheredParameters)
                   ZeRO-1/2/3: all-reduce the DP pieces of its moments  (optimizer_state.py)
                   all-gather its TP shards -> full, drop vocab padding  (checkpoint.reshape)
-    each stage p: its (tp 0, dp 0) rank sends its full tensors to rank 0 (stage 0, tp 0, dp 0)
+    each stage p: its (tp 0, dp 0) rank sends its full tensors to rank 0 (stage 0, tp 0, dp 0);
+                  with ep > 1 its (tp 0, dp 1 … ep-1) ranks send their experts, each named by its
+                  global index (``….experts.{ep_rank·E/ep + j}.…``: the file has all E, any ep reads it)
     rank 0:       writes iter_…/ under a temporary name, fsyncs, renames, then rewrites ``latest``
                   (checkpoint.io.write_iteration): a crash leaves the previous checkpoint intact
 
@@ -42,7 +44,6 @@ DeepSpeed's own ``engine.save_checkpoint`` is not used: its files are pickles of
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -55,12 +56,13 @@ from minimegatron.checkpoint.files import (DAMAGED_FIX, LATEST_NAME, OPTIMIZER_N
                                            TRAINER_NAME, WEIGHTS_NAME, find_checkpoint, iteration_name,
                                            load_config, open_safetensors, read_json)
 from minimegatron.checkpoint.io import weights_metadata, write_iteration
-from minimegatron.deepspeed_glue import is_zero3_param
+from minimegatron.deepspeed_glue import is_expert_parameter, is_zero3_param
 from minimegatron.errors import one_line, os_error_advice
 from minimegatron.checkpoint.reshape import (CheckpointError, check_config_matches, full_shape,
                                              gather_full_tensor, shard_full_tensor, vocab_rows)
 from minimegatron.mpu.state import ParallelState
 from minimegatron.training.config import MODEL_CLASS, TrainConfig
+from minimegatron.training.checkpoint_transfer import gather_to_writer
 from minimegatron.training.optimizer_state import MOMENTS, OptimizerState
 from minimegatron.training.rng_state import gather_rng_states, restore_rng_states
 
@@ -89,6 +91,24 @@ def _local_vocab_rows(model: nn.Module) -> dict[str, int]:
     return rows
 
 
+def _expert_names(tensors: dict[str, torch.Tensor], model: nn.Module, state: ParallelState
+                  ) -> dict[str, str]:
+    """Plain name -> the name of its *global* expert, for this rank's expert parameters: ``…experts.{j}.…``
+    is local expert j, which is global expert ``ep_rank·E/ep + j`` (what the file is keyed by)."""
+    ep = getattr(state, "ep", 1)
+    offset = getattr(state, "ep_rank", 0) * (model.config.num_experts // ep if ep > 1 else 0)
+    out = {}
+    for name, t in tensors.items():
+        if is_expert_parameter(t):
+            head, sep, rest = name.partition(".experts.")
+            j, dot, tail = rest.partition(".")
+            if not (sep and dot and j.isdigit()):
+                raise CheckpointError(f"expert parameter '{name}' is not named '….experts.<index>.…': the "
+                                      "checkpoint cannot key it by its global expert index")
+            out[name] = f"{head}.experts.{offset + int(j)}.{tail}"
+    return out
+
+
 def _optimized(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) and t.requires_grad
 
@@ -104,42 +124,6 @@ def _whole(t: torch.Tensor, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters([t], modifier_rank=modifier_rank)
 
 
-# ---- moving full tensors to the writer ------------------------------------------------------------
-def _send(tensors: dict[str, torch.Tensor], dst: int, device: torch.device) -> None:
-    header = json.dumps([[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
-                         for k, v in tensors.items()]).encode()
-    dist.send(torch.tensor([len(header)], device=device), dst)
-    dist.send(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device), dst)
-    for v in tensors.values():
-        dist.send(v.contiguous().to(device), dst)
-
-
-def _recv(src: int, device: torch.device) -> dict[str, torch.Tensor]:
-    size = torch.zeros(1, dtype=torch.long, device=device)
-    dist.recv(size, src)
-    header = torch.empty(int(size), dtype=torch.uint8, device=device)
-    dist.recv(header, src)
-    out = {}
-    for name, shape, dtype in json.loads(header.cpu().numpy().tobytes()):
-        out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        dist.recv(out[name], src)
-    return out
-
-
-def _gather_to_writer(tensors: dict[str, torch.Tensor], state: ParallelState, device: torch.device
-                      ) -> dict[str, torch.Tensor] | None:
-    """Every stage's full tensors, in stage order, on global rank 0; None on every other rank."""
-    if state.tp_rank != 0 or state.dp_rank != 0 or state.cp_rank != 0:
-        return None  # its replica/shard twin on (tp 0, cp 0, dp 0) has the same full tensors
-    if state.pp_rank > 0:
-        _send(tensors, 0, device)
-        return None
-    out = dict(tensors)
-    for stage in range(1, state.pp):
-        out.update(_recv(ParallelState.rank_of(0, 0, stage, state.tp, state.dp, 0, state.cp), device))
-    return out
-
-
 # ---- save ------------------------------------------------------------------------------------------
 def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: ParallelState,
                              directory: str | os.PathLike, step: int) -> Path:
@@ -147,21 +131,25 @@ def save_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     calls it; rank 0 writes. If the write fails, every rank raises and ``latest`` is unchanged."""
     optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
     weights, moments = {}, {}
-    for name, t in _local_tensors(model).items():
+    local = _local_tensors(model)
+    experts = _expert_names(local, model, state)  # keyed by global expert index
+    for name, t in local.items():
+        key_name = experts.get(name, name)
         with _whole(t):  # ZeRO-3: this TP shard, gathered over DP for the block
-            weights[name] = gather_full_tensor(t, t, state, rows.get(name))
+            weights[key_name] = gather_full_tensor(t, t, state, rows.get(name))
             if _optimized(t):
                 for key in MOMENTS + (("master",) if t.dtype != torch.float32 else ()):
-                    moments[f"{key}/{name}"] = gather_full_tensor(optimizer.get(t, key), t, state,
-                                                                  rows.get(name))
+                    moments[f"{key}/{key_name}"] = gather_full_tensor(optimizer.get(t, key), t, state,
+                                                                      rows.get(name))
     device = next(model.parameters()).device
-    weights = _gather_to_writer(weights, state, device)
-    moments = _gather_to_writer(moments, state, device)
+    weights = gather_to_writer(weights, state, device, set(experts.values()))
+    moments = gather_to_writer(moments, state, device, set(experts.values()))
     rng = gather_rng_states(state, device)
     error: BaseException | None = None
     message: str | None = None
     if state.rank == 0:
-        layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "cp": state.cp}
+        layout = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "cp": state.cp,
+                  **({"ep": state.ep} if getattr(state, "ep", 1) > 1 else {})}
         trainer = {"step": step, "consumed_samples": step * cfg.global_batch_size,
                    "optimizer_step": optimizer.step_count(), "next_lr": engine.get_lr()[0],
                    "layout": {**layout, "zero_stage": cfg.zero_stage, "dtype": cfg.dtype,
@@ -233,19 +221,21 @@ def load_training_checkpoint(engine, model: nn.Module, cfg: TrainConfig, state: 
     check_config_matches(load_config(path), model.config, where=str(path))
     optimizer, rows = OptimizerState(engine), _local_vocab_rows(model)
     local = _local_tensors(model, tied_copies=True)
+    experts = _expert_names(local, model, state)  # this rank's experts, read by their global names
     has_optimizer = (path / OPTIMIZER_NAME).is_file() and (path / TRAINER_NAME).is_file()
     with open_safetensors(path / WEIGHTS_NAME) as fh, (
             open_safetensors(path / OPTIMIZER_NAME) if has_optimizer else contextlib.nullcontext()) as opt:
-        for name, t in local.items():
+        for local_name, t in local.items():
+            name, r = experts.get(local_name, local_name), rows.get(local_name)
             with _whole(t, modifier_rank=0):  # ZeRO-3: re-partitioned over DP when the block ends
-                t.copy_(_read(fh, name, t, state, rows.get(name), path))
+                t.copy_(_read(fh, name, t, state, r, path))
                 if not _optimized(t):
                     continue
                 master = t.detach().float().clone() if is_zero3_param(t) else t.float()  # = the weights,
                 if opt is not None and f"master/{name}" in opt.keys():                  # unless saved
-                    master = _read(opt, f"master/{name}", t, state, rows.get(name), path)  # (bf16 runs)
+                    master = _read(opt, f"master/{name}", t, state, r, path)  # (bf16 runs)
                 for key in MOMENTS if opt is not None else ():
-                    optimizer.set(t, key, _read(opt, f"{key}/{name}", t, state, rows.get(name), path))
+                    optimizer.set(t, key, _read(opt, f"{key}/{name}", t, state, r, path))
             optimizer.set(t, "master", master)  # the copy the optimizer steps (ZeRO, bf16)
     if not has_optimizer:
         if state.rank == 0:

@@ -25,7 +25,8 @@ __all__ = ["build_parser", "parse_args"]
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m minimegatron.train",
-        description="Pretrain a small GPT or LLaMA with tensor, pipeline and data parallelism "
+        description="Pretrain a small GPT or LLaMA (dense or mixture-of-experts) with tensor, pipeline, "
+                    "context, data and expert parallelism "
                     "(simulated CPU ranks, or under torchrun / the deepspeed launcher).")
     d = TrainConfig()
     p.add_argument("--model", choices=MODELS, default=d.model)
@@ -41,8 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-layers", dest="pipeline_layers", type=_layer_counts, default=None,
                    metavar="N,N,...", help="transformer layers of each pipeline stage, first to last, "
                    "e.g. 3,1 (default: an even split)")
+    p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel size, carved from dp: ep "
+                   "consecutive dp replicas share out the experts (each holds E/ep) and exchange tokens "
+                   "by all-to-all; divides dp and --num-experts")
+    p.add_argument("--num-experts", dest="num_experts", type=int, default=d.num_experts,
+                   help="experts per MoE layer (0: dense MLPs)")
+    p.add_argument("--moe-top-k", dest="moe_top_k", type=int, default=d.moe_top_k,
+                   help="experts each token is routed to")
+    p.add_argument("--moe-every", dest="moe_every", type=int, default=d.moe_every,
+                   help="layer i has an MoE MLP iff i %% N == 0 (1: every layer)")
+    p.add_argument("--moe-capacity-factor", dest="moe_capacity_factor", type=float, default=None,
+                   help="drop the tokens past ceil(cf·tokens·k/E) per expert, counted over each rank's "
+                   "micro-batch (default: drop none)")
+    p.add_argument("--moe-aux-loss-coeff", dest="moe_aux_loss_coeff", type=float,
+                   default=d.moe_aux_loss_coeff, help="weight of the load-balancing loss added to the "
+                   "LM loss (0: none)")
     p.add_argument("--dp", type=int, default=None,
-                   help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else 1)")
+                   help="data-parallel replicas (default: WORLD_SIZE / (tp·cp·pp) in a launcher, else "
+                   "--ep)")
     ints = ("micro_batch_size", "global_batch_size", "num_layers", "hidden_size", "num_attention_heads",
             "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_len", "steps", "warmup_steps", "zero_stage",
             "eval_interval", "eval_iters", "seed")
@@ -89,8 +106,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     if ns["dp"] is None:
         world = int(os.environ.get("WORLD_SIZE", 0)) if "RANK" in os.environ else 0
         model = ns["tp"] * ns["cp"] * ns["pp"]
-        ns["dp"] = max(1, world // model) if world and model > 0 else 1
+        ns["dp"] = max(1, world // model) if world and model > 0 else max(1, ns["ep"])  # ep ⊂ dp
     if ns["out_dir"] is None:
         cp = f"_cp{ns['cp']}" if ns["cp"] != 1 else ""
-        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}{cp}_pp{ns['pp']}_dp{ns['dp']}")
+        ep = f"_ep{ns['ep']}" if ns["ep"] != 1 else ""
+        ns["out_dir"] = os.path.join("runs", f"{ns['model']}_tp{ns['tp']}{cp}_pp{ns['pp']}_dp{ns['dp']}{ep}")
     return TrainConfig(**{k: v for k, v in ns.items() if k in {f.name for f in fields(TrainConfig)}})

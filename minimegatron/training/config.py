@@ -16,6 +16,12 @@ order — ``"1f1b"`` (DeepSpeed's own) or ``"zb-h1"`` (zero-bubble, :mod:`minime
 and ``pipeline_layers`` (e.g. ``(3, 1)``) sets the transformer layers of each stage instead of an even
 split (``minimegatron.pipe_balance``: why the last stage, which holds the LM head, may want fewer).
 
+A mixture-of-experts model (``num_experts`` E > 0: every ``moe_every``-th layer's MLP is E experts, of
+which each token uses ``moe_top_k``; ``minimegatron.layers.moe``) may share its experts out over
+``ep`` ranks (expert parallelism, carved from dp as in Megatron: ``ep`` consecutive dp ranks hold
+E/ep experts each and exchange tokens by all-to-all; ``ep`` divides ``dp``, the world stays
+``tp · cp · pp · dp``).
+
 This file is only the dataclass and the names its fields may take: what makes a run valid is in
 :mod:`.args` (the values), :mod:`.preflight` (the machine and the files) and :mod:`.resume` (``--load``),
 which all take a TrainConfig — so it sits below them. The command line is :mod:`.cli`.
@@ -33,7 +39,8 @@ __all__ = ["TrainConfig", "MODELS", "MODEL_CLASS", "CLI_MODEL_FIELDS", "DTYPES",
            "PIPELINE_SCHEDULES", "ZERO_STAGES"]
 
 CLI_MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
-                    "ffn_hidden_size")  # the ModelConfig fields the command line sets
+                    "ffn_hidden_size", "num_experts", "moe_top_k", "moe_every", "moe_capacity_factor",
+                    "moe_aux_loss_coeff")  # the ModelConfig fields the command line sets
 DTYPES = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)  # DeepSpeed's: 1 shards the optimizer states over dp, 2 + gradients, 3 + weights
 PIPELINE_SCHEDULES = ("1f1b", "zb-h1")  # = minimegatron.pipe_schedules.PIPELINE_SCHEDULES (no DeepSpeed here)
@@ -49,6 +56,7 @@ class TrainConfig:
     dp: int = 1
     cp: int = 1
     cp_comm: str = "p2p"
+    ep: int = 1                     # expert-parallel size, carved from dp (divides dp and num_experts)
     pipeline_schedule: str = "1f1b"  # pp > 1: "1f1b" (DeepSpeed's TrainSchedule) or "zb-h1"
     pipeline_layers: tuple[int, ...] | None = None  # transformer layers per stage; None: even split
     micro_batch_size: int = 2
@@ -59,6 +67,11 @@ class TrainConfig:
     num_kv_heads: int | None = None
     ffn_hidden_size: int | None = None  # None: the model's default (4h GPT, ≈8/3·h LLaMA)
     vocab_size: int = 512
+    num_experts: int = 0            # 0: dense MLPs; E > 0: MoE MLPs of E experts
+    moe_top_k: int = 2              # experts per token
+    moe_every: int = 1              # layer i is MoE iff i % moe_every == 0
+    moe_capacity_factor: float | None = None  # None: no token dropped; else ⌈cf·n·k/E⌉ slots per expert
+    moe_aux_loss_coeff: float = 0.0  # × the load-balancing loss, added to the LM loss
     seq_len: int = 64
     dropout: float = 0.0
     model_config: ModelConfig | None = None
@@ -110,4 +123,7 @@ class TrainConfig:
         return preset(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                       num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
                       num_kv_heads=self.num_kv_heads, ffn_hidden_size=self.ffn_hidden_size,
-                      max_seq_len=self.seq_len, dropout=self.dropout)
+                      max_seq_len=self.seq_len, dropout=self.dropout, num_experts=self.num_experts,
+                      moe_top_k=self.moe_top_k, moe_every=self.moe_every,
+                      moe_capacity_factor=self.moe_capacity_factor,
+                      moe_aux_loss_coeff=self.moe_aux_loss_coeff)

@@ -50,6 +50,15 @@ optimizers. An FSDP2 flag would be a second trainer (its own AdamW over DTensors
 ``set_requires_gradient_sync``, a TP × DP norm over local shards, ``MixedPrecisionPolicy`` for bf16,
 a third optimizer-state layout), not a flag; ZeRO-3 is the same algorithm, through the engine we use.
 
+**Experts** (``num_experts`` > 0, ``ep`` > 1: each EP rank of a dp group holds other experts).
+DeepSpeed would broadcast every parameter from the dp group's first rank at ``initialize`` and average
+every gradient over dp; the glue keeps the experts through the broadcast
+(``deepspeed_glue.keep_expert_parameters``) and reduces expert gradients over the expert-data-parallel
+group instead (``expert_aware_gradient_reduction``: summed over ``edp_group``, divided by dp·cp, the
+a2a backward having summed the EP group's tokens already); :func:`clip_grad_norm` counts each expert
+once over ``ep_group``. ZeRO ≥ 1 and bf16 reduce gradients in their own optimizers: refused with
+``ep > 1`` (``training.args.check_experts``).
+
 One detail DeepSpeed leaves to us:
 
 * Gradient clipping with ZeRO stage 0 in fp32: under a pipeline, DeepSpeed's fp32 path counts the
@@ -68,8 +77,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minimegatron.deepspeed_glue import (DeepSpeedMPU, init_deepspeed_comm, is_pipeline_tied_copy,
-                                         quiet_deepspeed, replace_fp32_gradient_clipping)
+from minimegatron.deepspeed_glue import (DeepSpeedMPU, expert_aware_gradient_reduction,
+                                         init_deepspeed_comm, is_expert_parameter, is_pipeline_tied_copy,
+                                         keep_expert_parameters, quiet_deepspeed,
+                                         replace_fp32_gradient_clipping)
 from minimegatron.config import ModelConfig
 from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState
@@ -121,15 +132,22 @@ def clip_grad_norm(parameters, max_norm: float, state: ParallelState) -> torch.T
 
     ‖g‖² = Σ over this rank's tensor-parallel shards + (on TP rank 0 only) the replicated weights,
     skipping the pipeline's second copy of a tied weight, summed over the model-parallel group.
-    Gradients are already identical across data-parallel replicas. Returns ‖g‖.
+    Gradients are already identical across data-parallel replicas — except the experts' (``param.
+    expert_parallel``), which differ across the ``ep`` ranks of an EP group: their squares are summed
+    over ``ep_group`` first (each expert counted once), then with the rest over TP × PP. Returns ‖g‖.
     """
     params = [p for p in parameters if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else None)
+    device = params[0].grad.device if params else None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    experts = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if is_pipeline_tied_copy(p):
             continue
         if getattr(p, "tensor_model_parallel", False) or state.tp_rank == 0:
-            total += p.grad.detach().float().pow(2).sum()
+            (experts if is_expert_parameter(p) else total).add_(p.grad.detach().float().pow(2).sum())
+    if getattr(state, "ep", 1) > 1:
+        dist.all_reduce(experts, group=state.ep_group)
+    total += experts
     if state.mp_group is not None:
         dist.all_reduce(total, group=state.mp_group)
     norm = total.sqrt()
@@ -147,13 +165,17 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
     init_deepspeed_comm()
     model = build_model(cfg, model_config, state)
     schedule = warmup_cosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports while building
+    ep = getattr(state, "ep", 1)  # experts differ across EP ranks: not broadcast from dp rank 0
+    experts = keep_expert_parameters(model) if ep > 1 else contextlib.nullcontext()
+    with experts, contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
             config=deepspeed_config(cfg), lr_scheduler=schedule,
             mpu=None if state.pp > 1 else DeepSpeedMPU(state))  # a PipelineModule brings its own grid
     if cfg.zero_stage == 3 and model_config.tie_embeddings:  # see the module docstring: the tie
         deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
+    if ep > 1:  # expert gradients: summed over edp_group, / dp·cp (see the module docstring)
+        expert_aware_gradient_reduction(engine, state)
     if state.pp > 1:
         from minimegatron.pipe_engine import use_pipeline_schedule
         use_pipeline_schedule(engine, cfg.pipeline_schedule)

@@ -5,7 +5,8 @@ Rank 0 of a run with ``out_dir`` writes, through :class:`LogWriter`::
     out_dir/
       config.json         the TrainConfig, the ModelConfig and the DeepSpeed config (the whole recipe)
       train_log.jsonl     one JSON object per line: {"step", "loss", "lr", "grad_norm", "step_time",
-                          "tokens_per_s"} after every step, {"step", "eval_loss"} after an evaluation
+                          "tokens_per_s"(, "aux_loss": an MoE model's at pp = 1)} after every step,
+                          {"step", "eval_loss"} after an evaluation
       loss.png            plot_history(history), at the end
 
 The log is strict JSON (a NaN loss is written as ``null``), and a resumed run keeps the records before
@@ -40,6 +41,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     grad_norm: list[float | None] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)  # MoE, pp = 1: Σ-over-layers load-balancing
+                                                          # loss (unweighted), global-batch mean
     step_time: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     eval_step: list[int] = field(default_factory=list)

@@ -33,6 +33,7 @@ from minimegatron.errors import exception_text
 from minimegatron.device import mark_step, synchronize
 from minimegatron.launch import RankError, launch
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.layers.moe import router_losses
 from minimegatron.training.args import validate
 from minimegatron.training.checkpointing import load_training_checkpoint, save_training_checkpoint
 from minimegatron.training.config import TrainConfig
@@ -48,8 +49,10 @@ def _is_pipeline(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
-def train_step(engine, batches, state: ParallelState) -> float:
-    """One optimizer step over this replica's micro-batches; returns the global-batch mean loss."""
+def train_step(engine, batches, state: ParallelState, aux: list[torch.Tensor] | None = None) -> float:
+    """One optimizer step over this replica's micro-batches; returns the global-batch mean loss.
+
+    ``aux`` (pp = 1, an MoE model): each micro-batch's Σ-over-layers router aux loss is appended."""
     if _is_pipeline(engine):
         loss = engine.train_batch(batches)  # averaged over micro-batches and replicas by DeepSpeed
         mark_step()
@@ -57,6 +60,8 @@ def train_step(engine, batches, state: ParallelState) -> float:
     losses = []
     for tokens, labels in batches:
         loss = engine(tokens.to(engine.device), labels.to(engine.device))
+        if aux is not None:  # the MoE layers keep the last forward's router losses
+            aux.append(router_losses(engine.module.layers)[0].detach().float())
         engine.backward(loss)  # scales by 1/num_micro_batches; all-reduces over dp on the last one
         mark_step()
         engine.step()  # only the last micro-batch's call updates the weights
@@ -103,7 +108,8 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
     model_config = validate(cfg, preflight=False)  # the parent checked the machine before forking
     if state is None:
         state = initialize_model_parallel(cfg.tp, cfg.pp, sequence_parallel=cfg.sequence_parallel,
-                                          context_parallel_size=cfg.cp, cp_comm=cfg.cp_comm)
+                                          context_parallel_size=cfg.cp, cp_comm=cfg.cp_comm,
+                                          expert_model_parallel_size=cfg.ep)
     model_parallel_seed(cfg.seed, state)
     engine, model = build_engine(cfg, model_config, state)
     if cfg.load:  # weights, optimizer, schedule, RNG: continues at engine.global_steps
@@ -123,14 +129,15 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
 
         steps = tqdm(steps, initial=engine.global_steps, total=cfg.steps, unit="step",
                      desc=f"{cfg.model} tp{cfg.tp}{f' cp{cfg.cp}' if cfg.cp > 1 else ''} "
-                          f"pp{cfg.pp} dp{cfg.dp}")
+                          f"pp{cfg.pp} dp{cfg.dp}{f' ep{cfg.ep}' if cfg.ep > 1 else ''}")
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     try:
         for step in steps:
             lr = engine.get_lr()[0]
             start = time.perf_counter()
+            aux = [] if model_config.num_experts and state.pp == 1 else None
             loss = train_step(engine, step_batches(train_data, step, cfg, state.dp_rank, state.cp_rank),
-                              state)
+                              state, aux)
             synchronize()
             elapsed = time.perf_counter() - start
             norm = engine.get_global_grad_norm()
@@ -140,9 +147,12 @@ def train_on_rank(cfg: TrainConfig, state: ParallelState | None = None,
             history.grad_norm.append(None if norm is None else float(norm))
             history.step_time.append(elapsed)
             history.tokens_per_s.append(tokens_per_step / elapsed)
+            if aux:  # the routers' load-balancing loss: one scalar all-reduce over dp
+                history.aux_loss.append(_replica_mean(torch.stack(aux).mean(), state))
             if writer:
                 writer.write(step=step, loss=loss, lr=lr, grad_norm=history.grad_norm[-1],
-                             step_time=elapsed, tokens_per_s=history.tokens_per_s[-1])
+                             step_time=elapsed, tokens_per_s=history.tokens_per_s[-1],
+                             **({"aux_loss": history.aux_loss[-1]} if aux else {}))
             if not math.isfinite(loss):  # the same global-batch mean on every rank: all stop here
                 raise TrainingDiverged(_diverged_message(cfg, step, loss, lr))
             if valid_data is not None and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):

@@ -123,13 +123,15 @@ def _resume_fix(cfg: TrainConfig, saved: dict, saved_class: str, path: Path) -> 
     family = family_of(saved_class) or cfg.model
     try:
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
-        flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:] if trial[k] != saved[k]})  # not derived
+        flags.update({k: saved[k] for k in CLI_MODEL_FIELDS[4:]  # not derived (older files: no MoE keys)
+                      if k in saved and trial[k] != saved[k]})
         trial = replace(cfg, model=family, **flags).to_model_config().to_dict()
     except ValueError:  # these flags alone make no valid model
         trial = {}
     if cfg.model_config is None and not diff_fields(saved, trial, ignore=IGNORED_CONFIG_FIELDS):
-        words = ([f"--model {family}"] if family != cfg.model else []) + [
-            f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
+        words = ([f"--model {family}"] if family != cfg.model else []) + [  # None: the flag left out
+            f"--{k.replace('_', '-')} {v}" if v is not None else f"no --{k.replace('_', '-')}"
+            for k, v in flags.items()]
         return f"train with the checkpoint's model ({' '.join(words)})"
     return ("build this run's model from the checkpoint: TrainConfig(model_config="
             f"minimegatron.checkpoint.load_config({str(path)!r}))")

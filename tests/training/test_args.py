@@ -84,3 +84,18 @@ def test_timeout_defaults_to_no_limit():
 
     assert TrainConfig().timeout == 0 and parse_args([]).timeout == 0
     assert "(0: none)" in build_parser().format_help()
+
+
+def test_moe_flags_reach_the_model_config(monkeypatch):
+    """Every MoE flag lands in the ModelConfig; --ep alone (no launcher) carves dp = ep replicas."""
+    from minimegatron.training.cli import parse_args
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = parse_args(["--num-experts", "8", "--moe-top-k", "1", "--moe-every", "2", "--moe-capacity-factor",
+                      "1.5", "--moe-aux-loss-coeff", "0.02", "--ep", "4"])
+    assert (cfg.ep, cfg.dp, cfg.world_size) == (4, 4, 4)
+    model = validate(cfg, preflight=False)
+    assert (model.num_experts, model.moe_top_k, model.moe_every, model.moe_capacity_factor,
+            model.moe_aux_loss_coeff) == (8, 1, 2, 1.5, 0.02)
+    assert [model.is_moe_layer(i) for i in range(model.num_layers)] == [True, False]
+    assert parse_args(["--ep", "2", "--dp", "6"]).dp == 6  # an explicit --dp stays

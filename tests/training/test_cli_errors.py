@@ -74,10 +74,27 @@ def test_the_subprocess_cases_are_cases():
     (["--zero-stage", "4"], [r"--zero-stage 4", r"stages 0 .* and 3", r"give --zero-stage 0, 1, 2 or 3"]),
     (["--zero-stage", "3", "--pp", "2"], [r"zero_stage=3 with pp=2", r"stage 0 or 1",
                                           r"--zero-stage 1 with the pipeline, or --pp 1"]),
+    (["--num-experts", "2", "--moe-top-k", "3"], [r"--moe-top-k 3 > --num-experts 2", r"--moe-top-k 2"]),
+    (["--num-experts", "4", "--moe-capacity-factor", "0"], [r"--moe-capacity-factor 0 must be",
+                                                            r"try --moe-capacity-factor 1.25"]),
+    (["--ep", "2", "--dp", "2"], [r"--ep 2 with a dense model", r"give --num-experts", r"or --ep 1"]),
+    (["--num-experts", "3", "--moe-top-k", "1", "--ep", "2", "--dp", "2"],
+     [r"--num-experts 3 is not divisible by --ep 2", r"give --num-experts 2"]),
+    (["--num-experts", "4", "--ep", "2", "--dp", "3"], [r"--ep 2 does not divide --dp 3",
+                                                        r"carved from data", r"give --dp 2"]),
+    (["--num-experts", "4", "--ep", "2", "--dp", "2", "--zero-stage", "1"],
+     [r"--ep 2 with --zero-stage 1", r"mixing experts", r"--zero-stage 0 with --ep"]),
+    (["--num-experts", "4", "--ep", "2", "--dp", "2", "--dtype", "bf16"],
+     [r"--ep 2 with --dtype bf16", r"use --dtype fp32 with --ep"]),
+    (["--num-experts", "4", "--moe-aux-loss-coeff", "0.01", "--pp", "2", "--num-layers", "2"],
+     [r"--moe-aux-loss-coeff 0.01 .* with --pp 2", r"never reach the last stage", r"--pp 1"]),
+    (["--num-experts", "4", "--moe-capacity-factor", "1", "--cp", "2"],
+     [r"--cp 2 with --moe-aux-loss-coeff / --moe-capacity-factor", r"use --cp 1"]),
 ], ids=["lr-inf", "lr-nan", "lr-zero", "min-lr-above-lr", "clip-nan", "weight-decay-negative",
         "dropout-one", "timeout-negative", "timeout-nan", "split-garbage", "split-four-parts", "steps-zero",
         "micro-batch-negative", "kv-heads-zero", "tp-heads", "batch-divisibility", "steps-not-int",
-        "misspelt-flag", "model-too-big", "zero-stage-4", "zero3-with-pipeline"])
+        "misspelt-flag", "model-too-big", "zero-stage-4", "zero3-with-pipeline", "moe-top-k",
+        "moe-capacity", "ep-dense", "ep-experts", "ep-dp", "ep-zero", "ep-bf16", "moe-aux-pp", "moe-cp"])
 def test_train_refuses_bad_values(refused, tmp_path, args, patterns):
     run = refused(TRAIN, *TINY, "--out-dir", str(tmp_path / "log"), *args, cwd=tmp_path)
     assert_one_line(run, 2, *patterns)
