@@ -18,6 +18,7 @@ from minimegatron.compat import load_deepspeed_checkpoint  # noqa: E402
 from minimegatron.launch import launch  # noqa: E402
 from minimegatron.train import main  # noqa: E402
 from minimegatron.training import TrainConfig, train, train_on_rank, validate  # noqa: E402
+from tests.training.runs import Runs  # noqa: E402
 from minimegatron.training.data import SyntheticDataset, micro_batches  # noqa: E402
 from minimegatron.training.schedule import lr_at  # noqa: E402
 
@@ -30,20 +31,13 @@ ATOL = 2e-5
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def run(**kw):
-    return train(TrainConfig(**{**TINY, **kw}))
+run = Runs(TINY)
 
 
 @pytest.fixture(scope="module")
 def reference():
     """Single-rank losses per (model, clip_grad)."""
-    cache = {}
-
-    def get(model, clip_grad=0.0):
-        if (model, clip_grad) not in cache:
-            cache[model, clip_grad] = run(model=model, clip_grad=clip_grad).loss
-        return cache[model, clip_grad]
-    return get
+    return lambda model, clip_grad=0.0: run.once(model=model, clip_grad=clip_grad).loss
 
 
 @pytest.mark.parametrize("layout", [

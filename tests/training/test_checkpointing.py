@@ -20,6 +20,7 @@ from minimegatron.checkpoint import CheckpointError, load_model, save_checkpoint
 from minimegatron.launch import RankError, launch  # noqa: E402
 from minimegatron.mpu.state import initialize_model_parallel  # noqa: E402
 from minimegatron.training import TrainConfig, parse_args, train, validate  # noqa: E402
+from tests.training.runs import Runs  # noqa: E402
 from minimegatron.training.data import SyntheticDataset  # noqa: E402
 from minimegatron.training.checkpointing import OPTIMIZER_NAME, RNG_NAME, TRAINER_NAME  # noqa: E402
 from minimegatron.training.optimizer_state import MOMENTS  # noqa: E402
@@ -38,8 +39,7 @@ LAYOUTS = {"gpt-tp2-pp2": dict(model="gpt", tp=2, pp=2),
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def run(**kw):
-    return train(TrainConfig(**{**TINY, **kw}))
+run = Runs(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 from minimegatron.train import main  # noqa: E402
-from minimegatron.training import TrainConfig, train, validate  # noqa: E402
+from minimegatron.training import TrainConfig, validate  # noqa: E402
+from tests.training.runs import Runs  # noqa: E402
 from minimegatron.training.data import SyntheticDataset, micro_batches  # noqa: E402
 
 TINY = dict(steps=3, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, seq_len=16,
@@ -21,19 +22,12 @@ ATOL = 2e-5
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def run(**kw):
-    return train(TrainConfig(**{**TINY, **kw}))
+run = Runs(TINY)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    cache = {}
-
-    def get(model):
-        if model not in cache:
-            cache[model] = run(model=model).loss
-        return cache[model]
-    return get
+    return lambda model: run.once(model=model).loss
 
 
 @pytest.mark.parametrize("model,layout", [

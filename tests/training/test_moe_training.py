@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 pytest.importorskip("deepspeed")
-from minimegatron.training import TrainConfig, train  # noqa: E402
+from tests.training.runs import Runs  # noqa: E402
 
 TINY = dict(model="llama", steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128,
             seq_len=16, micro_batch_size=2, global_batch_size=8, lr=3e-3, warmup_steps=2, clip_grad=0.05,
@@ -31,22 +31,17 @@ ATOL = 2e-5   # another layout: fp32 round-off, as in tests/test_train.py
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def run(**kw):
-    return train(TrainConfig(**{**TINY, **kw}))
+def clipping_is_active(history):
+    assert all(n > TINY["clip_grad"] for n in history.grad_norm)
+
+
+run = Runs(TINY, check=clipping_is_active)
 
 
 @pytest.fixture(scope="module")
 def reference():
     """The single-rank run per variant of the model (aux loss on / off, capacity dropping)."""
-    cache = {}
-
-    def get(**variant):
-        key = tuple(sorted(variant.items()))
-        if key not in cache:
-            cache[key] = run(**variant)
-            assert all(n > TINY["clip_grad"] for n in cache[key].grad_norm)  # clipping is active
-        return cache[key]
-    return get
+    return run.once
 
 
 def assert_same_run(history, expected, aux: bool = True):

@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("deepspeed")
 from minimegatron.checkpoint import load_model  # noqa: E402
 from minimegatron.launch import launch  # noqa: E402
-from minimegatron.training import TrainConfig, train, train_on_rank  # noqa: E402
+from minimegatron.training import TrainConfig, train_on_rank  # noqa: E402
+from tests.training.runs import Runs  # noqa: E402
 from minimegatron.training.data import SyntheticDataset  # noqa: E402
 
 TINY = dict(steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128, seq_len=16,
@@ -33,21 +34,17 @@ ATOL = 2e-5   # another layout: fp32 round-off, as in tests/test_train.py
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def run(**kw):
-    return train(TrainConfig(**{**TINY, **kw}))
+def clipping_is_active(history):
+    assert all(n > TINY["clip_grad"] for n in history.grad_norm)
+
+
+run = Runs(TINY, check=clipping_is_active)
 
 
 @pytest.fixture(scope="module")
 def reference():
     """The single-rank run per model, evaluating every 2 steps."""
-    cache = {}
-
-    def get(model):
-        if model not in cache:
-            cache[model] = run(model=model, eval_interval=2, eval_iters=1)
-            assert all(n > TINY["clip_grad"] for n in cache[model].grad_norm)  # clipping is active
-        return cache[model]
-    return get
+    return lambda model: run.once(model=model, eval_interval=2, eval_iters=1)
 
 
 @pytest.mark.parametrize("model,layout", [
