@@ -34,9 +34,10 @@ __all__ = ["CheckpointError", "full_state_dict", "is_writer", "barrier", "load_f
            "expected_full_shapes", "check_config_matches", "model_config", "parallel_state_of",
            "IGNORED_CONFIG_FIELDS", "vocab_rows", "full_shape", "gather_full_tensor", "shard_full_tensor"]
 
-# Fields that do not change the weights nor the function they compute; they may differ on load.
+# Fields that do not change the weights nor the function they compute, or change only how training
+# treats them (dropout, the router's capacity and its auxiliary losses); they may differ on load.
 IGNORED_CONFIG_FIELDS = ("name", "dropout", "init_std", "max_seq_len", "make_vocab_size_divisible_by",
-                         "multiple_of")
+                         "multiple_of", "moe_capacity_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff")
 
 
 class CheckpointError(ValueError):

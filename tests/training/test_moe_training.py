@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 pytest.importorskip("deepspeed")
+from minimegatron.training import TrainConfig, validate  # noqa: E402
 from tests.training.runs import Runs  # noqa: E402
 
 TINY = dict(model="llama", steps=4, num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=128,
@@ -83,6 +84,11 @@ def test_a_checkpoint_holds_every_expert_and_resumes_at_another_ep(reference, tm
         resumed = run(**layout, load=str(tmp_path / "ck"), load_step=2)
         torch.testing.assert_close(resumed.loss, full.loss[2:], rtol=0, atol=ATOL)
         torch.testing.assert_close(resumed.grad_norm, full.grad_norm[2:], rtol=1e-5, atol=0)
+    # the router's training settings may change on resume (a fine-tune with other capacity / aux weight)
+    validate(TrainConfig(**{**TINY, "load": str(tmp_path / "ck"), "load_step": 2, "moe_capacity_factor": 1.5,
+                            "moe_aux_loss_coeff": 0.1}))
+    with pytest.raises(ValueError, match=r"num_experts: 4 in the checkpoint, 8 in this run"):
+        validate(TrainConfig(**{**TINY, "load": str(tmp_path / "ck"), "load_step": 2, "num_experts": 8}))
 
 
 def test_a_pipeline_checkpoint_sends_every_stages_experts(reference, tmp_path):
