@@ -34,11 +34,7 @@ ATOL = 2e-5   # another layout: fp32 round-off, as in tests/test_train.py
 pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")  # imported once, before any fork
 
 
-def clipping_is_active(history):
-    assert all(n > TINY["clip_grad"] for n in history.grad_norm)
-
-
-run = Runs(TINY, check=clipping_is_active)
+run = Runs(TINY, require_clipping=True)  # every reference step is clipped
 
 
 @pytest.fixture(scope="module")
