@@ -1,9 +1,17 @@
-"""Every notebook executes top to bottom; a failing cell fails the suite."""
+"""Every notebook executes top to bottom; a failing cell fails the suite.
+
+The kernel talks to the test over IPC sockets (files), not TCP ports: jupyter picks free ports and the
+kernel binds them a moment later, and a gloo rank or another job that takes one in between kills the
+kernel at start ("Address already in use").
+"""
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +27,11 @@ def test_notebook_executes(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     env_root = str(ROOT)
     os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    client = NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
-    client.execute()
+    sockets = tempfile.mkdtemp(prefix="nb-")  # short: a unix socket path has ~100 characters
+    try:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+        client = NotebookClient(nb, km=km, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        client.execute()
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
