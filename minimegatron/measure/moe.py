@@ -29,13 +29,13 @@ capacity factor 1 still drops (the binomial's spread); a factor of 1.25–2 is t
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from minimegatron.layers.router import expert_capacity as router_capacity
 from minimegatron.measure.comm import CommCounter, OpTotal, _process_group, ring_wire_bytes
 
 __all__ = ["moe_a2a_comm", "routing_rows", "routing_a2a_comm", "MoECommCounter", "expert_capacity",
@@ -113,10 +113,10 @@ class MoECommCounter(CommCounter):
 
 
 def expert_capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
-    """Slots one expert keeps: ``⌈capacity_factor · tokens·k / E⌉``."""
-    if capacity_factor <= 0:
+    """Slots one expert keeps: ``⌈capacity_factor · tokens·k / E⌉`` — the router's own rule."""
+    if capacity_factor is None or capacity_factor <= 0:
         raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (1.0 = an even share)")
-    return math.ceil(capacity_factor * tokens * k / num_experts)
+    return router_capacity(tokens, k, num_experts, capacity_factor)
 
 
 def dropped_fraction(counts: Sequence[int] | torch.Tensor, capacity: int) -> float:

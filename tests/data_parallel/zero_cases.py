@@ -70,12 +70,10 @@ def deepspeed_engine(model, stage: int):
     """DeepSpeed's engine at ZeRO ``stage``: AdamW (torch's), no clipping, decay on matrices only."""
     import deepspeed
 
-    from minimegatron.compat import cpu_accelerator_local_size
     from minimegatron.deepspeed_glue import init_deepspeed_comm, quiet_deepspeed
     from minimegatron.training.engine import param_groups
 
     quiet_deepspeed()
-    cpu_accelerator_local_size()
     init_deepspeed_comm()
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
               "train_batch_size": MICRO * dist.get_world_size(), "gradient_clipping": 0,

@@ -15,6 +15,8 @@ slots: the losses agree — and differ from the run that drops none.
 
 Checkpoints hold every expert by its global index: a run saved at ep2·dp2·tp2 resumes at ep4 and on one
 rank with the losses of the run that never stopped, and one saved at pp2·dp2·ep2 on one rank.
+(The EP ranks that are not the writer send their experts with training/checkpoint_transfer.py: every
+expert in the saved file is the proof it arrived.)
 """
 import pytest
 import torch
