@@ -3,6 +3,7 @@
 ``import minimegatron`` imports torch only; DeepSpeed, transformers and sentencepiece are imported by
 the modules that use them.
 """
+from minimegatron.compile import compile_model
 from minimegatron.config import ModelConfig, ParallelConfig
 from minimegatron.gpt import gpt_config
 from minimegatron.launch import LaunchTimeout, RankError, launch
@@ -10,4 +11,4 @@ from minimegatron.llama import llama_config
 
 __version__ = "0.1.0"
 __all__ = ["launch", "RankError", "LaunchTimeout", "ModelConfig", "ParallelConfig", "gpt_config",
-           "llama_config", "__version__"]
+           "llama_config", "compile_model", "__version__"]

@@ -55,13 +55,16 @@ class StepFlops:
 
 @dataclass(frozen=True)
 class Gemm:
-    """``count`` matmuls of (m, k) · (k, n): ``2·m·k·n`` FLOPs each."""
+    """``count`` matmuls of (m, k) · (k, n): ``2·m·k·n`` FLOPs each. ``a_t`` / ``b_t``: that operand is
+    a transposed view of a row-major tensor, as in the step (``X·Wᵀ`` forward, ``dYᵀ·X`` for dW)."""
 
     name: str
     m: int
     k: int
     n: int
     count: int = 1
+    a_t: bool = False
+    b_t: bool = False
 
     @property
     def flops(self) -> int:
@@ -115,6 +118,7 @@ def step_gemms(config: ModelConfig, batch: int, seq: int) -> list[Gemm]:
     T = batch * seq
     out = []
     for name, k, n, count in _linears(config):
-        out += [Gemm(f"{name} fwd", T, k, n, count), Gemm(f"{name} dX", T, n, k, count),
-                Gemm(f"{name} dW", n, T, k, count)]
+        out += [Gemm(f"{name} fwd", T, k, n, count, b_t=True),  # X·Wᵀ
+                Gemm(f"{name} dX", T, n, k, count),  # dY·W
+                Gemm(f"{name} dW", n, T, k, count, a_t=True)]  # dYᵀ·X
     return out

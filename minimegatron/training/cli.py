@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute)
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor on CPU and "
+                   "CUDA, hpu_backend on Gaudi in eager mode); pp 1 only")
     p.add_argument("--data", default=d.data, help="'random' (synthetic) or an indexed dataset's PREFIX")
     p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
     p.add_argument("--out-dir", dest="out_dir", default=None,

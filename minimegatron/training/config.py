@@ -85,6 +85,7 @@ class TrainConfig:
     sequence_parallel: bool = False
     recompute: str = "none"
     dtype: str = "fp32"
+    compile: bool = False           # torch.compile the model (minimegatron.compile): engine.compile()
     eval_interval: int = 0          # 0: no evaluation
     eval_iters: int = 2             # global batches per evaluation
     data: Any = "random"            # "random", an indexed dataset prefix, or a torch Dataset whose
