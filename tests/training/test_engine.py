@@ -17,12 +17,15 @@ pytestmark = pytest.mark.usefixtures("deepspeed_preloaded")
 
 
 def _losses_and_graphs(compile: bool) -> tuple[list[float], int, bool]:
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
-    counters.clear()  # a forked rank inherits the parent's counts
+    torch._dynamo.reset()  # a forked rank inherits the parent's compiled code (and counts): trace anew
+    counters.clear()
     seen = {}
     history = train_on_rank(TrainConfig(**QUICK, compile=compile),
-                            on_start=lambda engine, model: seen.update(compiled=engine.is_compiled))
+                            on_start=lambda engine, model: seen.update(
+                                compiled=engine.is_compiled and model._compiled_call_impl is not None))
     return history.loss, counters["stats"]["unique_graphs"], seen["compiled"]
 
 
