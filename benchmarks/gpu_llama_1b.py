@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a file from a checkout: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimegatron import device  # noqa: E402
+from minimegatron import compile_model, device  # noqa: E402
 from minimegatron.config import ModelConfig, llama_config  # noqa: E402
 from minimegatron.measure.flops import training_flops_per_token, training_step_flops  # noqa: E402,F401
 
@@ -80,7 +80,7 @@ def benchmark(cfg: ModelConfig, micro_batch_size: int, seq_len: int, steps: int,
     dev = device.get_device()
     model = _build_model(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    step_model = device.compile_model(model) if compile else model
+    step_model = compile_model(model) if compile else model  # in place; refuses Gaudi's lazy mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch_size, seq_len + 1), device=dev)
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # (b, s) each, a fixed shape
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 = autocast mixed precision (fp32 weights)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile: inductor on CUDA, hpu_backend on Gaudi in eager mode")
+                   help="torch.compile (minimegatron.compile_model): inductor on CUDA and CPU, "
+                        "hpu_backend on Gaudi in eager mode")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU on a card not in the table")
     args = p.parse_args(argv)
 
