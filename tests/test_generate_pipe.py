@@ -2,7 +2,8 @@
 
 Weights from a tiny Hugging Face model (whose greedy/beam generation ``test_generate*.py`` compare
 with ``transformers``), loaded into the pipeline stages with ``load_model_state_dict``; on real gloo
-ranks at pp 2 and tp 2 · pp 2, GPT (tied embedding on the first and the last stage) and LLaMA (GQA).
+ranks at pp 2 and tp 2 · pp 2, GPT (tied embedding on the first and the last stage) and LLaMA (GQA);
+and the communication of one call (CommCounter) against the count in generate_pipe.py's docstring.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from minimegatron.config import gpt_config
 from minimegatron.generate import generate
 from minimegatron.gpt import GPTModel
 from minimegatron.launch import launch
+from minimegatron.measure.comm import CommCounter
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 from tests.checkpoint.hf_models import hf_gpt2, hf_llama, token_ids
 from tests.test_generate_padded import padded_batch
 
 pytest.importorskip("deepspeed")
 
+T = 5  # tokens of the counted call
 MODELS = {"gpt2": lambda: hf_gpt2(vocab=50, layers=4),
           "llama-gqa": lambda: hf_llama(kv_heads=2, vocab=50, layers=4)}
 
@@ -47,7 +50,11 @@ def pipeline_generate(hf, tp: int, pp: int):
     state = initialize_model_parallel(tp, pp)
     stage = LanguageModelPipe(plain.config, state)
     load_model_state_dict(stage, plain.state_dict())
-    return stage.layer_range, [generate(stage, ids, 8, **kw) for kw in kws]
+    with CommCounter() as comm:  # one greedy call of T tokens: what goes over the wire
+        generate(stage, ids, T)
+    counts = {op: (len(comm.select(op)), sum(r.numel for r in comm.select(op)),
+                   {r.group_size for r in comm.select(op)}) for op in ("send", "recv", "broadcast")}
+    return stage.layer_range, [generate(stage, ids, 8, **kw) for kw in kws], counts
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -58,11 +65,20 @@ def test_pipeline_generation_equals_single_device(name, tp, pp):
     model = from_hf(hf).eval()
     single = [generate(model, ids, 8, **kw) for kw in kws]
     out = launch(pipeline_generate, tp * pp, hf, tp, pp, timeout=120)
-    ranges = {rng for rng, _ in out}
+    ranges = {rng for rng, _, _ in out}
     assert len(ranges) == pp  # really split: each stage holds its own layers
-    for rank, (_, got) in enumerate(out):
+    for rank, (_, got, _) in enumerate(out):
         for g, want, kw in zip(got, single, kws):
             assert torch.equal(g, want), (rank, kw)
+    # the docstring's count, per TP rank: T forwards (the prefill of s tokens, then 1 token each) send
+    # (s_new, b, h) from stage 0 to stage 1, and T broadcasts of b ids reach all tp·pp ranks
+    (b, s), h = ids.shape, hf.config.hidden_size
+    hidden = (s + T - 1) * b * h
+    for rank, (_, _, counts) in enumerate(out):
+        first = rank < tp
+        assert counts["send"][:2] == ((T, hidden) if first else (0, 0)), (rank, counts)
+        assert counts["recv"][:2] == ((0, 0) if first else (T, hidden)), (rank, counts)
+        assert counts["broadcast"] == (T, T * b, {tp * pp}), (rank, counts)
 
 
 def test_a_whole_model_on_a_pipeline_state_is_refused():
