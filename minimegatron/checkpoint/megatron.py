@@ -107,13 +107,11 @@ def save_megatron(source: nn.Module | dict[str, torch.Tensor], directory: str | 
     """
     if isinstance(source, nn.Module):
         config = model_config(source)
-        full = full_state_dict(source)  # collective over TP
     elif config is None:
         raise CheckpointError("save_megatron(state_dict, directory): pass config=ModelConfig(...) with a "
                               "state dict (a model carries its own)")
-    else:
-        full = source
-    _check_layout(config, tp, pp)
+    _check_layout(config, tp, pp)  # before any collective: every rank refuses alike
+    full = full_state_dict(source) if isinstance(source, nn.Module) else source  # collective over TP
     root = Path(directory)
     final = root / _iteration_name(iteration)
     if not is_writer():
@@ -188,6 +186,8 @@ def megatron_iteration_dir(directory: str | os.PathLike, iteration: int | str | 
             raise CheckpointError(f"{tracker} holds {text[:40]!r}, not 'release' nor an iteration "
                                   "number: the checkpoint is damaged; write the right one into it")
         iteration = text
+    if str(iteration) != "release" and not str(iteration).isdigit():
+        raise CheckpointError(f"iteration={iteration!r}: pass 'release' or an iteration number")
     name = "release" if str(iteration) == "release" else _iteration_name(int(iteration))
     path = root / name
     if not path.is_dir():

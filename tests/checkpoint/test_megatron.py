@@ -152,6 +152,25 @@ def test_load_into_tp2_ranks_and_export_from_them(tmp_path):
         assert_same_state(load_megatron(tmp_path / "b" / name)[1], full_state_dict(model))
 
 
+def test_other_megatron_spellings_and_bf16(tmp_path):
+    """Megatron-DeepSpeed's ``transformer`` (for ``encoder``) and newer Megatron-LM's ``input_norm`` /
+    ``post_attention_norm`` / ``final_norm`` read the same; ``dtype=bfloat16`` sets args.bf16."""
+    model = build("llama-gqa")
+    d = save_megatron(model, tmp_path, tp=2, dtype=torch.bfloat16)
+    for r in range(2):
+        f = d / f"mp_rank_{r:02d}" / "model_optim_rng.pt"
+        state = read_rank(f)
+        assert state["args"].bf16 and state["args"].params_dtype == torch.bfloat16
+        lm = state["model"]["language_model"]
+        lm["transformer"] = {re.sub(r"(input|post_attention|final)_layernorm", r"\1_norm", k): v
+                             for k, v in lm.pop("encoder").items()}
+        torch.save(state, f)
+    config, full = load_megatron(tmp_path)
+    want = {k: v.to(torch.bfloat16) for k, v in full_state_dict(model).items()}
+    assert config == model.config
+    assert_same_state(full, want)
+
+
 # ---- the real client: Hugging Face's own converters, from a pinned transformers 4.x wheel ---------
 
 def hf_script(name):
