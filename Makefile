@@ -62,7 +62,15 @@ $(VENV)/.installed-gaudi: pyproject.toml Makefile
 	$(PY) -m pip uninstall -q -y triton 2>/dev/null || true
 	@touch $@
 
-install: $(VENV)/.installed-$(STACK)
+# Hugging Face's own Megatron -> GPT-2 converter (convert_megatron_gpt2_checkpoint.py) left the
+# transformers wheels after 4.46; tests/checkpoint/test_megatron.py runs it, taken from this pinned
+# wheel (downloaded once, no dependencies installed: the script runs on the venv's transformers).
+HF_MEGATRON_WHEEL_VERSION ?= 4.46.3
+HF_MEGATRON_WHEEL = .cache/wheels/transformers-$(HF_MEGATRON_WHEEL_VERSION)-py3-none-any.whl
+$(HF_MEGATRON_WHEEL):
+	$(PY) -m pip download -q --no-deps "transformers==$(HF_MEGATRON_WHEEL_VERSION)" -d .cache/wheels
+
+install: $(VENV)/.installed-$(STACK) $(HF_MEGATRON_WHEEL)
 
 demo: install
 	$(PY) -m minimegatron.demo $(DEMO_ARGS)
@@ -77,4 +85,4 @@ bench: install
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf .venv .venv-gaudi demo_out .pytest_cache
+	rm -rf .venv .venv-gaudi demo_out .pytest_cache .cache/wheels
