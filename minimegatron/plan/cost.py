@@ -20,7 +20,9 @@ layers' forward (``2·N_layers + 4·L·s·h`` per token), ``selective`` only the
 * CP, per layer — :func:`~minimegatron.measure.context_parallel.cp_attention_comm` (ring or
   all-to-all; the ring moves k, v in the model's dtype here, fp32 in our CPU code).
 * EP, per MoE layer — :func:`~minimegatron.measure.moe.moe_a2a_comm` (uniform routing).
-* PP — a stage sends its ``s_r·b·h`` output (``/tp`` under SP) forward and the input gradient back.
+* PP — a stage sends its ``s_r·b·h`` output (``/tp`` under SP) forward and the input gradient back;
+  once per step DeepSpeed's engine all-reduces a tied embedding's gradient between the first and
+  last stage and broadcasts the loss (:func:`pp_step_comm`).
 
 **Per step**, over the ``dp·cp`` ranks sharing the weights — :func:`~minimegatron.measure.zero.zero_comm`:
 ZeRO-0 all-reduces the gradients once, ZeRO-1 reduce-scatters and all-gathers once; ZeRO-2
@@ -37,7 +39,7 @@ from minimegatron.measure.zero import zero_comm
 from minimegatron.plan.layout import Layout
 from minimegatron.plan.memory import ELEMENT_BYTES, _mlp, stage_units
 
-__all__ = ["model_flops", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "dp_comm", "group_is_intra_node",
+__all__ = ["model_flops", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "pp_step_comm", "dp_comm", "group_is_intra_node",
            "add_totals", "wire"]
 
 Totals = dict[str, OpTotal]
@@ -139,13 +141,29 @@ def ep_comm(config: ModelConfig, layout: Layout, seq_len: int, stage: int, dtype
 
 
 def pp_comm(config: ModelConfig, layout: Layout, seq_len: int, stage: int, dtype: str = "bf16") -> Totals:
-    """Sends of one micro-batch on ``stage``: the activation forward, the input gradient backward."""
+    """P2P of one micro-batch on ``stage``: the activation sent forward and the input gradient sent
+    back (and their receives), ``s_r·b·h`` elements (``/tp`` under SP: each TP rank sends its shard)."""
     L = layout
     if L.pp == 1:
         return {}
     n = seq_len // L.cp * L.micro_batch * config.hidden_size // (L.tp if L.sp else 1)
-    sends = int(stage < L.pp - 1) + int(stage > 0)
-    return add_totals(_one("send", n, ELEMENT_BYTES[dtype], 2), times=sends) if sends else {}
+    peers = int(stage < L.pp - 1) + int(stage > 0)
+    e = ELEMENT_BYTES[dtype]
+    return add_totals(_one("send", n, e, 2), _one("recv", n, e, 2), times=peers)
+
+
+def pp_step_comm(config: ModelConfig, layout: Layout, stage: int, dtype: str = "bf16") -> Totals:
+    """Once per step on the pipeline group (DeepSpeed's engine): a tied embedding's gradient
+    all-reduce between the first and last stage (``V_pad·h/tp``), and the loss broadcast from the
+    last stage (2 fp32 numbers)."""
+    L = layout
+    if L.pp == 1:
+        return {}
+    out = _one("broadcast", 2, 4, L.pp)
+    if config.tie_embeddings and stage in (0, L.pp - 1):
+        v = config.padded_vocab_size(L.tp) * config.hidden_size // L.tp
+        out = add_totals(out, _one("all_reduce", v, ELEMENT_BYTES[dtype], 2))
+    return out
 
 
 def dp_comm(config: ModelConfig, layout: Layout, global_batch: int, stage: int, dtype: str = "bf16") -> Totals:

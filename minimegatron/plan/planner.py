@@ -10,6 +10,7 @@ on the fuller of the first, a middle and the last pipeline stage:
 
       t_mb   = compute / m  +  (TP + CP + EP + PP bytes per micro-batch) / (link bw · bandwidth_efficiency)
       step   = (m + pp − 1) · t_mb                         the 1F1B pipeline: bubble (pp − 1)/m
+             + PP bytes once per step (tied embedding, loss) / link
              + (1 − dp_overlap) · DP/ZeRO bytes per step / (link bw · bandwidth_efficiency)
       compute = hardware FLOPs / (N · peak · efficiency)
 
@@ -125,11 +126,14 @@ def estimate(config: ModelConfig, layout: Layout, global_batch: int, seq_len: in
         per_mb = {"tp": cost.tp_comm(config, L, seq_len, stage, dtype), "cp": cost.cp_comm(config, L, seq_len, dtype),
                   "ep": cost.ep_comm(config, L, seq_len, stage, dtype), "pp": cost.pp_comm(config, L, seq_len, stage, dtype)}
         comm = {k: cost.add_totals(v, times=m) for k, v in per_mb.items()}
+        pp_step = cost.pp_step_comm(config, L, stage, dtype)
+        comm["pp"] = cost.add_totals(comm["pp"], pp_step)
         comm["dp"] = cost.dp_comm(config, L, global_batch, stage, dtype)
         times = {k: cost.wire(comm[k]) / links[k] for k in comm}
         t_mb = compute / m + sum(cost.wire(per_mb[k]) / links[k] for k in per_mb)
         times.update(compute=compute, bubble=(L.pp - 1) * t_mb)
-        times["step"] = (m + L.pp - 1) * t_mb + (1 - dp_overlap) * times["dp"]
+        times["step"] = ((m + L.pp - 1) * t_mb + cost.wire(pp_step) / links["pp"]
+                         + (1 - dp_overlap) * times["dp"])
         key = (times["step"], memory["total"])
         if best is None or key > best[0]:
             best = (key, memory, acts, comm, times)

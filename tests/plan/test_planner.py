@@ -89,3 +89,81 @@ def test_memory_and_traffic_equal_the_counted_run(counted, case):
         # every TP and DP collective: calls, logical bytes, bytes on the wire
         assert res["tp"] == p.comm["tp"], (where, res["tp"], p.comm["tp"])
         assert res["dp"] == p.comm["dp"], (where, res["dp"], p.comm["dp"])
+
+
+def _count_pipeline(name):
+    """pp = 2 in DeepSpeed's PipelineEngine, 2 micro-batches: the pipeline group's traffic of a step."""
+    import deepspeed
+
+    from minimegatron.measure import CommCounter, group_totals
+    from minimegatron.models import model_class
+    from minimegatron.mpu import initialize_model_parallel
+
+    state = initialize_model_parallel(1, 2)
+    pipe = model_class(name, pipeline=True)(CONFIGS[name], state, init_seed=0)
+    ds = {"train_batch_size": 2 * MICRO, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": 10**9,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "gradient_clipping": 0.0,
+          "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
+    engine, *_ = deepspeed.initialize(model=pipe, config=ds, model_parameters=list(pipe.parameters()))
+    ids = torch.randint(0, 50, (2 * MICRO, SEQ), generator=torch.Generator().manual_seed(0))
+    micro = [(ids[:MICRO], ids[:MICRO]), (ids[MICRO:], ids[MICRO:])]
+    engine.train_batch(iter(micro))  # the first step also sends the tensors' shapes: count the second
+    with CommCounter() as comm:
+        engine.train_batch(iter(micro))
+    return group_totals(comm.records, state.pp_ranks)
+
+
+@pytest.mark.usefixtures("deepspeed_preloaded")
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_pipeline_traffic_equals_deepspeeds_engine(name):
+    counted = launch(_count_pipeline, 2, name, timeout=120)
+    layout = Layout(pp=2, zero=0, micro_batch=MICRO)
+    for stage, measured in enumerate(counted):
+        from minimegatron.plan import cost
+
+        predicted = cost.add_totals(cost.add_totals(cost.pp_comm(CONFIGS[name], layout, SEQ, stage, "fp32"),
+                                                    times=2),
+                                    cost.pp_step_comm(CONFIGS[name], layout, stage, "fp32"))
+        assert measured == predicted, (name, stage, measured, predicted)
+    # the planner's per-rank view is the fuller stage's
+    assert estimate(CONFIGS[name], layout, 2 * MICRO, SEQ, "cpu", dtype="fp32").comm["pp"] in counted
+
+
+BIG = llama_config(hidden_size=1024, num_attention_heads=8, num_kv_heads=4, num_layers=8, vocab_size=4096,
+                   max_seq_len=2048)
+
+
+def test_plans_are_ranked_fitting_and_described_in_one_line():
+    from minimegatron.plan import plan, table
+
+    plans = plan(BIG, 64, 2048, "gaudi2", 8)
+    steps = [p.times["step"] for p in plans]
+    assert steps == sorted(steps) and all(p.fits for p in plans)
+    best = plans[0]
+    assert "\n" not in best.describe() and best.layout.short() in best.describe()
+    assert best.tokens_per_s == pytest.approx(64 * 2048 / best.times["step"])
+    assert 0 < best.mfu < 0.5  # efficiency 0.5 of peak, minus communication and bubble
+    lines = table(plans[:3]).splitlines()
+    assert len(lines) == 5 and lines[0].startswith("| # | tp |")
+
+
+def test_bad_input_is_one_line_naming_the_fix():
+    from minimegatron.plan import Device, plan
+
+    with pytest.raises(ValueError, match="seq_len=4096 exceeds the model's max_seq_len=2048"):
+        plan(BIG, 64, 4096, "h100", 8)
+    with pytest.raises(ValueError, match="unknown device 'a100'"):
+        plan(BIG, 64, 2048, "a100", 8)
+    with pytest.raises(ValueError, match="dtype='fp16'"):
+        plan(BIG, 64, 2048, "h100", 8, dtype="fp16")
+    with pytest.raises(ValueError, match="efficiency=1.5 must be in"):
+        plan(BIG, 64, 2048, "h100", 8, efficiency=1.5)
+    with pytest.raises(TypeError, match="config must be a ModelConfig"):
+        plan({"hidden_size": 8}, 64, 2048, "h100", 8)
+    with pytest.raises(ValueError, match="no layout of 7 devices divides"):
+        plan(BIG, 64, 2048, "h100", 7)
+    tiny = Device("tiny", 1e12, 1e8, 1e9, 1e9, 8)
+    with pytest.raises(ValueError, match=r"no layout fits on 8 × tiny .* needs [\d.]+ GB per rank; use more"):
+        plan(BIG, 64, 2048, tiny, 8)
+    with pytest.raises(ValueError, match="layout tp8 pp1 dp1 .*tp=8 does not divide"):
+        estimate(BIG, Layout(tp=8), 64, 2048, "h100")
