@@ -73,7 +73,7 @@ def run_case(case: dict, quick: bool) -> str:
            f"{len(plans)} layouts fit. Model FLOPs per token {flops_per_token:.3g}.", "",
            "Top 10 of the planner's ranking:", "", table(plans[:10]), "",
            f"Top plan: `{best.describe()}`", "", "Published layouts, as the planner sees them:", "",
-           "| source | layout | rank | GB/rank | predicted tokens/s | published tokens/s | published MFU (bf16 peak) |",
+           "| source | layout | rank | GB/rank | predicted tokens/s (MFU) | published tokens/s | published MFU (bf16 peak) |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for name, layout, tokens in case["published"]:
         p = estimate(cfg, layout, gb, s, dev)
@@ -81,7 +81,7 @@ def run_case(case: dict, quick: bool) -> str:
         pub = f"{tokens:,.0f}" if tokens else "—"
         mfu = f"{tokens * flops_per_token / (n * p.device.peak_flops):.0%}" if tokens else "—"
         out.append(f"| {name} | {layout.short()} | {rank or 'does not fit'} | {p.memory['total'] / 1e9:.1f} | "
-                   f"{p.tokens_per_s:,.0f} | {pub} | {mfu} |")
+                   f"{p.tokens_per_s:,.0f} ({p.mfu:.0%}) | {pub} | {mfu} |")
     mfu = case["bf16_mfu"]
     implied = mfu * n * best.device.peak_flops / flops_per_token
     out += ["", f"Published bf16 efficiency: {case['bf16_source']} → MFU {mfu:.0%}, i.e. "
