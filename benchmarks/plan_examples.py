@@ -73,7 +73,8 @@ def run_case(case: dict, quick: bool) -> str:
            f"{len(plans)} layouts fit. Model FLOPs per token {flops_per_token:.3g}.", "",
            "Top 10 of the planner's ranking:", "", table(plans[:10]), "",
            f"Top plan: `{best.describe()}`", "", "Published layouts, as the planner sees them:", "",
-           "| source | layout | rank | GB/rank | predicted tokens/s (MFU) | published tokens/s | published MFU (bf16 peak) |",
+           "| source | layout | rank | GB/rank | predicted tokens/s (MFU) | published tokens/s "
+           "| published MFU (bf16 peak) |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for name, layout, tokens in case["published"]:
         p = estimate(cfg, layout, gb, s, dev)

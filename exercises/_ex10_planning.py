@@ -30,7 +30,8 @@ class Scenario:
     def text(self) -> str:
         c = self.config
         return (f"{c.name} (h {c.hidden_size}, {c.num_layers} layers, {c.num_attention_heads} heads) on "
-                f"{self.num_devices} × {self.device}, global batch {self.global_batch} × {self.seq_len} tokens")
+                f"{self.num_devices} × {self.device}, global batch {self.global_batch} × {self.seq_len} "
+                "tokens")
 
 
 SCENARIOS = {
@@ -70,9 +71,9 @@ def check_layout(name: str, layout: object) -> Plan:
         raise GradingError(f"{where} returned {kind_of(layout)}; expected a minimegatron.plan.Layout("
                            "tp=…, pp=…, dp=…, cp=…, zero=…, recompute=…, micro_batch=…)")
     if layout.num_devices != s.num_devices:
-        raise GradingError(f"{where}: {layout.short()} uses tp·pp·dp·cp = {layout.tp}·{layout.pp}·{layout.dp}·"
-                           f"{layout.cp} = {layout.num_devices} devices, the cluster has {s.num_devices}: use "
-                           "them all (dp takes what tp·pp·cp leave)")
+        raise GradingError(f"{where}: {layout.short()} uses tp·pp·dp·cp = {layout.tp}·{layout.pp}·"
+                           f"{layout.dp}·{layout.cp} = {layout.num_devices} devices, the cluster has "
+                           f"{s.num_devices}: use them all (dp takes what tp·pp·cp leave)")
     problem = layout_problem(s.config, layout, s.global_batch, s.seq_len)
     if problem:
         raise GradingError(f"{where}: {layout.short()} cannot run: {problem}")
@@ -98,7 +99,8 @@ def grade(candidate: Callable[[str], Layout]) -> str:
     """Every scenario: the candidate's layout checked with the planner (module docstring)."""
     lines = []
     for name in SCENARIOS:
-        layout = call_candidate(f"Exercise 10.4, choose_layout({name!r})", candidate, name, exercise="Exercise 10.4")
+        layout = call_candidate(f"Exercise 10.4, choose_layout({name!r})", candidate, name,
+                                exercise="Exercise 10.4")
         mine = check_layout(name, layout)
         lines.append(f"{name}: {layout.short()} — {mine.memory['total'] / 1e9:.0f} GB per device, "
                      f"{mine.tokens_per_s / best_plan(name).tokens_per_s:.0%} of the best layout's tokens/s")

@@ -82,8 +82,8 @@ def replica_micro_batches(step: int, dp_rank: int, global_batch_size: int, micro
 
 def choose_layout(scenario: str) -> Layout:
     """Your code (10.4): a Layout for ``SCENARIOS[scenario]`` that divides, fits and is fast."""
-    raise NotImplementedError("Exercise 10.4: return a minimegatron.plan.Layout(tp=…, pp=…, dp=…, zero=…, "
-                              "recompute=…, micro_batch=…) for each scenario in SCENARIOS")
+    raise NotImplementedError("Exercise 10.4: return a minimegatron.plan.Layout(tp=…, pp=…, dp=…, "
+                              "zero=…, recompute=…, micro_batch=…) for each scenario in SCENARIOS")
 
 
 @grader

@@ -13,9 +13,10 @@ layers' forward (``2·N_layers + 4·L·s·h`` per token), ``selective`` only the
 * TP, per layer — :func:`~minimegatron.measure.comm.tp_layer_comm` (2 all-reduces forward, 2 backward
   of ``s_r·b·h``; under SP the reduce-scatter / all-gather pairs and their re-gathers); ``full``
   recompute runs the forward collectives again, all but the MLP's closing ``g`` (torch's checkpoint
-  stops recomputing once the last saved tensor is rebuilt: "early stop"). Around the layers: the vocab-parallel embedding's
-  forward all-reduce (SP: + its scatter's backward all-gather), the head's ``f`` (SP: all-gather
-  forward, re-gather + reduce-scatter backward; the final norm's γ[, β] all-reduce), and the loss's
+  stops recomputing once the last saved tensor is rebuilt: "early stop"). Around the layers: the
+  vocab-parallel embedding's forward all-reduce (SP: + its scatter's backward all-gather), the
+  head's ``f`` (SP: all-gather forward, re-gather + reduce-scatter backward; the final norm's γ[, β]
+  all-reduce), and the loss's
   three fp32 all-reduces of ``s_r·b`` (max, target logit, Σ exp; ``mpu.cross_entropy``).
 * CP, per layer — :func:`~minimegatron.measure.context_parallel.cp_attention_comm` (ring or
   all-to-all; the ring moves k, v in the model's dtype here, fp32 in our CPU code).
@@ -39,7 +40,8 @@ from minimegatron.measure.zero import zero_comm
 from minimegatron.plan.layout import Layout
 from minimegatron.plan.memory import ELEMENT_BYTES, _mlp, stage_units
 
-__all__ = ["model_flops", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "pp_step_comm", "dp_comm", "group_is_intra_node",
+__all__ = ["model_flops", "tp_comm", "cp_comm", "ep_comm", "pp_comm", "pp_step_comm", "dp_comm",
+           "group_is_intra_node",
            "add_totals", "wire"]
 
 Totals = dict[str, OpTotal]
@@ -92,8 +94,8 @@ def tp_comm(config: ModelConfig, layout: Layout, seq_len: int, stage: int, dtype
                           separate_kv=config.num_kv_heads != config.num_attention_heads,
                           norm=config.norm, bias=config.bias)
     per_layer = add_totals(*[{op: total} for (_, op), total in layer.items()])
-    if L.recompute == "full":  # forward again inside backward — but torch's checkpoint stops once the
-        # last saved tensor is rebuilt (early stop): the MLP's closing g (reduce-scatter / all-reduce) is not re-run
+    if L.recompute == "full":  # forward again inside backward — but torch's checkpoint stops once
+        # the last saved tensor is rebuilt (early stop): the MLP's closing g is not re-run
         last = "reduce_scatter" if L.sp else "all_reduce"
         again = {op: total for (phase, op), total in layer.items() if phase == "forward"}
         one = OpTotal(1, n * e, ring_wire_bytes(last, n, e, t))
@@ -179,7 +181,8 @@ def dp_comm(config: ModelConfig, layout: Layout, global_batch: int, stage: int, 
     once = zero_comm(flat, group, L.zero, e, forward_gathers=gathers)
     m = L.micro_batches(global_batch)
     if L.zero == 2 and once:  # reduce-scatter every micro-batch, all-gather once
-        return add_totals({"reduce_scatter": once["reduce_scatter"]}, times=m) | {"all_gather": once["all_gather"]}
+        scatters = add_totals({"reduce_scatter": once["reduce_scatter"]}, times=m)
+        return scatters | {"all_gather": once["all_gather"]}
     return add_totals(once, times=m if L.zero == 3 else 1)
 
 

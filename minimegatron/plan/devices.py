@@ -68,7 +68,8 @@ class Device:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"Device {self.name!r}: {field}={v!r} must be a number > 0")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
-            raise ValueError(f"Device {self.name!r}: devices_per_node={self.devices_per_node!r} must be an int >= 1")
+            raise ValueError(f"Device {self.name!r}: devices_per_node={self.devices_per_node!r} must be an "
+                             "int >= 1")
 
 
 DEVICES: dict[str, Device] = {

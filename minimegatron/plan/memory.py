@@ -6,7 +6,8 @@ and a whole copy of what is replicated — the norms, the row-parallel biases (`
 learned position table, MoE's router. Per transformer layer, ``d`` head dim, ``g`` kv heads, ``f``
 MLP width, ``n = h·(2 if LayerNorm with bias else 1)``::
 
-    sharded / tp   (h + 2·g·d)·h + h·h + (1 + [SwiGLU])·f·h + f·h   [+ biases (h + 2gd) + (1 + [SwiGLU])·f]
+    sharded / tp   (h + 2·g·d)·h + h·h + (1 + [SwiGLU])·f·h + f·h
+                   [+ biases (h + 2·g·d) + (1 + [SwiGLU])·f]
     replicated     2·n  [+ biases of dense and fc2: 2·h]
 
 Pipeline stage ``i`` of ``pp`` holds layers ``[i·L/pp, (i+1)·L/pp)``; the first stage the embedding,

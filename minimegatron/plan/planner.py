@@ -26,7 +26,7 @@ markdown table; :func:`estimate` evaluates one layout (the exercise-10 grader's 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minimegatron.config import ModelConfig
 from minimegatron.measure.comm import OpTotal
@@ -55,7 +55,6 @@ class Plan:
     mfu: float
     micro_batches: int
     fits: bool
-    notes: list[str] = field(default_factory=list)
 
     @property
     def bubble_fraction(self) -> float:
@@ -123,8 +122,10 @@ def estimate(config: ModelConfig, layout: Layout, global_batch: int, seq_len: in
         acts = activation_bytes(config, L, seq_len, global_batch, stage, dtype)
         memory = {**states, "activations": acts["activations"]}
         memory["total"] = sum(memory.values())
-        per_mb = {"tp": cost.tp_comm(config, L, seq_len, stage, dtype), "cp": cost.cp_comm(config, L, seq_len, dtype),
-                  "ep": cost.ep_comm(config, L, seq_len, stage, dtype), "pp": cost.pp_comm(config, L, seq_len, stage, dtype)}
+        per_mb = {"tp": cost.tp_comm(config, L, seq_len, stage, dtype),  # one micro-batch
+                  "cp": cost.cp_comm(config, L, seq_len, dtype),
+                  "ep": cost.ep_comm(config, L, seq_len, stage, dtype),
+                  "pp": cost.pp_comm(config, L, seq_len, stage, dtype)}
         comm = {k: cost.add_totals(v, times=m) for k, v in per_mb.items()}
         pp_step = cost.pp_step_comm(config, L, stage, dtype)
         comm["pp"] = cost.add_totals(comm["pp"], pp_step)
@@ -165,7 +166,8 @@ def plan(config: ModelConfig, global_batch: int, seq_len: int, device: str | Dev
     fitting = [p for p in plans if p.fits]
     if not fitting:
         least = min(plans, key=lambda p: p.memory["total"])
-        raise ValueError(f"plan: no layout fits on {num_devices} × {dev.name} ({dev.memory_bytes / GB:.0f} GB, "
+        raise ValueError(f"plan: no layout fits on {num_devices} × {dev.name} "
+                         f"({dev.memory_bytes / GB:.0f} GB, "
                          f"{memory_fraction:.0%} usable): the smallest, {least.layout.short()}, needs "
                          f"{least.memory['total'] / GB:.1f} GB per rank; use more devices, a smaller "
                          "micro-batch or a shorter sequence")

@@ -126,7 +126,8 @@ def test_hand_chosen_and_planner_layouts_pass():
 
 
 @pytest.mark.parametrize("wrong, message", [
-    ((1, 2, 8), r"choose_layout\('llama-13b/16xgaudi2'\) returned a tuple.*expected a minimegatron.plan.Layout"),
+    ((1, 2, 8), r"choose_layout\('llama-13b/16xgaudi2'\) returned a tuple.*expected a "
+                r"minimegatron.plan.Layout"),
     (Layout(dp=8, zero=1), r"uses tp·pp·dp·cp = 1·1·8·1 = 8 devices, the cluster has 16"),
     (Layout(tp=16, zero=1), r"cannot run: tp=16 does not divide the 40 query heads"),
     (Layout(pp=16, zero=1), r"cannot run: pp=16 does not divide num_layers=40"),
@@ -134,9 +135,10 @@ def test_hand_chosen_and_planner_layouts_pass():
     (Layout(pp=2, dp=8, zero=2), r"cannot run: ZeRO-2 with pp=2"),
     (Layout(dp=16, zero=0), r"needs 2\d\d.\d GB per device, 86.4 GB usable .* the largest part is optimizer "
                             r"\(\d+.\d GB\): shard the optimizer state"),
-    (Layout(pp=4, dp=4, zero=1, micro_batch=8), r"the largest part is activations .*: recompute, a smaller micro"),
-    (Layout(dp=16, zero=3), r"fits but reaches .* tokens/s, 4\d% of the best .* is data-parallel / ZeRO traffic "
-                            r"— ZeRO-3 gathers"),
+    (Layout(pp=4, dp=4, zero=1, micro_batch=8),
+     r"the largest part is activations .*: recompute, a smaller micro"),
+    (Layout(dp=16, zero=3),
+     r"fits but reaches .* tokens/s, 4\d% of the best .* is data-parallel / ZeRO traffic — ZeRO-3 gathers"),
     (Layout(dp=16, zero=1, recompute="full"), r"fits but .* is compute — recomputation re-runs forward"),
     (Layout(tp=8, dp=2, zero=1), r"fits but .* is tensor-parallel traffic"),
 ])

@@ -36,7 +36,8 @@ def test_enumeration_keeps_exactly_the_layouts_that_divide():
                          max_seq_len=64)
     assert {lay.ep for lay in enumerate_layouts(moe, 8, 16, 64)} == {1, 2, 4}
     gqa = llama_config(hidden_size=64, num_attention_heads=8, num_kv_heads=2, num_layers=2, max_seq_len=64)
-    assert layout_problem(gqa, Layout(tp=4, dp=2), 16, 64).startswith("tp=4 does not divide the 8 query heads and 2 kv")
+    assert layout_problem(gqa, Layout(tp=4, dp=2), 16, 64).startswith(
+        "tp=4 does not divide the 8 query heads and 2 kv")
 
 
 def test_devices_by_name_and_bad_numbers():
