@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 LIGHT_DEPS = numpy sentencepiece safetensors matplotlib tqdm jupyterlab ipykernel \
              pytest pytest-timeout nbclient nbformat pyyaml "transformers>=4.45"
 
-.PHONY: install demo test lab bench clean
+.PHONY: install demo test lab bench clean student-edition
 
 $(VENV)/.installed-default: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -83,6 +83,11 @@ lab: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+
+# Instructor mode: $(STUDENT_OUT)/student (stubs, no references or solutions) + $(STUDENT_OUT)/grader
+STUDENT_OUT ?= student_edition
+student-edition: install
+	$(PY) -m exercises.student_edition $(STUDENT_OUT)
 
 clean:
 	rm -rf .venv .venv-gaudi demo_out .pytest_cache .cache/wheels
