@@ -18,8 +18,9 @@ loss coefficients; ``layers/moe.py``) is off in both presets; Mixtral is LLaMA w
 porting point, :data:`MOE_PORTING_POINTS`, whose values live in :func:`minimegatron.mixtral.mixtral_config`.
 
 Llama-3-family checkpoints need three more fields, alike in both presets (their defaults change
-nothing): ``head_dim`` (None: hidden/heads; Megatron's ``kv_channels``), ``attention_bias`` (None:
-follows ``bias``; True on a LLaMA gives q/k/v and o_proj biases, as HF's ``attention_bias``) and
+nothing): ``head_dim`` (None: hidden/heads; Megatron's ``kv_channels``), ``attention_bias`` (True:
+q/k/v and o_proj biases even where ``bias=False``, as HF LLaMA's ``attention_bias``; GPT, with
+``bias=True``, has them anyway: :attr:`ModelConfig.has_attention_bias`) and
 ``rope_scaling`` (a :class:`~minimegatron.rope_scaling.RopeScaling`: ``linear`` or ``llama3``).
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None  # None: plain RoPE; linear | llama3 (rope_scaling.py)
     bias: bool = True
-    attention_bias: bool | None = None     # None: = bias; True on a LLaMA: q/k/v/o biases (HF's attention_bias)
+    attention_bias: bool = False           # q/k/v/o biases even where bias=False (HF LLaMA's attention_bias)
     tie_embeddings: bool = True
     final_norm: bool = True
     dropout: float = 0.0
@@ -96,12 +97,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # remember which fields were derived, so that replace() derives them again
-        self._derived = {n for n in ("num_kv_heads", "ffn_hidden_size", "head_dim", "attention_bias")
+        self._derived = {n for n in ("num_kv_heads", "ffn_hidden_size", "head_dim")
                          if getattr(self, n) is None}
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_attention_heads
-        if self.attention_bias is None:
-            self.attention_bias = self.bias
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)  # a dict from to_dict / JSON too
         if self.ffn_hidden_size is None:
             if self.activation == "swiglu":
@@ -129,7 +128,7 @@ class ModelConfig:
         _check(is_int(self.head_dim) and self.head_dim > 0,
                f"ModelConfig.head_dim={self.head_dim!r} must be a positive int (or None: hidden/heads)")
         _check(isinstance(self.attention_bias, bool),
-               f"ModelConfig.attention_bias={self.attention_bias!r} must be True, False or None (= bias)")
+               f"ModelConfig.attention_bias={self.attention_bias!r} must be True or False")
         _check(self.rope_scaling is None or self.position_embedding == "rope",
                f"rope_scaling={self.rope_scaling} stretches RoPE's frequencies: it needs "
                f"position_embedding='rope', not {self.position_embedding!r}")
@@ -173,6 +172,11 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def has_attention_bias(self) -> bool:
+        """Whether attention's q/k/v and output projections carry biases: ``bias or attention_bias``."""
+        return self.bias or self.attention_bias
 
     @property
     def attention_width(self) -> int:

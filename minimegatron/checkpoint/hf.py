@@ -11,8 +11,7 @@ the shards and undoes the layout. Weight by weight (``i`` = layer)::
     layers.i.attention.query_key_value (3h, h)  h.i.attn.c_attn  (ᵀ)          [q_proj; k_proj; v_proj] (MHA)
     layers.i.attention.query / .key_value       —                             q_proj / [k_proj; v_proj]
     layers.i.attention.dense                    h.i.attn.c_proj  (ᵀ)          self_attn.o_proj
-    layers.i.attention.*.bias                   h.i.attn.*.bias               the same fusions of q/k/v_proj.bias,
-                                                                              o_proj.bias (attention_bias=True)
+    layers.i.attention.*.bias                   h.i.attn.*.bias               [q; k; v]_proj.bias, o_proj.bias
     layers.i.post_attention_norm                h.i.ln_2                      post_attention_layernorm
     layers.i.mlp.dense_h_to_4h                  h.i.mlp.c_fc     (ᵀ)          [mlp.gate_proj; mlp.up_proj]
     layers.i.mlp.dense_4h_to_h                  h.i.mlp.c_proj   (ᵀ)          mlp.down_proj

@@ -204,7 +204,7 @@ def _family_of(config: ModelConfig) -> str:
     want = (dict(norm="layernorm", activation="gelu", bias=True, final_norm=True) if family == "gpt"
             else dict(norm="rmsnorm", activation="swiglu", bias=False, final_norm=True))
     if family == "gpt":
-        want.update(num_kv_heads=config.num_attention_heads, attention_bias=True,
+        want.update(num_kv_heads=config.num_attention_heads,
                     head_dim=config.hidden_size // config.num_attention_heads)
     for field, value in want.items():
         if getattr(config, field) != value:

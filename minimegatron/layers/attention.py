@@ -32,9 +32,10 @@ The weights and their split:
 
 Widths: the heads span ``a = heads·head_dim``, which is ``h`` unless ``config.head_dim`` is set
 (some Llama-3-family models): ``W_Q`` is (a, h), ``dense`` (h, a); below, read ``h`` in a
-projection's head side as ``a``. Biases (``config.attention_bias``, default ``bias``; HF LLaMA's
-``attention_bias`` puts them on q, k, v and o_proj) are split like their weights: a column layer's
-bias with its output rows (stride and all), the row layer's added once, after the all-reduce.
+projection's head side as ``a``. Biases (``config.has_attention_bias``: ``bias``, or
+``attention_bias``, which puts them on q, k, v and o_proj as HF LLaMA's does) are split like their
+weights: a column layer's bias with its output rows (stride and all), the row layer's added once,
+after the all-reduce.
 
 Which of the three is the ``layout`` attribute (``"fused"``, ``"split"``, ``"replicated-kv"``),
 decided once in ``__init__``.
@@ -148,7 +149,7 @@ class ParallelAttention(nn.Module):
         self.recompute_core = recompute_core  # selective recompute of softmax(QKᵀ/√d)·V
         init = init_normal(config.init_std)
         out_init = init_normal(config.init_std / math.sqrt(2 * config.num_layers))  # GPT-2/Megatron
-        bias, a = config.attention_bias, config.attention_width  # a = heads·d (= h unless head_dim set)
+        bias, a = config.has_attention_bias, config.attention_width  # a = heads·d (= h unless head_dim set)
         col = dict(state=state, bias=bias, gather_output=False,
                    sequence_parallel=self.sequence_parallel, init_method=init)
         kv_sp = self.sequence_parallel and attention_type == "self"  # an encoder output comes whole

@@ -57,7 +57,7 @@ __all__ = ["LearnedPositionEmbedding", "RotaryEmbedding", "apply_rotary", "rotat
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """The d/2 rotation frequencies θ_i = theta^(-2i/d), stretched by ``scaling`` (module docstring), fp32."""
+    """The d/2 frequencies θ_i = theta^(-2i/d), stretched by ``scaling`` (module docstring); fp32."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     inv_freq = 1.0 / (theta ** exponents)  # (d/2,)
     if scaling is None:
