@@ -145,7 +145,8 @@ def test_the_new_fields_are_really_exercised(references):
 def _as_4x_config_json(config_json: dict, rope_scaling: dict | None) -> dict:
     """A transformers 4.x config.json: rope_theta beside rope_scaling, no rope_parameters."""
     d = {k: v for k, v in config_json.items() if k != "rope_parameters"}
-    return dict(d, rope_theta=config_json["rope_parameters"]["rope_theta"], rope_scaling=rope_scaling)
+    theta = (config_json.get("rope_parameters") or {}).get("rope_theta", config_json.get("rope_theta"))
+    return dict(d, rope_theta=theta, rope_scaling=rope_scaling)
 
 
 @pytest.mark.parametrize("name,rope_scaling", [
