@@ -76,9 +76,15 @@ def references(tmp_path_factory):
     return ids, out
 
 
-def ours_on(state, cases, ids):
-    """Logits and greedy tokens of each case converted from HF at ``state``'s TP size, the logits of
-    the TP=1 checkpoint reloaded there, and the gathered full state dict."""
+BIASED = ("bias-mha", "bias-gqa", "llama3.2-like")
+
+
+def ours_on(tp, cases, ids):
+    """Logits and greedy tokens of each case converted from HF at TP size ``tp``, the logits of the
+    TP=1 checkpoint reloaded there, the gathered full state dict; for the biased cases (tp > 1) also
+    the logits under sequence parallelism (the row-parallel bias then added to each s/tp slice)."""
+    state = initialize_model_parallel(tp)
+    sp_state = initialize_model_parallel(tp, sequence_parallel=True) if tp > 1 else None
     out = {}
     for name, ref in cases.items():
         model = from_hf(ref["hf"], state=state).eval()
@@ -86,7 +92,9 @@ def ours_on(state, cases, ids):
         with torch.no_grad():
             out[name] = dict(logits=model(ids), reloaded=reloaded(ids),
                              tokens=generate(model, ids[:, :PROMPT], SEQ - PROMPT),
-                             full=full_state_dict(model), config=model.config)
+                             full=full_state_dict(model))
+            if sp_state is not None and name in BIASED:
+                out[name]["sequence_parallel"] = from_hf(ref["hf"], state=sp_state).eval()(ids)
     return out
 
 
@@ -96,6 +104,8 @@ def check(results, refs):
         torch.testing.assert_close(got["logits"], ref["logits"], **TOL, msg=f"{name}: logits")
         torch.testing.assert_close(got["reloaded"], ref["logits"], **TOL, msg=f"{name}: checkpoint")
         assert torch.equal(got["tokens"], ref["tokens"]), f"{name}: greedy generation differs from HF"
+        if "sequence_parallel" in got:
+            torch.testing.assert_close(got["sequence_parallel"], ref["logits"], **TOL, msg=f"{name}: SP")
         assert got["full"].keys() == ref["full"].keys(), name
         for key, t in ref["full"].items():
             assert torch.equal(got["full"][key], t), f"{name}: {key} gathered from the shards"
@@ -103,7 +113,7 @@ def check(results, refs):
 
 def test_tp1_logits_generation_and_round_trip(references):
     ids, refs = references
-    check(ours_on(initialize_model_parallel(1), refs, ids), refs)
+    check(ours_on(1, refs, ids), refs)
     for name, ref in refs.items():  # and back: to_hf computes the same, its config converts back
         model = from_hf(ref["hf"]).eval()
         exported = to_hf(model)
@@ -115,9 +125,10 @@ def test_tp1_logits_generation_and_round_trip(references):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_logits_and_generation_match_hf(references, tp):
     ids, refs = references
-    results = launch(lambda: ours_on(initialize_model_parallel(tp), refs, ids), tp, timeout=300)
+    results = launch(lambda: ours_on(tp, refs, ids), tp, timeout=300)
     for rank in (0, tp - 1):
         check(results[rank], refs)
+        assert all("sequence_parallel" in results[rank][name] for name in BIASED)
 
 
 def test_the_new_fields_are_really_exercised(references):
