@@ -29,7 +29,7 @@ def _positive(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RopeScaling:
     """``rope_type`` ∈ {"linear", "llama3"}; ``factor`` ≥ 1; the three llama3 fields only for llama3.
 
@@ -62,6 +62,13 @@ class RopeScaling:
         if not (isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0):
             raise ValueError(f"RopeScaling('llama3') needs original_max_position_embeddings, the "
                              f"pre-training context, as a positive int, got {ctx!r} (Llama-3.1: 8192)")
+
+    def __repr__(self) -> str:
+        """Positional and short, ``RopeScaling('llama3', 8.0, 1.0, 4.0, 8192)``: fits a printed config
+        line, and eval gives it back."""
+        values = [self.rope_type, self.factor, self.low_freq_factor, self.high_freq_factor,
+                  self.original_max_position_embeddings]
+        return f"RopeScaling({', '.join(repr(v) for v in values if v is not None)})"
 
     @classmethod
     def coerce(cls, value: "RopeScaling | dict[str, Any] | None") -> "RopeScaling | None":

@@ -107,8 +107,14 @@ def test_parallel_sizes_reject_bools():
         ParallelConfig(tp=True)
 
 
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+
+
 @pytest.mark.parametrize("config", [gpt_config(), llama_config(num_kv_heads=2, name="a name, with spaces"),
-                                    ParallelConfig(tp=2, pp=2, dp=2)], ids=["gpt", "llama", "parallel"])
+                                    ParallelConfig(tp=2, pp=2, dp=2),
+                                    llama_config(rope_scaling=LLAMA31_ROPE, head_dim=32, attention_bias=True)],
+                         ids=["gpt", "llama", "parallel", "llama3"])
 def test_print_is_wrapped_and_still_the_repr(config):
     """print(config) in a notebook: lines of at most 100 columns, broken between fields, and eval of
     the text gives the same config back (the repr, only wrapped)."""
