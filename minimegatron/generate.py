@@ -162,12 +162,13 @@ def forward_flops(config, new_tokens: int, context: int, batch: int = 1) -> dict
 
     ``dense``: the weight matmuls, ``2·tokens·(#weights)`` (QKV, dense, MLP, LM head over the padded
     vocab); ``attention``: ``QKᵀ`` and ``probs·V``, ``2·2·new·context·h`` per layer (the causal mask
-    is not subtracted). Without a cache step t has new = context = s + t; with it new = 1.
+    is not subtracted; ``h`` there is heads·head_dim, the hidden size unless ``head_dim`` is set).
+    Without a cache step t has new = context = s + t; with it new = 1.
     """
-    h, f, L = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    h, f, L, a = config.hidden_size, config.ffn_hidden_size, config.num_layers, config.attention_width
     kv_out = 2 * config.num_kv_heads * config.head_dim
     up = (2 if config.activation == "swiglu" else 1) * f
-    per_token = L * (h * (h + kv_out) + h * h + h * up + f * h) + h * config.padded_vocab_size(1)
+    per_token = L * (h * (a + kv_out) + a * h + h * up + f * h) + h * config.padded_vocab_size(1)
     dense = 2 * batch * new_tokens * per_token
-    attention = L * 2 * 2 * batch * new_tokens * context * h
+    attention = L * 2 * 2 * batch * new_tokens * context * a
     return {"dense": dense, "attention": attention, "total": dense + attention}

@@ -30,6 +30,13 @@ The weights and their split:
   backward), which sums the partial gradients.
   In general ``num_kv_heads`` and ``tp`` must divide one another.
 
+Widths: the heads span ``a = heads·head_dim``, which is ``h`` unless ``config.head_dim`` is set
+(some Llama-3-family models): ``W_Q`` is (a, h), ``dense`` (h, a); below, read ``h`` in a
+projection's head side as ``a``. Biases (``config.has_attention_bias``: ``bias``, or
+``attention_bias``, which puts them on q, k, v and o_proj as HF LLaMA's does) are split like their
+weights: a column layer's bias with its output rows (stride and all), the row layer's added once,
+after the all-reduce.
+
 Which of the three is the ``layout`` attribute (``"fused"``, ``"split"``, ``"replicated-kv"``),
 decided once in ``__init__``.
 
@@ -142,21 +149,22 @@ class ParallelAttention(nn.Module):
         self.recompute_core = recompute_core  # selective recompute of softmax(QKᵀ/√d)·V
         init = init_normal(config.init_std)
         out_init = init_normal(config.init_std / math.sqrt(2 * config.num_layers))  # GPT-2/Megatron
-        col = dict(state=state, bias=config.bias, gather_output=False,
+        bias, a = config.has_attention_bias, config.attention_width  # a = heads·d (= h unless head_dim set)
+        col = dict(state=state, bias=bias, gather_output=False,
                    sequence_parallel=self.sequence_parallel, init_method=init)
         kv_sp = self.sequence_parallel and attention_type == "self"  # an encoder output comes whole
         if self.layout == "fused":
-            self.query_key_value = ColumnParallelLinear(h, 3 * h, stride=3, **col)  # (3h/tp, h)
+            self.query_key_value = ColumnParallelLinear(h, 3 * a, stride=3, **col)  # (3a/tp, h)
         else:
-            self.query = ColumnParallelLinear(h, h, **col)  # (h/tp, h)
+            self.query = ColumnParallelLinear(h, a, **col)  # (a/tp, h)
             kv_size = 2 * kv_heads * d
             if self.layout == "replicated-kv":
-                self.key_value = ReplicatedLinear(h, kv_size, state=state, bias=config.bias,
+                self.key_value = ReplicatedLinear(h, kv_size, state=state, bias=bias,
                                                   sequence_parallel=kv_sp, init_method=init)  # (2·kv·d, h)
             else:
                 self.key_value = ColumnParallelLinear(h, kv_size, stride=2, **{
                     **col, "sequence_parallel": kv_sp})  # (2·kv·d/tp, h)
-        self.dense = RowParallelLinear(h, h, state=state, bias=config.bias, input_is_parallel=True,
+        self.dense = RowParallelLinear(a, h, state=state, bias=bias, input_is_parallel=True,
                                        sequence_parallel=self.sequence_parallel, init_method=out_init)
         if config.position_embedding == "alibi" and attention_type == "self":
             r0 = state.tp_rank * self.heads_per_rank  # this rank's heads take their own slopes
@@ -175,10 +183,10 @@ class ParallelAttention(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, nkv, d = self.heads_per_rank, self.kv_heads_per_rank, self.head_dim
         if self.layout == "fused":
-            qkv = self.query_key_value(hidden)  # (s, b, 3h/tp) = [q_r | k_r | v_r]
-            q, k, v = qkv.chunk(3, dim=-1)  # (s, b, h/tp) each
+            qkv = self.query_key_value(hidden)  # (s, b, 3a/tp) = [q_r | k_r | v_r], a = heads·d
+            q, k, v = qkv.chunk(3, dim=-1)  # (s, b, a/tp) each
         else:
-            q = self.query(hidden)  # (s, b, h/tp)
+            q = self.query(hidden)  # (s, b, a/tp)
             kv = self.key_value(hidden if self.attention_type == "self" else encoder_output)
             if self.layout == "replicated-kv":  # (s_k, b, 2·kv·d): all kv heads; keep the one we read
                 k, v = kv.unflatten(-1, (2, -1, d)).unbind(-3)  # (s_k, b, kv, d) each
@@ -237,7 +245,7 @@ class ParallelAttention(nn.Module):
         if self.recompute_core and torch.is_grad_enabled():
             context = recompute(self.core_attention, q, k, v, key_mask, state=self.state)  # selective
         else:
-            context = self.core_attention(q, k, v, key_mask)  # (s, b, h/tp)
+            context = self.core_attention(q, k, v, key_mask)  # (s, b, a/tp), a = heads·d
         return self.dense(context)  # (s, b, h) all-reduced, or (s/tp, b, h) reduce-scattered
 
     def extra_repr(self) -> str:

@@ -35,10 +35,10 @@ weights as a TP=k model's shards and as every pipeline stage built with it.
 
 Parameter count (:func:`parameter_counts`, closed form, unpadded vocab ``V``; ``d`` = head_dim, ``kv``
 = num_kv_heads, ``f`` = ffn_hidden_size, ``M`` MoE layers of ``E`` experts + an (E, h) gate, ``[·]`` = 1
-if the condition holds else 0)::
+if the condition holds else 0; ``attn_bias`` = bias or attention_bias)::
 
     embedding   V·h                      positions  [learned]·max_seq_len·h
-    attention   L·(h·(h + 2·kv·d) + h·h + [bias]·(2h + 2·kv·d))
+    attention   L·(h·(a + 2·kv·d) + a·h + [attn_bias]·(a + 2·kv·d + h))      a = heads·d (= h)
     mlp         (L − M)·m + M·E·(m + h)        m = (1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h)
     norms       (2L + [final_norm])·(1 + [layernorm and bias])·h
     lm_head     [untied]·V·h
@@ -81,7 +81,7 @@ __all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_he
 # ---- the builders the plain model and the pipeline share ------------------------------------------
 def build_rotary(config: ModelConfig) -> RotaryEmbedding | None:
     """RoPE's angles (no weights) when ``position_embedding="rope"``, else None."""
-    return (RotaryEmbedding(config.head_dim, config.rope_theta)
+    return (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
             if config.position_embedding == "rope" else None)
 
 
@@ -278,6 +278,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Closed-form parameter count per component (see the module docstring), plus ``total``."""
     h, L, V, d = config.hidden_size, config.num_layers, config.vocab_size, config.head_dim
     kv, f, bias = config.num_kv_heads, config.ffn_hidden_size, int(config.bias)
+    a, attn_bias = config.attention_width, int(config.has_attention_bias)  # a = heads·d (= h by default)
     gated = int(config.activation == "swiglu")
     norm_size = (2 if config.norm == "layernorm" and config.bias else 1) * h
     mlp = (1 + gated) * h * f + f * h + bias * ((1 + gated) * f + h)  # one (dense or expert) MLP
@@ -285,7 +286,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     counts = {
         "embedding": V * h,
         "positions": config.max_seq_len * h if config.position_embedding == "learned" else 0,
-        "attention": L * (h * (h + 2 * kv * d) + h * h + bias * (2 * h + 2 * kv * d)),
+        "attention": L * (h * (a + 2 * kv * d) + a * h + attn_bias * (a + 2 * kv * d + h)),
         "mlp": (L - moe) * mlp + moe * (E * mlp + E * h),  # MoE layer: E experts + the (E, h) gate
         "norms": 2 * L * norm_size,
         "final_norm": norm_size if config.final_norm else 0,
