@@ -12,6 +12,12 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
+With labels and ``config.fused_lm_loss`` (the default) the last two steps are one: the head computes
+the summed loss ``lm_loss_chunk`` tokens at a time, and its gradients in the same pass, without the
+(s, b, V_pad/tp) logits ever existing whole (``mpu/fused_cross_entropy.py``); :func:`mean_over_labels`
+then takes the same mean as :func:`lm_loss`. Same value and gradients; the pipeline (``pipe.py``)
+keeps the unfused pair (its loss_fn receives logits).
+
 MoE: the loss adds ``moe_aux_loss_coeff·Σ aux + moe_z_loss_coeff·Σ z`` over MoE layers (``router.py``).
 
 Context parallelism (``state.cp > 1``): ``input_ids`` and ``labels`` are this CP rank's zig-zag piece
@@ -74,6 +80,7 @@ from minimegatron.mpu.state import ParallelState
 from minimegatron.sizes import divide
 
 __all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_head_kwargs", "lm_loss",
+           "mean_over_labels",
            "check_sequence_parallel", "sequence_parallel_split", "default_position_ids",
            "parameter_counts", "count_parameters"]
 
@@ -90,7 +97,7 @@ def lm_head_kwargs(config: ModelConfig, state: ParallelState) -> dict[str, Any]:
     return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, state=state,
                 make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
                 tied=config.tie_embeddings, sequence_parallel=state.sequence_parallel,
-                init_method=init_normal(config.init_std))
+                init_method=init_normal(config.init_std), loss_chunk=config.lm_loss_chunk)
 
 
 def build_lm_head(config: ModelConfig, state: ParallelState) -> ParallelLMHead:
@@ -146,7 +153,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, state: ParallelState, vo
     labels = labels.t()  # (s, b), the logits' layout
     losses = vocab_parallel_cross_entropy(logits, labels, state, vocab_size=vocab_size,
                                           ignore_index=ignore_index)  # (s[/cp], b)
-    total, count = losses.sum(), (labels != ignore_index).sum()
+    return mean_over_labels(losses.sum(), labels, state, ignore_index)
+
+
+def mean_over_labels(total: torch.Tensor, labels: torch.Tensor, state: ParallelState,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """``total`` (Σ of this rank's per-token losses, ()) over the count of labels != ``ignore_index``:
+    the mean, and under context parallelism the whole-sequence value with this rank's share as
+    gradient (:func:`lm_loss`). The unfused and the fused loss end here alike."""
+    count = (labels != ignore_index).sum()
     if state.cp == 1:
         return total / count.clamp(min=1)
     stats = torch.stack([total.detach(), count.to(total.dtype)])
@@ -242,13 +257,18 @@ class LanguageModel(RecomputeSwitch, nn.Module):
             hidden = self.final_norm(hidden)  # (s[/tp], b, h)
         # THE TIE (GPT): the head has no weight of its own and multiplies by the word embeddings' table
         head_weight = self.embedding.word_embeddings.weight if self.config.tie_embeddings else None
-        logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
         if labels is None:
+            logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
             logits = gather_from_tensor_model_parallel_region(logits, self.state)  # (s, b, V_pad)
             return logits[..., :self.config.vocab_size].transpose(0, 1).contiguous()  # (b, s, V)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-        loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
+        if self.config.fused_lm_loss:  # Σ ℓ, logits never whole; then the same mean as lm_loss
+            labels = labels.t()  # (s, b), the hidden states' layout
+            loss = mean_over_labels(self.lm_head(hidden, weight=head_weight, labels=labels), labels, self.state)
+        else:
+            logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
+            loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
         if not self.config.num_experts:
             return loss
         aux, z = router_losses(self.layers)  # MoE: + the router losses of its MoE layers
