@@ -12,11 +12,9 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
-With labels and ``config.fused_lm_loss`` (the default) the last two steps are one: the head computes
-the summed loss ``lm_loss_chunk`` tokens at a time, and its gradients in the same pass, without the
-(s, b, V_pad/tp) logits ever existing whole (``mpu/fused_cross_entropy.py``); :func:`mean_over_labels`
-then takes the same mean as :func:`lm_loss`. Same value and gradients; the pipeline (``pipe.py``)
-keeps the unfused pair (its loss_fn receives logits).
+With labels and ``config.fused_lm_loss`` (the default) the last two are one: the head sums the loss
+``lm_loss_chunk`` tokens at a time, gradients in the same pass, the (s, b, V_pad/tp) logits never whole
+(``mpu/fused_cross_entropy.py``), and ``layers/loss.py`` takes the same mean. The pipeline keeps the pair.
 
 MoE: the loss adds ``moe_aux_loss_coeff·Σ aux + moe_z_loss_coeff·Σ z`` over MoE layers (``router.py``).
 
@@ -65,12 +63,12 @@ from torch import nn
 from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache
 from minimegatron.layers.init_seed import init_rng, model_seed
+from minimegatron.layers.loss import lm_loss, mean_over_labels
 from minimegatron.layers.moe import expert_parameter_count, router_losses
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
 from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
                                             check_recompute)
 from minimegatron.mpu.context_parallel import context_parallel_index
-from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
 from minimegatron.mpu.layers import init_normal
 from minimegatron.mpu.mappings import (gather_from_tensor_model_parallel_region,
@@ -138,36 +136,6 @@ def sequence_parallel_split(seq_len: int, tp: int) -> int:
     (:func:`~minimegatron.sizes.divide`; ``training.args.validate`` asks it of a TrainConfig)."""
     return divide(seq_len, tp, "seq_len", fix=f"sequence parallelism splits each sequence over the "
                                               f"{tp} TP ranks; seq_len must be a multiple of {tp}")
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, state: ParallelState, vocab_size: int,
-            ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the labels != ``ignore_index``: logits shard (s, b, V_pad/tp), labels (b, s).
-
-    Under context parallelism each rank has s/cp of the tokens. The *value* is the whole sequences'
-    mean on every CP rank (sum and count all-reduced over CP); the *gradient* is this rank's share
-    ``cp · Σ_local / N`` (N: the tokens of all CP ranks), because gradients are averaged over the
-    dp·cp ranks (``state.dp_cp_group``) — averaged, the shares give ``∇ Σ_all / N`` exactly
-    (Megatron scales its CP loss by cp the same way).
-    """
-    labels = labels.t()  # (s, b), the logits' layout
-    losses = vocab_parallel_cross_entropy(logits, labels, state, vocab_size=vocab_size,
-                                          ignore_index=ignore_index)  # (s[/cp], b)
-    return mean_over_labels(losses.sum(), labels, state, ignore_index)
-
-
-def mean_over_labels(total: torch.Tensor, labels: torch.Tensor, state: ParallelState,
-                     ignore_index: int = -100) -> torch.Tensor:
-    """``total`` (Σ of this rank's per-token losses, ()) over the count of labels != ``ignore_index``:
-    the mean, and under context parallelism the whole-sequence value with this rank's share as
-    gradient (:func:`lm_loss`). The unfused and the fused loss end here alike."""
-    count = (labels != ignore_index).sum()
-    if state.cp == 1:
-        return total / count.clamp(min=1)
-    stats = torch.stack([total.detach(), count.to(total.dtype)])
-    dist.all_reduce(stats, group=state.cp_group)  # [Σ_all, N] (forward only: no gradient flows here)
-    share = total * state.cp / stats[1].clamp(min=1)
-    return share + (stats[0] / stats[1].clamp(min=1) - share).detach()  # value: the mean; gradient: share
 
 
 class Embedding(nn.Module):
