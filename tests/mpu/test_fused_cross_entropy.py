@@ -5,8 +5,13 @@ hidden states and of the head weight equal plain torch's ``F.cross_entropy(h·W�
 with padded vocab rows (one case where whole ranks hold padding only), ignore_index labels (a whole
 chunk of them), chunk sizes that do not divide the token count, and a zero-bubble W pass.
 Model level: GPT (tied) and LLaMA (untied) give the same loss and gradients fused and unfused.
-Memory: the bytes saved for backward, counted with SavedActivationCounter, equal the formulas.
+Memory: the bytes saved for backward, counted with SavedActivationCounter, equal the formulas; the
+peak RSS of a fresh process shows the whole (N × V) logits in the unfused path and chunks only fused.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,3 +162,38 @@ def test_fused_switch_is_a_runtime_setting_for_checkpoints():
     check_config_matches(gpt_config(**TINY), gpt_config(**TINY, fused_lm_loss=False, lm_loss_chunk=64))
     with pytest.raises(ValueError, match="hidden_size"):
         check_config_matches(gpt_config(**TINY), gpt_config(**dict(TINY, hidden_size=32)))
+
+
+_RSS_PROBE = """
+import sys, torch
+from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
+from minimegatron.mpu.embedding import ParallelLMHead
+from minimegatron.mpu.state import ParallelState
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+fused, n, h, v, c = sys.argv[1] == "fused", *map(int, sys.argv[2:])
+st = ParallelState()
+head = ParallelLMHead(v, h, state=st, make_vocab_size_divisible_by=v, loss_chunk=c)
+x, t = torch.randn(n, 1, h, requires_grad=True), torch.randint(0, v, (n, 1))
+run = lambda k: (head(x[:k], labels=t[:k]) if fused else
+                 vocab_parallel_cross_entropy(head(x[:k]), t[:k], st, v).sum()).backward()
+run(8)  # warm up the kernels
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from now
+base = rss("VmRSS")
+run(n)
+print(rss("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
+def test_peak_rss_holds_chunks_of_logits_not_all_of_them():
+    """Unfused: the (N × V) softmax and its gradient exist whole, 2·N·V·4 bytes at the peak. Fused: a
+    few (c × V) chunk buffers and ∂W, ∂H (the allocator keeps some freed chunks: 4 allowed)."""
+    n, h, v, c = 2048, 32, 16384, 128
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    peak = {m: int(subprocess.run([sys.executable, "-c", _RSS_PROBE, m, str(n), str(h), str(v), str(c)],
+                                  env=env, check=True, capture_output=True, text=True).stdout)
+            for m in ("fused", "unfused")}
+    assert peak["unfused"] >= 0.9 * 2 * n * v * 4, peak
+    assert peak["fused"] <= 4 * c * v * 4 + 4 * v * h * 4 + 2 * n * h * 4, peak
