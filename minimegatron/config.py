@@ -207,6 +207,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        """The repr wrapped at 100 columns, for ``print(config)`` (still valid Python: eval gives it back)."""
+        return _wrapped_repr(self)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = set(cls.__dataclass_fields__)
@@ -218,6 +222,19 @@ class ModelConfig:
         """A copy with some fields changed (derived fields recomputed if they were derived)."""
         derived = {name: None for name in getattr(self, "_derived", ()) if name not in changes}
         return replace(self, **derived, **changes)
+
+
+def _wrapped_repr(obj: Any, width: int = 100) -> str:
+    """``Name(a=1, b='x', ...)`` broken between fields (never inside a value), continuation lines
+    indented under the first field."""
+    head = f"{type(obj).__name__}("
+    lines, line = [], head
+    for item in (f"{f}={getattr(obj, f)!r}" for f in obj.__dataclass_fields__):
+        if line.strip() and len(line) + len(item) + 2 > width and line != head:
+            lines.append(line.rstrip())
+            line = " " * len(head)
+        line += item + ", "
+    return "\n".join(lines + [line[:-2] + ")"])
 
 
 def diff_fields(a: dict[str, Any], b: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
@@ -267,6 +284,9 @@ class ParallelConfig:
     cp: int = 1
     cp_comm: str = "p2p"
     ep: int = 1
+
+    def __str__(self) -> str:
+        return _wrapped_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):

@@ -102,3 +102,15 @@ def test_bad_numeric_fields_are_rejected(field, value, message):
 def test_parallel_sizes_reject_bools():
     with pytest.raises(ValueError, match=r"ParallelConfig.tp must be an int >= 1, got True"):
         ParallelConfig(tp=True)
+
+
+@pytest.mark.parametrize("config", [gpt_config(), llama_config(num_kv_heads=2, name="a name, with spaces"),
+                                    ParallelConfig(tp=2, pp=2, dp=2)], ids=["gpt", "llama", "parallel"])
+def test_print_is_wrapped_and_still_the_repr(config):
+    """print(config) in a notebook: lines of at most 100 columns, broken between fields, and eval of
+    the text gives the same config back (the repr, only wrapped)."""
+    import minimegatron.config as module
+    text = str(config)
+    assert max(len(line) for line in text.splitlines()) <= 100 and (len(repr(config)) <= 100) == ("\n" not in text)
+    assert eval(text, vars(module)) == config
+    assert " ".join(text.split()) == " ".join(repr(config).split())

@@ -41,7 +41,9 @@ encoder output (s_enc, b, h), given whole on every rank; no causal mask, no posi
 
 KV cache: :class:`KVCache` keeps each layer's keys/values (after RoPE) so decoding runs the prompt once
 (prefill) and then one token at a time; new queries sit at the *last* positions, so the causal mask
-is ``j ≤ i + (s_k - s_q)``.
+is ``j ≤ i + (s_k - s_q)``. A left-padded batch (prompts of different lengths) has the cache carry
+its ``key_mask`` (b, s_k): query i of row r sees key j iff it is causal and ``key_mask[r, j]`` (or
+j is i's own key), in the prefill and in every cached step.
 
 Context parallelism (``state.cp > 1``): the input holds this CP rank's zig-zag piece of the sequence,
 (s/cp, b, h) (and (s/(cp·tp), b, h) under SP); the projections and RoPE (at the tokens' global
@@ -78,12 +80,16 @@ class KVCache:
     """Per-layer keys/values ``(s_cached, b, kv/tp, d)`` and ``offset`` = tokens cached so far.
 
     ``ParallelTransformer`` advances ``offset`` after each forward; position ids start there.
+    ``key_mask`` (b, offset + s) bool, True = a real token: a left-padded batch. Its owner (the decoding
+    loop) sets it to cover the cached *and* the new tokens before each forward; every layer's attention
+    then hides the pad keys. None (no padding): attention runs unmasked, as fast as before.
     """
 
     num_layers: int
     offset: int = 0
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    key_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keys = self.keys or [None] * self.num_layers
@@ -104,6 +110,8 @@ class KVCache:
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = t.index_select(1, batch_indices.to(t.device))
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, batch_indices.to(self.key_mask.device))
 
 
 class ParallelAttention(nn.Module):
@@ -182,9 +190,11 @@ class ParallelAttention(nn.Module):
         return q, k, v
 
     # ---- softmax(QKᵀ/√d)V ------------------------------------------------------------------------
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q (sq, b, n/tp, d), k/v (sk, b, kv/tp, d) -> context (sq, b, n/tp·d).
 
+        ``key_mask`` (b, sk): a left-padded batch's real keys (``KVCache.key_mask``).
         Under context parallelism sq = sk = s/cp, this rank's piece; the rest of the sequence comes
         by ring or all-to-all (``context_parallel_attention``)."""
         if self.state.cp > 1:
@@ -200,7 +210,7 @@ class ParallelAttention(nn.Module):
             # GQA repeat and (after a KV cache, end-aligned: query i at i + sk - sq) causal mask inside
             out = kernels.scaled_dot_product_attention(
                 q, k, v, causal=self.attention_type == "self", dropout_p=dropout_p, bias=bias,
-                fused=self.config.use_fused_kernels)  # (b, n/tp, sq, d)
+                key_mask=key_mask, fused=self.config.use_fused_kernels)  # (b, n/tp, sq, d)
         return out.permute(2, 0, 1, 3).flatten(2)  # (b,n/tp,sq,d) -> (sq, b, n/tp·d)
 
     def forward(self, hidden: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -217,12 +227,17 @@ class ParallelAttention(nn.Module):
         if rotary is not None and self.attention_type == "self":
             cos, sin = rotary  # (s, b, 1, d): angles of the new tokens' positions
             q, k = kernels.apply_rotary(q, k, cos, sin, fused=self.config.use_fused_kernels)
+        key_mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)  # (offset + s, b, kv/tp, d)
+            key_mask = kv_cache.key_mask  # (b, offset + s) or None
+            if key_mask is not None and key_mask.shape != (k.size(1), k.size(0)):
+                raise ValueError(f"KVCache.key_mask shape {tuple(key_mask.shape)} != (batch, cached + new "
+                                 f"tokens) = {(k.size(1), k.size(0))}: extend it by the new tokens first")
         if self.recompute_core and torch.is_grad_enabled():
-            context = recompute(self.core_attention, q, k, v, state=self.state)  # selective recompute
+            context = recompute(self.core_attention, q, k, v, key_mask, state=self.state)  # selective
         else:
-            context = self.core_attention(q, k, v)  # (s, b, h/tp)
+            context = self.core_attention(q, k, v, key_mask)  # (s, b, h/tp)
         return self.dense(context)  # (s, b, h) all-reduced, or (s/tp, b, h) reduce-scattered
 
     def extra_repr(self) -> str:

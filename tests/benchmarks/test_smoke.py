@@ -4,7 +4,7 @@ Smoke tests only: no timing is asserted (benchmarks report, they do not pass or 
 """
 import pytest
 
-from benchmarks import ddp_overlap, notebook_suite, run_all, throughput_vs_hf, tp_scaling
+from benchmarks import ddp_overlap, notebook_suite, plan_examples, run_all, throughput_vs_hf, tp_scaling
 
 
 def test_throughput_vs_hf_quick(tmp_path):
@@ -48,4 +48,11 @@ def test_notebook_suite_quick(tmp_path):
 
 
 def test_run_all_parses_and_skips(tmp_path):
-    assert run_all.main(["--quick", "--skip", "throughput", "tp", "ddp", "notebooks", "--out", str(tmp_path)]) == {}
+    assert run_all.main(["--quick", "--skip", "throughput", "tp", "ddp", "notebooks", "plan", "--out",
+                         str(tmp_path)]) == {}
+
+
+def test_plan_examples_quick(tmp_path):
+    sections = plan_examples.main(["--quick", "--out", str(tmp_path)])
+    assert len(sections) == 2 and all("Published layouts" in s for s in sections)
+    assert "Llama-3-70B on 64 × H100" in (tmp_path / "plan_examples_quick.md").read_text()
