@@ -85,6 +85,10 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     use_fused_kernels: bool = True          # Gaudi's fused kernels for tensors on "hpu" (kernels.py)
+    # the LM head + loss in one chunked pass, logits never whole (mpu/fused_cross_entropy.py); a
+    # runtime setting like the two above: same weights, same loss (checkpoints ignore it)
+    fused_lm_loss: bool = True
+    lm_loss_chunk: int | None = None        # tokens whose logits exist at once; None: ≥ 256 and ≥ 2M logits
     # mixture of experts (layers/moe.py): 0 = dense; layer i is MoE iff i % moe_every == 0 (Megatron's
     # moe_layer_freq: 1 = every layer, Mixtral; 2 = layers 0, 2, 4, …)
     num_experts: int = 0
@@ -138,6 +142,9 @@ class ModelConfig:
                f"{self.num_attention_heads} (1 = MQA, heads = MHA, a divisor in between = GQA)")
         _check(self.position_embedding != "rope" or self.head_dim % 2 == 0,
                f"rotary embeddings rotate pairs of dims: head_dim={self.head_dim} must be even")
+        _check(self.lm_loss_chunk is None or (is_int(self.lm_loss_chunk) and self.lm_loss_chunk > 0),
+               f"ModelConfig.lm_loss_chunk={self.lm_loss_chunk!r} must be a positive int (tokens per chunk "
+               "of the fused LM loss) or None (chosen from the vocab size)")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         _check(_is_real(self.norm_eps) and self.norm_eps > 0,
                f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0: it keeps the norm's 1/sqrt(var + eps) "

@@ -17,7 +17,10 @@ layers' forward (``2·N_layers + 4·L·s·h`` per token), ``selective`` only the
   vocab-parallel embedding's forward all-reduce (SP: + its scatter's backward all-gather), the
   head's ``f`` (SP: all-gather forward, re-gather + reduce-scatter backward; the final norm's γ[, β]
   all-reduce), and the loss's
-  three fp32 all-reduces of ``s_r·b`` (max, target logit, Σ exp; ``mpu.cross_entropy``).
+  three fp32 all-reduces of ``s_r·b`` (max, target logit, Σ exp; ``mpu.cross_entropy``). The fused
+  head + loss (``config.fused_lm_loss``, pp = 1; the pipeline keeps the unfused pair) has no SP
+  re-gather (∂W is made in forward) and all-reduces per chunk of ``c`` tokens: the max (``c``) and
+  [target logit, Σ exp] (``2c``) — the same bytes in more calls (``mpu.fused_cross_entropy``).
 * CP, per layer — :func:`~minimegatron.measure.context_parallel.cp_attention_comm` (ring or
   all-to-all; the ring moves k, v in the model's dtype here, fp32 in our CPU code).
 * EP, per MoE layer — :func:`~minimegatron.measure.moe.moe_a2a_comm` (uniform routing).
@@ -37,6 +40,7 @@ from minimegatron.measure.comm import OpTotal, ring_wire_bytes, tp_layer_comm
 from minimegatron.measure.context_parallel import cp_attention_comm
 from minimegatron.measure.moe import moe_a2a_comm
 from minimegatron.measure.zero import zero_comm
+from minimegatron.mpu.fused_cross_entropy import default_chunk_tokens
 from minimegatron.plan.layout import Layout
 from minimegatron.plan.memory import ELEMENT_BYTES, _mlp, stage_units
 
@@ -106,14 +110,26 @@ def tp_comm(config: ModelConfig, layout: Layout, seq_len: int, stage: int, dtype
     if stage == 0:  # the vocab-parallel embedding: all-reduce forward (+ SP scatter's backward gather)
         out = add_totals(out, _one("all_reduce", n, e, t), _one("all_gather", n, e, t) if L.sp else {})
     if stage == L.pp - 1:
-        if L.sp:  # head: gather forward, re-gather + reduce-scatter backward; final norm's γ[, β]
+        fused = config.fused_lm_loss and L.pp == 1  # the plain model; the pipeline's head is unfused
+        if L.sp:  # head: gather forward, [unfused: re-gather +] reduce-scatter backward; final norm's γ[, β]
             norm = (2 if config.norm == "layernorm" and config.bias else 1) if config.final_norm else 0
-            out = add_totals(out, _one("all_gather", n, e, t), _one("all_gather", n, e, t),
+            out = add_totals(out, _one("all_gather", n, e, t), {} if fused else _one("all_gather", n, e, t),
                              _one("reduce_scatter", n, e, t), *[_one("all_reduce", h, e, t)] * norm)
         else:     # head: f's backward all-reduce
             out = add_totals(out, _one("all_reduce", n, e, t))
-        out = add_totals(out, add_totals(_one("all_reduce", s * b, 4, t), times=3))  # loss: max, target, Σ exp
+        out = add_totals(out, _loss_comm(config, s * b, t, fused))
     return out
+
+
+def _loss_comm(config: ModelConfig, tokens: int, t: int, fused: bool) -> Totals:
+    """The vocab-parallel loss's fp32 all-reduces: 3 of ``tokens`` (max, target logit, Σ exp), or
+    fused, per chunk of c tokens, the max (c) and [target logit, Σ exp] (2c)."""
+    if not fused:
+        return add_totals(_one("all_reduce", tokens, 4, t), times=3)
+    c = config.lm_loss_chunk or default_chunk_tokens(config.padded_vocab_size(t) // t)
+    chunks = [min(c, tokens - i) for i in range(0, tokens, c)]
+    return add_totals(*[add_totals(_one("all_reduce", k, 4, t), _one("all_reduce", 2 * k, 4, t))
+                        for k in chunks])
 
 
 def cp_comm(config: ModelConfig, layout: Layout, seq_len: int, dtype: str = "bf16") -> Totals:

@@ -30,8 +30,9 @@ derivation for our layer — flash attention, no dropout — at ``s/cp`` tokens,
 the selective / full recompute cases). Under 1F1B stage ``i`` holds ``min(pp − i, m)`` micro-batches
 in flight (the first stage ``pp``: Korthikanti §4.2.3's "L layers' worth" per device), one without
 pipelining. An MoE layer's MLP terms are counted ``top_k`` times (each token visits k experts: an
-estimate, not derived op by op). The last stage adds the fp32 logits shard the loss keeps
-(``s/cp · b · V_pad/tp · 4`` bytes, an estimate).
+estimate, not derived op by op). The last stage adds what the loss keeps: the fp32 logits shard
+(``s/cp · b · V_pad/tp · 4`` bytes, an estimate) — or, with the fused head + loss (``fused_lm_loss``,
+pp = 1), ∂H and the fp32 ∂W (``s/cp · b · h · e + V_pad/tp · h · 4``, ``mpu.fused_cross_entropy``).
 """
 from __future__ import annotations
 
@@ -127,5 +128,7 @@ def activation_bytes(config: ModelConfig, layout: Layout, seq_len: int, global_b
     in_flight = min(L.pp - stage, m) if L.pp > 1 else 1
     total = one * in_flight
     if stage == L.pp - 1:
-        total += seq_len // L.cp * L.micro_batch * config.padded_vocab_size(L.tp) // L.tp * 4
+        tokens, v_part = seq_len // L.cp * L.micro_batch, config.padded_vocab_size(L.tp) // L.tp
+        fused = config.fused_lm_loss and L.pp == 1  # the pipeline's head is unfused
+        total += tokens * config.hidden_size * e + v_part * config.hidden_size * 4 if fused else tokens * v_part * 4
     return {"per layer": size(terms), "in flight": in_flight, "activations": total}

@@ -9,9 +9,11 @@ from benchmarks import ddp_overlap, notebook_suite, plan_examples, run_all, thro
 
 def test_throughput_vs_hf_quick(tmp_path):
     pytest.importorskip("transformers")
-    rows = throughput_vs_hf.main(["--quick", "--models", "llama", "--out", str(tmp_path)])
+    rows = throughput_vs_hf.main(["--quick", "--models", "llama", "--fused-ab", "--out", str(tmp_path)])
     assert [r["model"] for r in rows] == ["llama"] and rows[0]["ratio"] > 0 and rows[0]["cpu_ratio"] > 0
-    assert "| llama | quick |" in (tmp_path / "throughput_vs_hf_quick.md").read_text()
+    text = (tmp_path / "throughput_vs_hf_quick.md").read_text()
+    assert "| llama | quick |" in text
+    assert text.index("## Fused vs unfused LM head + loss") < text.rindex("| llama | quick |")  # its row
     assert (tmp_path / "throughput_vs_hf_quick.png").stat().st_size > 0
 
 
@@ -19,7 +21,7 @@ def test_breakdown_lists_every_block():
     pytest.importorskip("transformers")
     rows = throughput_vs_hf.breakdown("gpt", "quick", reps=1)
     assert [r[0] for r in rows] == ["embedding", "1 × norm", "1 × attention", "1 × mlp", "1 × layer",
-                                   "LM head + loss", "AdamW step"]
+                                   "LM head + loss, fused (default)", "LM head + loss, unfused", "AdamW step"]
     assert all(ours > 0 and hf > 0 for _, ours, hf in rows)
 
 
