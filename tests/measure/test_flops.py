@@ -3,12 +3,15 @@
 ``torch.utils.flop_counter.FlopCounterMode`` sees every aten matmul the step runs (mm/addmm for the
 linear layers, bmm for attention when SDPA takes its plain "math" path, which spells QKᵀ and P·V out
 as bmms) and counts ``2·m·k·n`` each. The formula is written from the model's config; the counter
-reads the ops the model really executed.
+reads the ops the model really executed. The fused LM head + loss accumulates ∂W with the in-place
+``addmm_``, which the counter does not list: it is given torch's own ``addmm`` formula for it.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, addmm_flop
 
 from minimegatron.config import gpt_config, llama_config
 from minimegatron.gpt import GPTModel
@@ -25,23 +28,28 @@ def counted(model, batch: int, seq: int) -> dict:
     """Per-op FLOPs of one forward (with labels: loss) + backward, attention on the math path."""
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     labels = torch.roll(ids, -1, dims=1)
-    counter = FlopCounterMode(display=False)
+    def addmm_inplace(self_shape, a_shape, b_shape, *_, out_shape=None, **__) -> int:  # beta, alpha
+        return addmm_flop(self_shape, a_shape, b_shape)
+
+    counter = FlopCounterMode(display=False, custom_mapping={aten.addmm_: addmm_inplace})
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(ids, labels=labels).backward()
     return counter.get_flop_counts()["Global"]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "unfused-head"])
 @pytest.mark.parametrize("name", CASES)
-def test_formula_equals_torch_flop_counter(name):
+def test_formula_equals_torch_flop_counter(name, fused):
     cls, config = CASES[name]
+    config = replace(config, fused_lm_loss=fused, lm_loss_chunk=8 if fused else None)  # 4 chunks
     torch.manual_seed(0)
     model = cls(config).train()
     batch, seq = 2, 16
     ops = counted(model, batch, seq)
     formula = training_step_flops(config, batch, seq)
-    linear = ops.get(aten.mm, 0) + ops.get(aten.addmm, 0)  # linear layers: forward, dX and dW
+    linear = sum(ops.get(op, 0) for op in (aten.mm, aten.addmm, aten.addmm_))  # forward, dX and dW
     attention = ops.get(aten.bmm, 0)  # QKᵀ and P·V, forward and backward (math path)
-    assert set(ops) <= {aten.mm, aten.addmm, aten.bmm}, ops  # nothing else counted
+    assert set(ops) <= {aten.mm, aten.addmm, aten.addmm_, aten.bmm}, ops  # nothing else counted
     assert linear == formula.matmul
     assert attention == formula.attention == 12 * config.num_layers * config.hidden_size * seq * batch * seq
     assert formula.total == sum(ops.values())
