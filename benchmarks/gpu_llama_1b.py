@@ -13,14 +13,16 @@ first ``--warmup`` steps (graph compilation, allocator warm-up) are not timed.
 **MFU** (model FLOPs utilisation; Chowdhery et al. 2022, PaLM, appendix B) is the FLOP/s the model
 *needs* divided by the card's peak::
 
-    MFU = flops_per_token · tokens/s / peak FLOP/s
-    flops_per_token = 6·N            every weight is used in one multiply-add forward (2N FLOPs)
-                                     and two backward (input grad + weight grad, 4N)
-                    + 12·L·h·s       attention's QKᵀ and P·V (no weights, so not in N), fwd + bwd
+    MFU = step FLOPs / step time / peak FLOP/s
+    step FLOPs = 6·N·T               every weight is used in one multiply-add forward (2N FLOPs)
+                                     and two backward (input grad + weight grad, 4N), T tokens
+               + 12·L·h·s·T          attention's QKᵀ and P·V (no weights, so not in N), fwd + bwd
 
-with N the parameters that multiply activations (all of them except the input embedding table, a
-lookup). Recomputation is not counted: MFU charges the model, not the implementation. Peak FLOP/s are
-the dense BF16 numbers of the vendors' spec sheets (``minimegatron.device.PEAK_BF16_TFLOPS``).
+with N the weight matrices that multiply activations (not the input embedding table, a lookup) — the
+one formula of the package, :func:`minimegatron.measure.flops.training_step_flops` (derived there,
+and checked against ``torch.utils.flop_counter`` in its test). Recomputation is not counted: MFU
+charges the model, not the implementation. Peak FLOP/s are the dense BF16 numbers of the vendors'
+spec sheets (``minimegatron.device.PEAK_BF16_TFLOPS``).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ import torch
 if __package__ in (None, ""):  # run as a file from a checkout: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimegatron import device  # noqa: E402
+from minimegatron import compile_model, device  # noqa: E402
 from minimegatron.config import ModelConfig, llama_config  # noqa: E402
+from minimegatron.measure.flops import training_flops_per_token, training_step_flops  # noqa: E402,F401
 
 
 def llama_1b_config(**overrides: Any) -> ModelConfig:
@@ -54,30 +57,9 @@ def tiny_config(**overrides: Any) -> ModelConfig:
     return llama_config(**base)
 
 
-def training_flops_per_token(n_params: int, num_layers: int, hidden_size: int, seq_len: int,
-                             attention: bool = True) -> float:
-    """6·N (+ 12·L·h·s for attention): the model FLOPs of one trained token (PaLM, appendix B)."""
-    return 6.0 * n_params + (12.0 * num_layers * hidden_size * seq_len if attention else 0.0)
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation in [0, 1]; None when the peak is unknown (CPU, an unlisted card)."""
     return None if not peak_flops else tokens_per_s * flops_per_token / peak_flops
-
-
-def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that multiply activations: all but the input embedding table (unless it is tied)."""
-    seen: set[int] = set()
-    total = 0
-    for name, p in model.named_parameters():  # a tied table appears once, under the embedding's name
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-        if name.endswith("word_embeddings.weight") and not tied:
-            continue
-        total += p.numel()
-    return total
 
 
 def _build_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -98,8 +80,7 @@ def benchmark(cfg: ModelConfig, micro_batch_size: int, seq_len: int, steps: int,
     dev = device.get_device()
     model = _build_model(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = matmul_params(model)
-    step_model = device.compile_model(model) if compile else model
+    step_model = compile_model(model) if compile else model  # in place; refuses Gaudi's lazy mode
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch_size, seq_len + 1), device=dev)
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # (b, s) each, a fixed shape
@@ -121,8 +102,9 @@ def benchmark(cfg: ModelConfig, micro_batch_size: int, seq_len: int, steps: int,
 
     tokens_per_s = steps * micro_batch_size * seq_len / elapsed
     peak = peak_tflops * 1e12 if peak_tflops else device.peak_flops()
-    f6n = training_flops_per_token(n_matmul, cfg.num_layers, cfg.hidden_size, seq_len, attention=False)
-    f_all = training_flops_per_token(n_matmul, cfg.num_layers, cfg.hidden_size, seq_len)
+    flops = training_step_flops(cfg, micro_batch_size, seq_len)  # one step: 6·N·T + 12·L·h·s·T
+    tokens = micro_batch_size * seq_len
+    f6n, f_all = flops.matmul / tokens, flops.total / tokens  # FLOPs per token
     memory = device.max_memory_allocated()
     return {"device": device.device_name(), "model": cfg.name, "params": n_params, "seq": seq_len,
             "micro_batch": micro_batch_size, "step_s": elapsed / steps, "tokens_per_s": tokens_per_s,
@@ -160,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 = autocast mixed precision (fp32 weights)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile: inductor on CUDA, hpu_backend on Gaudi in eager mode")
+                   help="torch.compile (minimegatron.compile_model): inductor on CUDA and CPU, "
+                        "hpu_backend on Gaudi in eager mode")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU on a card not in the table")
     args = p.parse_args(argv)
 

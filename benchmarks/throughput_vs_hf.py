@@ -13,11 +13,26 @@ Hugging Face shifts the labels inside the model; minimegatron gets the shifted l
 loss over ``s - 1`` positions per row (the losses are checked equal before timing). The two models run
 *interleaved* (mm, hf, mm, hf, ...) so that a slow moment of the machine hits both, and each side's
 median step time gives its tokens/s.
+
+**Roofline** (same run, interleaved with the steps): the matmuls of one training step —
+``minimegatron.measure.flops.step_gemms``: every linear layer's forward ``X·Wᵀ``, ``dY·W`` and
+``dYᵀ·X`` on the step's own shapes and layouts — are timed alone (same threads, fp32); the fastest
+pass gives the **GEMM peak** this machine reaches on these shapes. The step's **achieved FLOP/s** is
+the model FLOPs of a step (``training_step_flops``: 6·N·T + 12·L·h·s·T, the formula
+``gpu_llama_1b.py`` uses) over its fastest CPU time; their ratio says how close the step runs to
+what its matmuls alone allow (1.0 = nothing but matmuls at their best speed).
+
+**Compile** (``--compile``, on by default except ``--quick``): a copy of our model with the same
+weights, compiled (``minimegatron.compile_model``: inductor on CPU), is stepped in the same
+interleaved loop; its first loss is checked against eager's, and the first step's wall time (the
+compilation) is reported apart.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import platform
 import statistics
 import sys
 import time
@@ -30,6 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimegatron.config import ModelConfig, gpt_config, llama_config  # noqa: E402
+from minimegatron.measure.flops import Gemm, step_gemms, training_step_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES: dict[str, dict[str, int]] = {
@@ -79,37 +95,78 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> Callable[
     return step
 
 
-def compare(kind: str, size: str, reps: int = 5, warmup: int = 2, threads: int | None = None
-            ) -> dict[str, Any]:
-    """Interleaved timing of both models; a row for the results table.
+def gemm_pass(gemms: list[Gemm]) -> Callable[[], None]:
+    """One closure running every matmul of ``gemms`` (``count`` times each) on random fp32 operands."""
+    operands = []
+    for g in gemms:
+        a = torch.randn(g.k, g.m).t() if g.a_t else torch.randn(g.m, g.k)  # (m, k), maybe a view
+        b = torch.randn(g.n, g.k).t() if g.b_t else torch.randn(g.k, g.n)  # (k, n)
+        operands.append((a, b, g.count))
+
+    def run() -> None:
+        for a, b, count in operands:
+            for _ in range(count):
+                torch.mm(a, b)
+
+    return run
+
+
+def compare(kind: str, size: str, reps: int = 5, warmup: int = 2, threads: int | None = None,
+            compile: bool = False) -> dict[str, Any]:
+    """Interleaved timing of both models (+ the step's GEMMs alone, + our compiled model); one row.
 
     ``ratio`` = median wall-clock tokens/s, ours / HF. ``cpu_ratio`` = the same from the *minimum*
     process CPU time per step: on a shared machine other processes inflate wall time (and the median)
-    at random, while the fastest CPU time of a step is close to its intrinsic cost.
+    at random, while the fastest CPU time of a step is close to its intrinsic cost. ``gemm_peak`` =
+    the step's matmul FLOPs / the fastest pass of its GEMMs alone; ``ours_flops`` / ``hf_flops`` = the
+    step's model FLOPs / its fastest CPU time; ``compile_ratio`` = eager / compiled min CPU time.
     """
     if threads:
         torch.set_num_threads(threads)
     ours, theirs, ids = build_pair(kind, size)
-    step_ours, step_hf = train_step(ours, ids, hf=False), train_step(theirs, ids, hf=True)
-    loss_ours, loss_hf = step_ours(), step_hf()  # the same weights: the same first loss
-    if abs(loss_ours - loss_hf) > 1e-4 * max(1.0, abs(loss_hf)):
-        raise AssertionError(f"{kind}/{size}: first losses differ ({loss_ours} vs {loss_hf}): the two "
-                             "models are not computing the same thing")
+    steps = {"ours": train_step(ours, ids, hf=False), "hf": train_step(theirs, ids, hf=True)}
+    if compile:
+        from minimegatron import compile_model
+
+        steps["compiled"] = train_step(compile_model(copy.deepcopy(ours)), ids, hf=False)  # same weights
+    batch, seq = ids.shape
+    flops = training_step_flops(ours.config, batch, seq)
+    steps["gemms"] = gemm_pass(step_gemms(ours.config, batch, seq))
+    first, compile_s = {}, None
+    for name, fn in steps.items():
+        start = time.perf_counter()
+        first[name] = fn()
+        if name == "compiled":
+            compile_s = time.perf_counter() - start  # the first call traces and compiles
+    for name in ("hf", "compiled") if compile else ("hf",):  # the same weights: the same first loss
+        if abs(first["ours"] - first[name]) > 1e-4 * max(1.0, abs(first[name])):
+            raise AssertionError(f"{kind}/{size}: first losses differ (ours {first['ours']} vs {name} "
+                                 f"{first[name]}): the two models are not computing the same thing")
     for _ in range(warmup - 1):
-        step_ours(), step_hf()
-    wall: dict[str, list[float]] = {"ours": [], "hf": []}
-    cpu: dict[str, list[float]] = {"ours": [], "hf": []}
+        for fn in steps.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(reps):
-        for name, fn in (("ours", step_ours), ("hf", step_hf)):
+        for name, fn in steps.items():
             w, c = time.perf_counter(), time.process_time()
             fn()
             cpu[name].append(time.process_time() - c)
             wall[name].append(time.perf_counter() - w)
     tokens = ids.numel()
     ours_tps, hf_tps = (tokens / statistics.median(wall[k]) for k in ("ours", "hf"))
-    return dict(model=kind, size=size, params=sum(p.numel() for p in ours.parameters()), tokens=tokens,
-                threads=torch.get_num_threads(), minimegatron_tok_s=ours_tps, hf_tok_s=hf_tps,
-                ratio=ours_tps / hf_tps, cpu_ratio=min(cpu["hf"]) / min(cpu["ours"]))
+    best = {k: min(v) for k, v in cpu.items()}
+    row = dict(model=kind, size=size, params=sum(p.numel() for p in ours.parameters()), tokens=tokens,
+               threads=torch.get_num_threads(), minimegatron_tok_s=ours_tps, hf_tok_s=hf_tps,
+               ratio=ours_tps / hf_tps, cpu_ratio=best["hf"] / best["ours"], step_flops=flops.total,
+               gemm_peak=flops.matmul / best["gemms"], ours_flops=flops.total / best["ours"],
+               hf_flops=flops.total / best["hf"])
+    row["roofline"] = row["ours_flops"] / row["gemm_peak"]
+    if compile:
+        row.update(compiled_tok_s=tokens / statistics.median(wall["compiled"]), compile_s=compile_s,
+                   compile_ratio=best["ours"] / best["compiled"],
+                   compiled_vs_hf=best["hf"] / best["compiled"])
+    return row
 
 
 def _min_cpu_ms(fn: Callable[[], Any], reps: int) -> float:
@@ -252,6 +309,38 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def roofline_markdown(rows: list[dict[str, Any]]) -> str:
+    """The roofline and compile columns: GFLOP/s from min CPU times, the same run as the HF table."""
+    lines = ["| model | size | step GFLOP | GEMM peak GFLOP/s | ours GFLOP/s | ours / peak | HF GFLOP/s | "
+             "HF / peak | compiled tok/s | compiled / peak | compiled / eager | compiled / HF | compile s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = (f"{r['compiled_tok_s']:,.0f} | {r['roofline'] * r['compile_ratio']:.0%} | "
+             f"{r['compile_ratio']:.2f}× | {r['compiled_vs_hf']:.2f}× | {r['compile_s']:.0f}"
+             if "compile_ratio" in r else "– | – | – | – | –")
+        lines.append(f"| {r['model']} | {r['size']} | {r['step_flops'] / 1e9:.3g} | {r['gemm_peak'] / 1e9:.1f} "
+                     f"| {r['ours_flops'] / 1e9:.1f} | {r['roofline']:.0%} | {r['hf_flops'] / 1e9:.1f} | "
+                     f"{r['hf_flops'] / r['gemm_peak']:.0%} | {c} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, cores, torch version: what the numbers were measured on."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores visible, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def breakdown_markdown(kind: str, size: str, rows: list[tuple[str, float, float]]) -> str:
     lines = [f"### {kind} / {size}: forward + backward per block, best CPU ms (1 step's shapes)", "",
              "| block | minimegatron ms | HF ms | HF / ours |", "|---|---:|---:|---:|"]
@@ -292,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         "scheduling on a busy machine)")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables")
     p.add_argument("--breakdown", action="store_true", help="also time each block alone (ours vs HF)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time our model compiled (minimegatron.compile_model); default: on, off "
+                        "with --quick")
     p.add_argument("--fused-ab", dest="fused_ab", action="store_true",
                    help="also time whole steps with the fused LM loss against the unfused one")
     p.add_argument("--quick", action="store_true", help="a toy size, 2 repetitions (smoke test)")
@@ -299,13 +391,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.reps, args.warmup = ["quick"], 2, 1
+    if args.compile is None:
+        args.compile = not args.quick
     torch.set_num_threads(args.threads)
-    rows = [compare(m, s, args.reps, args.warmup, args.threads) for s in args.sizes for m in args.models]
-    table = to_markdown(rows)
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = (f"# Training throughput vs Hugging Face (CPU, fp32)\n\n{table}\n\n{args.reps} interleaved "
-            f"repetitions after {args.warmup} warm-up steps; load average at the end: {load} on "
-            f"{os.cpu_count()} cores.\n")
+    load_start = load_average()
+    rows = [compare(m, s, args.reps, args.warmup, args.threads, args.compile)
+            for s in args.sizes for m in args.models]
+    text = (f"# Training throughput vs Hugging Face (CPU, fp32)\n\nMachine: {machine()}; load average "
+            f"(1 / 5 / 15 min) {load_start} at the start, {load_average()} at the end (a load above "
+            f"the core count means other processes shared the cores).\n\n{to_markdown(rows)}\n\n"
+            "## Roofline and compile (the same run)\n\n" + roofline_markdown(rows) + "\n\n"
+            f"{args.reps} interleaved repetitions (ours, HF, {'ours compiled, ' if args.compile else ''}"
+            f"the step's GEMMs alone) after {args.warmup} warm-up steps; GFLOP/s = the step's model "
+            "FLOPs (6·N·T + 12·L·h·s·T) / its fastest CPU time; GEMM peak = the step's matmul FLOPs / "
+            "the fastest pass of those matmuls alone, same shapes and layouts; compile s = the wall "
+            "time of the first compiled step (tracing + code generation).\n")
     if args.breakdown:
         text += "\n## Where the time goes\n\n" + "\n\n".join(
             breakdown_markdown(m, s, breakdown(m, s, reps=3 if args.quick else 10))

@@ -5,6 +5,7 @@ the modules that use them. It sets ``DS_ACCELERATOR`` (if unset) to the device `
 that DeepSpeed, imported later, runs on the same one.
 """
 from minimegatron import device
+from minimegatron.compile import compile_model
 from minimegatron.config import ModelConfig, ParallelConfig
 from minimegatron.gpt import gpt_config
 from minimegatron.launch import LaunchTimeout, RankError, launch
@@ -14,4 +15,4 @@ device.align_deepspeed()  # DeepSpeed, once imported, uses the device chosen in 
 
 __version__ = "0.1.0"
 __all__ = ["launch", "RankError", "LaunchTimeout", "ModelConfig", "ParallelConfig", "gpt_config",
-           "llama_config", "__version__"]
+           "llama_config", "compile_model", "__version__"]

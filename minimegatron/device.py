@@ -239,7 +239,10 @@ def compile_backend(kind: str | None = None, cpu: bool = False) -> str | None:
 
 def compile_model(model: torch.nn.Module, kind: str | None = None, cpu: bool = False,
                   **compile_kwargs: Any) -> torch.nn.Module:
-    """``torch.compile(model, backend=compile_backend(kind))``, or ``model`` itself when None."""
+    """``torch.compile(model, backend=compile_backend(kind))``, or ``model`` itself when None.
+
+    (A wrapper module, names prefixed ``_orig_mod.``; :func:`minimegatron.compile_model` compiles in
+    place, on CPU too, and refuses lazy mode in one line: the one the trainer and benchmarks use.)"""
     backend = compile_backend(kind, cpu=cpu)
     if backend is None:
         return model

@@ -20,6 +20,8 @@ DDP overlap            :func:`record_overlap` (hooks, futures)     the hidden sh
 MoE all-to-all         :class:`MoECommCounter` (split sizes)       :func:`moe_a2a_comm` (uniform),
                                                                    :func:`routing_a2a_comm` (exact)
 MoE dropped tokens     :func:`dropped_fraction`                    :func:`expected_dropped_fraction`
+training-step FLOPs    ``torch.utils.flop_counter`` (the test)     :func:`training_step_flops`
+                                                                   (6·N·T + 12·L·h·s·T), :func:`step_gemms`
 =====================  ==========================================  =====================================
 
 Importing this package imports torch only (DeepSpeed and matplotlib are imported where used).
@@ -35,6 +37,7 @@ from minimegatron.measure.context_parallel import (cp_attention_comm, cp_layer_a
                                                    ulysses_attention_comm, ulysses_calls_per_tensor)
 from minimegatron.measure.comm import (CommCounter, CommRecord, OpTotal, format_comm_table,
                                        ring_wire_bytes, tp_layer_comm)
+from minimegatron.measure.flops import StepFlops, matmul_weights, step_gemms, training_step_flops
 from minimegatron.measure.memory import (adam_state_bytes, model_state_bytes, optimizer_state_bytes,
                                          zero1_bytes_per_parameter, zero1_optimizer_state_bytes)
 from minimegatron.measure.moe import (MoECommCounter, dropped_fraction, expected_dropped_fraction,
@@ -48,7 +51,7 @@ from minimegatron.measure.timeline import (FixedTimeLayer, PipeEvent, PipelineTi
 from minimegatron.measure.zero import (deepspeed_optimizer_state_bytes, zero_comm, zero_fp32_bytes,
                                        zero_paper_bytes, zero_paper_comm_elements, zero_state_bytes)
 
-__all__ = ["CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
+__all__ = ["StepFlops", "matmul_weights", "step_gemms", "training_step_flops", "CommCounter", "CommRecord", "OpTotal", "format_comm_table", "ring_wire_bytes",
            "tp_layer_comm", "SavedActivationCounter", "SavedTensor", "korthikanti_activation_bytes",
            "layer_activation_bytes", "layer_activation_terms", "FixedTimeLayer", "PipeEvent",
            "PipelineTimeline",

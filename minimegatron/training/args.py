@@ -6,6 +6,7 @@ the machine checks), and returns the ModelConfig to build:
 
     the values        each int >= 1 (or >= 0), each float finite and in range (:data:`FLOAT_RULES`),
                       model / recompute / dtype / pipeline_schedule one of the choices, the --split string
+    --compile         pp = 1, and a torch.compile backend on this device (:func:`check_compile`)
     the experts       --moe-top-k <= --num-experts, the capacity factor > 0; --ep: an MoE model, ep
                       dividing num_experts and dp, ZeRO stage 0, fp32 (:func:`check_experts`)
     the layout        global_batch_size = micro_batch_size · num_micro_batches · dp, the ZeRO stage
@@ -35,7 +36,8 @@ from minimegatron.training.config import (DTYPES, MODEL_CLASS, MODELS, PIPELINE_
 from minimegatron.training.preflight import check_data_path, check_machine, check_token_range
 from minimegatron.training.resume import check_resume
 
-__all__ = ["validate", "check_float", "check_split", "check_experts", "FLOAT_RULES", "TrainConfig"]
+__all__ = ["validate", "check_float", "check_split", "check_experts", "check_compile", "FLOAT_RULES",
+           "TrainConfig"]
 
 
 def _fail(msg: str) -> None:
@@ -142,6 +144,20 @@ def check_experts(cfg: TrainConfig) -> None:
               "EP ranks; use --dtype fp32 with --ep, or --ep 1 with bf16")
 
 
+def check_compile(cfg: TrainConfig) -> None:
+    """--compile: a backend exists here (Gaudi lazy mode, no C++ compiler: refused) and pp = 1."""
+    from minimegatron.compile import resolve_backend
+
+    if cfg.pp > 1:
+        _fail(f"--compile with --pp {cfg.pp}: DeepSpeed's pipeline engine compiles differently across "
+              "versions (0.14 the whole stage module, 0.19 each layer), and neither path is tested here; "
+              "use --compile with --pp 1, or leave --compile out for the pipeline")
+    try:
+        resolve_backend()
+    except ValueError as err:
+        _fail(f"--compile: {err}")
+
+
 def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
     """Raise ValueError for any layout/argument that cannot work; return the ModelConfig to build.
 
@@ -194,6 +210,8 @@ def validate(cfg: TrainConfig, preflight: bool = True) -> ModelConfig:
               "ZeRO stage 0 or 1 (it asserts 'ZeRO-2 and ZeRO-3 are incompatible with pipeline "
               "parallelism': its gradients are accumulated across micro-batches, not reduced in each "
               f"backward); use --zero-stage 1 with the pipeline, or --pp 1 for stage {cfg.zero_stage}")
+    if cfg.compile:
+        check_compile(cfg)
     if cfg.recompute not in RECOMPUTE:
         _fail(f"recompute={cfg.recompute!r}: choose one of {RECOMPUTE}")
     if cfg.dtype not in DTYPES:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the LM head's logits whole, then the loss (default: fused and chunked, "
                    "the logits never whole; same loss)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor on CPU and "
+                   "CUDA, hpu_backend on Gaudi in eager mode); pp 1 only")
     p.add_argument("--data", default=d.data, help="'random' (synthetic) or an indexed dataset's PREFIX")
     p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")
     p.add_argument("--out-dir", dest="out_dir", default=None,

@@ -86,6 +86,7 @@ class TrainConfig:
     recompute: str = "none"
     fused_lm_loss: bool = True      # LM head + loss in one chunked pass (ModelConfig.fused_lm_loss)
     dtype: str = "fp32"
+    compile: bool = False           # torch.compile the model (minimegatron.compile): engine.compile()
     eval_interval: int = 0          # 0: no evaluation
     eval_iters: int = 2             # global batches per evaluation
     data: Any = "random"            # "random", an indexed dataset prefix, or a torch Dataset whose

@@ -16,6 +16,8 @@ ZeRO stage 3        ``{"stage": 3}`` (pp = 1): + the weights: each parameter is 
                     default keeps those under 1e5 elements whole: all of a tiny model's)
 bf16                ``"bf16": {"enabled": true}``: bf16 weights and activations, fp32 master weights
 optimizer           AdamW from the config (``torch_adam``: torch's implementation, on any device)
+--compile           ``engine.compile(backend=...)``: DeepSpeed compiles the module it wraps in place
+                    (``nn.Module.compile``; :mod:`minimegatron.compile` picks the backend); pp = 1
 ==================  ===========================================================================
 
 (bf16 with ZeRO stage 0 and pp = 1 goes through DeepSpeed's ``FP16_UnfusedOptimizer``, which takes
@@ -81,6 +83,7 @@ from minimegatron.deepspeed_glue import (DeepSpeedMPU, expert_aware_gradient_red
                                          init_deepspeed_comm, is_expert_parameter, is_pipeline_tied_copy,
                                          keep_expert_parameters, quiet_deepspeed,
                                          replace_fp32_gradient_clipping)
+from minimegatron.compile import resolve_backend
 from minimegatron.config import ModelConfig
 from minimegatron.models import model_class
 from minimegatron.mpu.state import ParallelState
@@ -182,4 +185,6 @@ def build_engine(cfg: TrainConfig, model_config: ModelConfig, state: ParallelSta
     if cfg.zero_stage == 0 and cfg.dtype == "fp32" and cfg.clip_grad > 0:  # see the module docstring
         replace_fp32_gradient_clipping(
             engine, lambda: clip_grad_norm(model.parameters(), cfg.clip_grad, state).item())
+    if cfg.compile:  # DeepSpeed's own: model.compile(backend) in place (0.14.4 – 0.19)
+        engine.compile(backend=resolve_backend())
     return engine, model

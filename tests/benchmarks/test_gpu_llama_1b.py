@@ -24,9 +24,10 @@ def test_tiny_benchmark_runs_on_cpu(capsys):
     [row] = bench.main(["--tiny", "--steps", "2"])
     cfg = bench.tiny_config()
     h, L, kv = cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads * cfg.head_dim
-    expected_matmul = L * (2 * h * h + 2 * h * kv + 3 * h * cfg.ffn_hidden_size + 2 * h) + h \
-        + cfg.padded_vocab_size() * h  # the LM head counts, the input table does not
-    assert row["params"] == expected_matmul + cfg.padded_vocab_size() * h
+    expected_matmul = L * (2 * h * h + 2 * h * kv + 3 * h * cfg.ffn_hidden_size) \
+        + cfg.padded_vocab_size() * h  # the LM head counts, the input table and the norms do not
+    norms = L * 2 * h + h
+    assert row["params"] == expected_matmul + norms + cfg.padded_vocab_size() * h
     assert row["tokens_per_s"] > 0 and row["mfu_6n"] is None  # no peak FLOP/s for a CPU
     assert row["model_tflops"] == pytest.approx(row["tokens_per_s"] * 6 * expected_matmul / 1e12)
     assert "tokens/s" in capsys.readouterr().out

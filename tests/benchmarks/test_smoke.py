@@ -8,11 +8,16 @@ from benchmarks import ddp_overlap, notebook_suite, plan_examples, run_all, thro
 
 
 def test_throughput_vs_hf_quick(tmp_path):
+    """With --compile: the compiled copy's first loss is checked against eager inside compare()."""
     pytest.importorskip("transformers")
-    rows = throughput_vs_hf.main(["--quick", "--models", "llama", "--fused-ab", "--out", str(tmp_path)])
-    assert [r["model"] for r in rows] == ["llama"] and rows[0]["ratio"] > 0 and rows[0]["cpu_ratio"] > 0
+    rows = throughput_vs_hf.main(["--quick", "--compile", "--models", "llama", "--fused-ab", "--out",
+                                  str(tmp_path)])
+    [r] = rows
+    assert r["model"] == "llama" and r["ratio"] > 0 and r["cpu_ratio"] > 0
+    assert r["gemm_peak"] > 0 and r["roofline"] == r["ours_flops"] / r["gemm_peak"] > 0
+    assert r["compile_ratio"] > 0 and r["compile_s"] > 0
     text = (tmp_path / "throughput_vs_hf_quick.md").read_text()
-    assert "| llama | quick |" in text
+    assert "| llama | quick |" in text and "GEMM peak GFLOP/s" in text and "load average" in text
     assert text.index("## Fused vs unfused LM head + loss") < text.rindex("| llama | quick |")  # its row
     assert (tmp_path / "throughput_vs_hf_quick.png").stat().st_size > 0
 
