@@ -4,7 +4,8 @@ Smoke tests only: no timing is asserted (benchmarks report, they do not pass or 
 """
 import pytest
 
-from benchmarks import ddp_overlap, notebook_suite, plan_examples, run_all, throughput_vs_hf, tp_scaling
+from benchmarks import (ddp_overlap, notebook_suite, plan_examples, run_all, step_breakdown, throughput_vs_hf,
+                        tp_scaling)
 
 
 def test_throughput_vs_hf_quick(tmp_path):
@@ -24,7 +25,7 @@ def test_throughput_vs_hf_quick(tmp_path):
 
 def test_breakdown_lists_every_block():
     pytest.importorskip("transformers")
-    rows = throughput_vs_hf.breakdown("gpt", "quick", reps=1)
+    rows = step_breakdown.breakdown("gpt", "quick", reps=1)
     assert [r[0] for r in rows] == ["embedding", "1 × norm", "1 × attention", "1 × mlp", "1 × layer",
                                    "LM head + loss, fused (default)", "LM head + loss, unfused", "AdamW step"]
     assert all(ours > 0 and hf > 0 for _, ours, hf in rows)
