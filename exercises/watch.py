@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+         "reduce_scatter_tensor", "reduce_scatter_single",
          "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
 
 
@@ -57,7 +58,8 @@ class Collectives:
             bound = signature.bind(*args, **kwargs).arguments
             tensors = [t for v in bound.values() for t in (v if isinstance(v, (list, tuple)) else [v])
                        if isinstance(t, torch.Tensor)]
-            self.calls.append(dict(name=name, group=bound.get("group"),
+            op = bound.get("op", dist.ReduceOp.SUM) if name == "all_reduce" else None
+            self.calls.append(dict(name=name, group=bound.get("group"), op=_op_name(op),
                                    tracked=torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
             self._depth += 1
             try:
@@ -68,6 +70,17 @@ class Collectives:
 
     def summary(self, group: Any) -> dict:
         """{"ungrouped": names called without ``group`` (or another group), "tracked": names called on a
-        tensor autograd tracks} — picklable, for the parent."""
+        tensor autograd tracks, "reduce_ops": the op of each all_reduce ("SUM", "MAX", ...)} —
+        picklable, for the parent."""
         return {"ungrouped": sorted({c["name"] for c in self.calls if c["group"] is not group}),
-                "tracked": sorted({c["name"] for c in self.calls if c["tracked"]})}
+                "tracked": sorted({c["name"] for c in self.calls if c["tracked"]}),
+                "reduce_ops": [c["op"] for c in self.calls if c["name"] == "all_reduce"]}
+
+
+def _op_name(op: Any) -> str | None:
+    if op is None:
+        return None
+    for name in ("SUM", "MAX", "MIN", "PRODUCT", "AVG"):
+        if op == getattr(dist.ReduceOp, name, object()):
+            return name
+    return str(op)
