@@ -69,10 +69,11 @@ class Collectives:
         return logged
 
     def summary(self, group: Any) -> dict:
-        """{"ungrouped": names called without ``group`` (or another group), "tracked": names called on a
+        """{"names": every collective called, "ungrouped": names called without ``group`` (or another group), "tracked": names called on a
         tensor autograd tracks, "reduce_ops": the op of each all_reduce ("SUM", "MAX", ...)} —
         picklable, for the parent."""
-        return {"ungrouped": sorted({c["name"] for c in self.calls if c["group"] is not group}),
+        return {"names": sorted({c["name"] for c in self.calls}),
+                "ungrouped": sorted({c["name"] for c in self.calls if c["group"] is not group}),
                 "tracked": sorted({c["name"] for c in self.calls if c["tracked"]}),
                 "reduce_ops": [c["op"] for c in self.calls if c["name"] == "all_reduce"]}
 
