@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 LIGHT_DEPS = numpy sentencepiece safetensors matplotlib tqdm jupyterlab ipykernel \
              pytest pytest-timeout nbclient nbformat pyyaml "transformers>=4.45"
 
-.PHONY: install demo test lab bench clean
+.PHONY: install demo test lab bench clean student-edition
 
 $(VENV)/.installed-default: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -62,7 +62,15 @@ $(VENV)/.installed-gaudi: pyproject.toml Makefile
 	$(PY) -m pip uninstall -q -y triton 2>/dev/null || true
 	@touch $@
 
-install: $(VENV)/.installed-$(STACK)
+# Hugging Face's own Megatron -> GPT-2 converter (convert_megatron_gpt2_checkpoint.py) left the
+# transformers wheels after 4.46; tests/checkpoint/test_megatron.py runs it, taken from this pinned
+# wheel (downloaded once, no dependencies installed: the script runs on the venv's transformers).
+HF_MEGATRON_WHEEL_VERSION ?= 4.46.3
+HF_MEGATRON_WHEEL = .cache/wheels/transformers-$(HF_MEGATRON_WHEEL_VERSION)-py3-none-any.whl
+$(HF_MEGATRON_WHEEL):
+	$(PY) -m pip download -q --no-deps "transformers==$(HF_MEGATRON_WHEEL_VERSION)" -d .cache/wheels
+
+install: $(VENV)/.installed-$(STACK) $(HF_MEGATRON_WHEEL)
 
 demo: install
 	$(PY) -m minimegatron.demo $(DEMO_ARGS)
@@ -76,5 +84,10 @@ lab: install
 bench: install
 	$(PY) -m benchmarks.run_all
 
+# Instructor mode: $(STUDENT_OUT)/student (stubs, no references or solutions) + $(STUDENT_OUT)/grader
+STUDENT_OUT ?= student_edition
+student-edition: install
+	$(PY) -m exercises.student_edition $(STUDENT_OUT)
+
 clean:
-	rm -rf .venv .venv-gaudi demo_out .pytest_cache
+	rm -rf .venv .venv-gaudi demo_out .pytest_cache .cache/wheels

@@ -9,7 +9,9 @@
 2. ``tp_scaling``        TP = 1, 2, 4 (with and without sequence parallelism) on simulated ranks;
 3. ``ddp_overlap``       naive vs bucketed vs overlapped data parallelism on 2 ranks, and the share of
                          communication backward hides per bucket size;
-4. ``notebook_suite``    time to execute every notebook.
+4. ``notebook_suite``    time to execute every notebook;
+5. ``plan_examples``     the layout planner on LLaMA-2-7B / 8 Gaudi 2 and Llama-3-70B / 64 H100, next to
+                         the published layouts and throughputs.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import ddp_overlap, notebook_suite, throughput_vs_hf, tp_scaling  # noqa: E402
+from benchmarks import ddp_overlap, notebook_suite, plan_examples, throughput_vs_hf, tp_scaling  # noqa: E402
 
 BENCHMARKS = {"throughput": (throughput_vs_hf.main, ["--breakdown"]),
               "tp": (tp_scaling.main, ["--sequence-parallel"]),
               "ddp": (ddp_overlap.main, []),
-              "notebooks": (notebook_suite.main, [])}
+              "notebooks": (notebook_suite.main, []),
+              "plan": (plan_examples.main, [])}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

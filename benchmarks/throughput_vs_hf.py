@@ -5,6 +5,7 @@
     python -m benchmarks.throughput_vs_hf --quick            # seconds: the smoke test runs this
     python -m benchmarks.throughput_vs_hf --profile          # + torch.profiler top ops of each side
     python -m benchmarks.throughput_vs_hf --breakdown --threads 2   # + per-block times, 2 threads
+    python -m benchmarks.throughput_vs_hf --fused-ab         # + whole steps, fused vs unfused LM loss
 
 Same config (``config_to_hf``), same weights (``to_hf``), same dtype (fp32), same thread count, same
 optimizer (AdamW), same token ids; one training step = forward with labels, backward, optimizer step.
@@ -125,7 +126,8 @@ def breakdown(kind: str, size: str, reps: int = 10) -> list[tuple[str, float, fl
     """Where a step's time goes: (block, ours ms, HF ms), forward + backward, best CPU time of ``reps``.
 
     Blocks are timed alone with the same weights and an input of the step's shape: embedding, one
-    norm, one attention, one MLP, one whole layer, LM head + loss, the AdamW step.
+    norm, one attention, one MLP, one whole layer, LM head + loss (the fused, chunked pass — the
+    default — and the unfused head → vocab-parallel cross-entropy), the AdamW step.
     """
     from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 
@@ -159,17 +161,23 @@ def breakdown(kind: str, size: str, reps: int = 10) -> list[tuple[str, float, fl
         rows.append((f"1 × {name}", _min_cpu_ms(lambda: ours_blocks[name]().sum().backward(), reps),
                      _min_cpu_ms(lambda: hf_blocks[name]().sum().backward(), reps)))
 
+    tied = ours.embedding.word_embeddings.weight if ours.config.tie_embeddings else None
+
     def head_ours():
-        tied = ours.embedding.word_embeddings.weight if ours.config.tie_embeddings else None
         losses = vocab_parallel_cross_entropy(ours.lm_head(x, weight=tied), labels.t(), ours.state,
                                               vocab_size=ours.config.vocab_size)  # (s, b)
         (losses.sum() / (labels != -100).sum()).backward()
+
+    def head_fused():  # Σ ℓ, chunk by chunk, gradients made in the same pass (mpu/fused_cross_entropy.py)
+        (ours.lm_head(x, weight=tied, labels=labels.t()) / (labels != -100).sum()).backward()
 
     def head_hf():
         theirs.loss_function(logits=theirs.lm_head(xh), labels=ids,
                              vocab_size=theirs.config.vocab_size).backward()
 
-    rows.append(("LM head + loss", _min_cpu_ms(head_ours, reps), _min_cpu_ms(head_hf, reps)))
+    hf_head = _min_cpu_ms(head_hf, reps)
+    rows.append(("LM head + loss, fused (default)", _min_cpu_ms(head_fused, reps), hf_head))
+    rows.append(("LM head + loss, unfused", _min_cpu_ms(head_ours, reps), hf_head))
     opts = []
     for model in (ours, theirs):
         for p in model.parameters():
@@ -177,6 +185,44 @@ def breakdown(kind: str, size: str, reps: int = 10) -> list[tuple[str, float, fl
         opts.append(torch.optim.AdamW(model.parameters()))
     rows.append(("AdamW step", _min_cpu_ms(opts[0].step, reps), _min_cpu_ms(opts[1].step, reps)))
     return rows
+
+
+def fused_ab(kind: str, size: str, reps: int = 7, warmup: int = 2) -> dict[str, Any]:
+    """Whole training steps of one model with the fused LM loss and without, interleaved.
+
+    Same weights, same batch; the two first losses must agree. Ratios unfused / fused of the median
+    wall time and of the minimum process CPU time (the latter is robust to other load on the machine).
+    """
+    ours, _, ids = build_pair(kind, size)
+    other = type(ours)(ours.config.replace(fused_lm_loss=False))
+    other.load_state_dict(ours.state_dict())
+    steps = {"fused": train_step(ours.train(), ids, hf=False), "unfused": train_step(other.train(), ids, hf=False)}
+    first = {k: fn() for k, fn in steps.items()}
+    if abs(first["fused"] - first["unfused"]) > 1e-5 * max(1.0, abs(first["unfused"])):
+        raise AssertionError(f"{kind}/{size}: fused and unfused first losses differ: {first}")
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(warmup - 1):
+        for fn in steps.values():
+            fn()
+    for _ in range(reps):
+        for name, fn in steps.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+    return dict(model=kind, size=size, fused_ms=med["fused"], unfused_ms=med["unfused"],
+                ratio=med["unfused"] / med["fused"], cpu_ratio=min(cpu["unfused"]) / min(cpu["fused"]),
+                chunk=ours.lm_head.loss_chunk)
+
+
+def fused_ab_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | size | fused step ms (median) | unfused step ms (median) | unfused / fused "
+             "(median wall) | unfused / fused (min CPU) |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['size']} | {r['fused_ms']:.1f} | {r['unfused_ms']:.1f} | "
+              f"{r['ratio']:.2f}× | {r['cpu_ratio']:.2f}× |" for r in rows]
+    return "\n".join(lines)
 
 
 def profile(kind: str, size: str, steps: int = 3, top: int = 15) -> str:
@@ -246,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         "scheduling on a busy machine)")
     p.add_argument("--profile", action="store_true", help="also write torch.profiler tables")
     p.add_argument("--breakdown", action="store_true", help="also time each block alone (ours vs HF)")
+    p.add_argument("--fused-ab", dest="fused_ab", action="store_true",
+                   help="also time whole steps with the fused LM loss against the unfused one")
     p.add_argument("--quick", action="store_true", help="a toy size, 2 repetitions (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -262,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         text += "\n## Where the time goes\n\n" + "\n\n".join(
             breakdown_markdown(m, s, breakdown(m, s, reps=3 if args.quick else 10))
             for s in args.sizes for m in args.models) + "\n"
+    if args.fused_ab:
+        ab = [fused_ab(m, s, args.reps, args.warmup) for s in args.sizes for m in args.models]
+        text += ("\n## Fused vs unfused LM head + loss, whole training steps (interleaved)\n\n"
+                 + fused_ab_markdown(ab) + "\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "throughput_vs_hf" + ("_quick" if args.quick else "")

@@ -27,10 +27,22 @@
       Return one list of sample indices per micro-batch. Example: step 1, dp_rank 1, G=8,
       micro_batch_size 2, dp 2 -> [[12, 13], [14, 15]].
 
+10.4  choose_layout(scenario) -> minimegatron.plan.Layout
+
+      Now *choose* the grid. For each scenario of ``SCENARIOS`` (a model, N devices of one kind, a
+      global batch and a sequence length) return a Layout(tp, pp, dp, cp, zero, recompute,
+      micro_batch) that uses all N devices, divides (heads by tp, layers by pp, the batch by
+      dp·micro_batch), fits in 90 % of a device's memory and reaches at least 90 % of the tokens/s of
+      the fastest layout the planner finds. Reason it out first — bytes per parameter per ZeRO stage
+      (notebooks 07, 16), activations per layer (05, 08), what each kind of parallelism sends and over
+      which link (01, 06, 14) — then try candidates with ``minimegatron.plan.estimate`` (not
+      ``plan``, which ranks them all for you). The grader says which rule a layout breaks.
+
 Grade with:  grade_rank_coordinates(rank_coordinates)   grade_rank_groups(rank_groups)
-             grade_replica_micro_batches(replica_micro_batches)
+             grade_replica_micro_batches(replica_micro_batches)   grade_choose_layout(choose_layout)
 The references are minimegatron.mpu.state (ParallelState, grid_groups) and
-minimegatron.training (TrainConfig.num_micro_batches, training.data.micro_batches).
+minimegatron.training (TrainConfig.num_micro_batches, training.data.micro_batches); 10.4's is
+minimegatron.plan (exercises/_ex10_planning.py checks with it).
 """
 from __future__ import annotations
 
@@ -38,7 +50,10 @@ from typing import Any, Callable
 
 from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate,
                                grader, kind_of, passed, run_graded, run_isolated)
+from exercises import _ex10_planning
+from exercises._ex10_planning import SCENARIOS  # noqa: F401 - the scenarios of 10.4, for the student
 from minimegatron.mpu.state import ParallelState, grid_groups
+from minimegatron.plan import Layout
 from minimegatron.training.args import TrainConfig
 from minimegatron.training.data import micro_batches
 
@@ -63,6 +78,22 @@ def replica_micro_batches(step: int, dp_rank: int, global_batch_size: int, micro
     """Your code (10.3): the sample indices of each micro-batch replica ``dp_rank`` trains on."""
     raise NotImplementedError("Exercise 10.3: replica d of step t reads samples t·G + d·G/dp + … in "
                               "micro-batches of micro_batch_size -> a list of lists of indices")
+
+
+def choose_layout(scenario: str) -> Layout:
+    """Your code (10.4): a Layout for ``SCENARIOS[scenario]`` that divides, fits and is fast."""
+    raise NotImplementedError("Exercise 10.4: return a minimegatron.plan.Layout(tp=…, pp=…, dp=…, "
+                              "zero=…, recompute=…, micro_batch=…) for each scenario in SCENARIOS")
+
+
+@grader
+def grade_choose_layout(candidate: Callable[[str], Layout], timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+    """Each scenario's layout checked with the planner (``exercises/_ex10_planning.py``). The planner's
+    best layouts are found here first (the isolated child inherits them); the candidate runs in a
+    separate process, ``timeout`` s."""
+    for name in SCENARIOS:
+        _ex10_planning.best_plan(name)
+    return run_isolated(_ex10_planning.grade, candidate, timeout=timeout, role="choose_layout")
 
 
 def _call(exercise: str, shown: str, candidate: Callable, *args: Any) -> Any:

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from exercises import _ex16_given as G
 from exercises import _ex16_mistakes as M
 from exercises._ex16_ranks import DDP_STEPS, ddp_case, zero2_case, zero3_case
 from exercises.grading import MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed, run_graded
@@ -101,12 +102,12 @@ class Zero2AdamW:
         self.weight_decay, self.step_count = weight_decay, 0
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.bucket_of = {p: i for i, bucket in enumerate(buckets) for p in bucket}
-        self.padded = [M.padded(sum(p.numel() for p in b), self.dp) for b in buckets]  # bucket i, flat
+        self.padded = [G.padded(sum(p.numel() for p in b), self.dp) for b in buckets]  # bucket i, flat
         self.shard_range, lo, slices = [], 0, []
         for i, size in enumerate(self.padded):
             s = size // self.dp
             self.shard_range.append((lo, lo + s))
-            slices.append(M.flat(buckets[i], size)[self.rank * s:(self.rank + 1) * s])
+            slices.append(G.flat(buckets[i], size)[self.rank * s:(self.rank + 1) * s])
             lo += s
         self.master = torch.cat(slices)                 # (Σ padded_i/dp,) this rank's fp32 weights
         self.grad_shard = torch.zeros_like(self.master)  # (Σ padded_i/dp,) Σ_r of this rank's slices
@@ -118,7 +119,7 @@ class Zero2AdamW:
 
     def flat_grads(self, i: int) -> torch.Tensor:
         """Bucket i's gradients, flattened and zero-padded: (padded_i,)."""
-        return M.flat([p.grad for p in self.buckets[i]], self.padded[i])
+        return G.flat([p.grad for p in self.buckets[i]], self.padded[i])
 
     @torch.no_grad()
     def set_params(self, i: int, full: torch.Tensor) -> None:
@@ -169,8 +170,8 @@ class Zero3Model:
         r, self.units = dist.get_rank(group), []
         for module in (m for m in model if list(m.parameters())):  # a unit per layer with parameters
             params = list(module.parameters())
-            size = M.padded(sum(p.numel() for p in params), self.dp)
-            shard = nn.Parameter(M.flat(params, size).chunk(self.dp)[r].clone())  # (size/dp,)
+            size = G.padded(sum(p.numel() for p in params), self.dp)
+            shard = nn.Parameter(G.flat(params, size).chunk(self.dp)[r].clone())  # (size/dp,)
             unit = Unit(module, params, [p.shape for p in params], size, shard, group)
             for p in params:
                 p.data = torch.empty(0)  # freed: the shard is all this rank keeps
@@ -195,7 +196,7 @@ class Zero3Model:
         if unit.ready < len(unit.params):
             return
         grad = torch.empty_like(unit.shard)  # (padded/dp,)
-        reduce_scatter_tensor(grad, M.flat([p.grad for p in unit.params], unit.padded), group=self.group)
+        reduce_scatter_tensor(grad, G.flat([p.grad for p in unit.params], unit.padded), group=self.group)
         unit.shard.grad = grad / self.dp
         for p in unit.params:
             p.grad = None

@@ -16,6 +16,12 @@ attention: LLaMA-2 70B and LLaMA-3 use fewer kv heads than query heads, LLaMA-1 
 Mixture of experts (``num_experts``, ``moe_top_k``, ``moe_every``, ``moe_capacity_factor``, the two
 loss coefficients; ``layers/moe.py``) is off in both presets; Mixtral is LLaMA with it on — one more
 porting point, :data:`MOE_PORTING_POINTS`, whose values live in :func:`minimegatron.mixtral.mixtral_config`.
+
+Llama-3-family checkpoints need three more fields, alike in both presets (their defaults change
+nothing): ``head_dim`` (None: hidden/heads; Megatron's ``kv_channels``), ``attention_bias`` (True:
+q/k/v and o_proj biases even where ``bias=False``, as HF LLaMA's ``attention_bias``; GPT, with
+``bias=True``, has them anyway: :attr:`ModelConfig.has_attention_bias`) and
+``rope_scaling`` (a :class:`~minimegatron.rope_scaling.RopeScaling`: ``linear`` or ``llama3``).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Collection, Literal
 
+from minimegatron.rope_scaling import RopeScaling
 from minimegatron.sizes import divide, is_int, pad_vocab_size
 
 Norm = Literal["layernorm", "rmsnorm"]
@@ -59,6 +66,7 @@ class ModelConfig:
     num_layers: int = 2
     num_attention_heads: int = 4
     num_kv_heads: int | None = None        # None = num_attention_heads (MHA); 1 = MQA; else GQA
+    head_dim: int | None = None            # None: hidden/heads (Megatron's kv_channels); q/k/v heads·d wide
     max_seq_len: int = 128
     ffn_hidden_size: int | None = None     # None: 4h (gelu) or multiple_of·ceil(8h/3 / multiple_of)
     multiple_of: int = 32
@@ -68,13 +76,19 @@ class ModelConfig:
     gelu_approximate: Literal["none", "tanh"] = "tanh"   # GPT-2's "gelu_new" is the tanh form
     position_embedding: Positions = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; linear | llama3 (rope_scaling.py)
     bias: bool = True
+    attention_bias: bool = False           # q/k/v/o biases even where bias=False (HF LLaMA's attention_bias)
     tie_embeddings: bool = True
     final_norm: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     use_fused_kernels: bool = True          # Gaudi's fused kernels for tensors on "hpu" (kernels.py)
+    # the LM head + loss in one chunked pass, logits never whole (mpu/fused_cross_entropy.py); a
+    # runtime setting like the two above: same weights, same loss (checkpoints ignore it)
+    fused_lm_loss: bool = True
+    lm_loss_chunk: int | None = None        # tokens whose logits exist at once; None: ≥ 256 and ≥ 2M logits
     # mixture of experts (layers/moe.py): 0 = dense; layer i is MoE iff i % moe_every == 0 (Megatron's
     # moe_layer_freq: 1 = every layer, Mixtral; 2 = layers 0, 2, 4, …)
     num_experts: int = 0
@@ -87,9 +101,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # remember which fields were derived, so that replace() derives them again
-        self._derived = {n for n in ("num_kv_heads", "ffn_hidden_size") if getattr(self, n) is None}
+        self._derived = {n for n in ("num_kv_heads", "ffn_hidden_size", "head_dim")
+                         if getattr(self, n) is None}
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_attention_heads
+        self.rope_scaling = RopeScaling.coerce(self.rope_scaling)  # a dict from to_dict / JSON too
         if self.ffn_hidden_size is None:
             if self.activation == "swiglu":
                 self.ffn_hidden_size = self.multiple_of * math.ceil(
@@ -107,15 +123,28 @@ class ModelConfig:
         _check(self.position_embedding in ("learned", "rope", "alibi"),
                f"ModelConfig.position_embedding={self.position_embedding!r}: "
                "use 'learned' (GPT), 'rope' (LLaMA) or 'alibi'")
-        _check(self.hidden_size % self.num_attention_heads == 0,
-               f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-               f"{self.num_attention_heads}; choose sizes so that head_dim = hidden/heads is an int")
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_attention_heads == 0,
+                   f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                   f"{self.num_attention_heads}; choose sizes so that head_dim = hidden/heads is an int, "
+                   "or set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _check(is_int(self.head_dim) and self.head_dim > 0,
+               f"ModelConfig.head_dim={self.head_dim!r} must be a positive int (or None: hidden/heads)")
+        _check(isinstance(self.attention_bias, bool),
+               f"ModelConfig.attention_bias={self.attention_bias!r} must be True or False")
+        _check(self.rope_scaling is None or self.position_embedding == "rope",
+               f"rope_scaling={self.rope_scaling} stretches RoPE's frequencies: it needs "
+               f"position_embedding='rope', not {self.position_embedding!r}")
         _check(is_int(self.num_kv_heads) and 0 < self.num_kv_heads <= self.num_attention_heads
                and self.num_attention_heads % self.num_kv_heads == 0,
                f"num_kv_heads={self.num_kv_heads} must divide num_attention_heads="
                f"{self.num_attention_heads} (1 = MQA, heads = MHA, a divisor in between = GQA)")
         _check(self.position_embedding != "rope" or self.head_dim % 2 == 0,
                f"rotary embeddings rotate pairs of dims: head_dim={self.head_dim} must be even")
+        _check(self.lm_loss_chunk is None or (is_int(self.lm_loss_chunk) and self.lm_loss_chunk > 0),
+               f"ModelConfig.lm_loss_chunk={self.lm_loss_chunk!r} must be a positive int (tokens per chunk "
+               "of the fused LM loss) or None (chosen from the vocab size)")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         _check(_is_real(self.norm_eps) and self.norm_eps > 0,
                f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0: it keeps the norm's 1/sqrt(var + eps) "
@@ -152,8 +181,14 @@ class ModelConfig:
         return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def has_attention_bias(self) -> bool:
+        """Whether attention's q/k/v and output projections carry biases: ``bias or attention_bias``."""
+        return self.bias or self.attention_bias
+
+    @property
+    def attention_width(self) -> int:
+        """heads · head_dim: the query projection's output and ``dense``'s input (= hidden by default)."""
+        return self.num_attention_heads * self.head_dim
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab rounded up to a multiple of make_vocab_size_divisible_by·tp (Megatron's padding)."""
@@ -200,6 +235,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        """The repr wrapped at 100 columns, for ``print(config)`` (still valid Python: eval gives it back)."""
+        return _wrapped_repr(self)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = set(cls.__dataclass_fields__)
@@ -211,6 +250,19 @@ class ModelConfig:
         """A copy with some fields changed (derived fields recomputed if they were derived)."""
         derived = {name: None for name in getattr(self, "_derived", ()) if name not in changes}
         return replace(self, **derived, **changes)
+
+
+def _wrapped_repr(obj: Any, width: int = 100) -> str:
+    """``Name(a=1, b='x', ...)`` broken between fields (never inside a value), continuation lines
+    indented under the first field."""
+    head = f"{type(obj).__name__}("
+    lines, line = [], head
+    for item in (f"{f}={getattr(obj, f)!r}" for f in obj.__dataclass_fields__):
+        if line.strip() and len(line) + len(item) + 2 > width and line != head:
+            lines.append(line.rstrip())
+            line = " " * len(head)
+        line += item + ", "
+    return "\n".join(lines + [line[:-2] + ")"])
 
 
 def diff_fields(a: dict[str, Any], b: dict[str, Any], ignore: Collection[str] = ()) -> list[str]:
@@ -260,6 +312,9 @@ class ParallelConfig:
     cp: int = 1
     cp_comm: str = "p2p"
     ep: int = 1
+
+    def __str__(self) -> str:
+        return _wrapped_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):

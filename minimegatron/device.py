@@ -87,6 +87,18 @@ def device_type() -> str:
     return "cpu"
 
 
+def align_deepspeed() -> str:
+    """Tell DeepSpeed the device chosen here (``DS_ACCELERATOR``, unless already set) and return it.
+
+    DeepSpeed picks its accelerator once, when first imported, by its own detection, and on a CPU
+    machine warns "Setting accelerator to CPU ... we were unable to detect it". ``import minimegatron``
+    calls this first, so the engine and the package agree by construction (also when
+    ``MINIMEGATRON_DEVICE=cpu`` forces the CPU on a machine that has a GPU) and nothing warns."""
+    kind = device_type()
+    os.environ.setdefault("DS_ACCELERATOR", kind)
+    return kind
+
+
 def dist_backend(kind: str | None = None) -> str:
     """The torch.distributed backend for a device type: gloo | nccl | hccl."""
     kind = kind or device_type()

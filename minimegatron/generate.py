@@ -1,4 +1,4 @@
-"""Text generation with a KV cache: greedy, temperature, top-k, top-p and beam search, under TP.
+"""Text generation with a KV cache: greedy, temperature, top-k, top-p and beam search, under TP and PP.
 
 A language model gives ``p(x_t | x_<t)``. Generation appends one token at a time::
 
@@ -15,8 +15,12 @@ values of earlier tokens never change (causal attention), so each layer caches t
 per step. Per step the matmuls shrink from ``s + t`` tokens to 1; attention still reads all
 ``s + t`` cached keys (:func:`forward_flops` counts both).
 
-Batches: the prompts of one call have equal length (a (b, s) tensor), so no padding or attention mask
-is needed; run prompts of different lengths in separate calls. A row that emits EOS is finished: its
+Batches: prompts of different lengths share one call *left-padded* to a (b, s) tensor, with
+``attention_mask`` (b, s) 0 on the pads (Hugging Face's ``generate``, Megatron's ``megatron_generate``).
+The pads come first, so every row's last prompt token is at column s-1 and all rows generate in step;
+the pad keys are masked in the prefill and in every cached step (the KV cache carries the mask), and
+positions count only real tokens (``cumsum(mask) - 1``): each row decodes as it would alone. Without a
+mask (or with no zero in it) the unmasked path runs, unchanged. A row that emits EOS is finished: its
 later positions hold ``pad_token_id`` (default: the EOS id), as in Hugging Face's ``generate``.
 
 Tensor parallelism: every TP rank runs this same loop on the same prompts. The logits are all-gathered
@@ -25,8 +29,13 @@ are additionally broadcast from the first rank of the TP group, so every rank fe
 Per cached step that is 2 all-reduces of (1, b, h) per layer (forward only: no backward pairs), one
 all-gather of the (b, V/tp) logits and one broadcast of b token ids.
 
+Pipeline parallelism: ``generate`` on a stage of a ``minimegatron.pipe.LanguageModelPipe`` runs the
+same loop on every rank of the TP×PP grid; the forward goes stage to stage and the last stage chooses
+(``generate_pipe.py``, with its communication count).
+
 Beam search (``num_beams > 1``) is in ``generate_beam.py``; the checks and helpers both loops share
-(the prompt, the EOS ids, the TP broadcast) are in ``generate_helpers.py``, below both.
+(the prompt and its mask, the EOS ids, the :class:`~minimegatron.generate_helpers.Decoder` that feeds
+the model and broadcasts the choice) are in ``generate_helpers.py``, below both.
 """
 from __future__ import annotations
 
@@ -36,8 +45,7 @@ import torch
 from torch import nn
 
 from minimegatron.generate_beam import beam_search
-from minimegatron.generate_helpers import _check, _eos_tensor, _last_logits, _same_on_tp_ranks, _state
-from minimegatron.layers.attention import KVCache
+from minimegatron.generate_helpers import _check, _check_mask, _decoder, _eos_tensor, _state
 
 __all__ = ["generate", "top_k_filter", "top_p_filter", "sample_next_token", "forward_flops"]
 
@@ -82,12 +90,16 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int = 0, use_cache: bool = True,
              logits_processor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Continue ``input_ids`` (b, s) by up to ``max_new_tokens``; returns (b, s + generated).
+
+    ``attention_mask`` (b, s): 1 on prompt tokens, 0 on the left padding of shorter prompts (right
+    padding, an all-pad row or another shape is refused).
 
     Greedy by default; ``do_sample=True`` samples with ``temperature``/``top_k``/``top_p`` from a
     generator seeded with ``seed`` (the same on all TP ranks); ``num_beams > 1`` runs
@@ -98,7 +110,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20
         if do_sample or logits_processor is not None:
             raise ValueError("beam search here is deterministic and unprocessed: use num_beams > 1 with "
                              "do_sample=False and no logits_processor, or num_beams=1")
-        return beam_search(model, input_ids, max_new_tokens, num_beams=num_beams,
+        return beam_search(model, input_ids, max_new_tokens, attention_mask=attention_mask,
+                           num_beams=num_beams,
                            length_penalty=length_penalty, early_stopping=early_stopping,
                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=use_cache)
     if not do_sample and (temperature != 1.0 or top_k != 0 or top_p != 1.0):
@@ -112,27 +125,31 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     state = _state(model)
     ids = _check(model, input_ids, max_new_tokens)
+    prompt_mask = _check_mask(attention_mask, ids)
     eos = _eos_tensor(eos_token_id, model.config.vocab_size, ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     generator = torch.Generator(device=ids.device).manual_seed(seed) if do_sample else None
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config.num_layers) if use_cache else None
+        decoder = _decoder(model, state, prompt_mask, use_cache)
         unfinished = torch.ones(ids.size(0), dtype=torch.bool, device=ids.device)  # (b,)
         feed = ids  # prefill: the whole prompt
         for _ in range(max_new_tokens):
-            logits = _last_logits(model, feed, cache)  # (b, V)
-            if logits_processor is not None:
-                logits = logits_processor(logits)
-            token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)  # (b,)
-            token = _same_on_tp_ranks(token, state)
+            logits = decoder.step(feed)  # (b, V); None on a pipeline stage before the last
+            if logits is None:
+                token = torch.empty(ids.size(0), dtype=torch.long, device=ids.device)  # to receive
+            else:
+                if logits_processor is not None:
+                    logits = logits_processor(logits)
+                token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)  # (b,)
+            token = decoder.share(token)  # every rank feeds the same token
             token = torch.where(unfinished, token, torch.full_like(token, pad))
             ids = torch.cat([ids, token[:, None]], dim=1)  # (b, s + t + 1)
             unfinished &= ~torch.isin(token, eos)
             if not unfinished.any():
                 break
-            feed = token[:, None] if use_cache else ids  # (b, 1) with the cache, else everything
+            feed = token[:, None]  # (b, 1): the decoder caches (or keeps) the rest
     finally:
         model.train(was_training)
     return ids if input_ids.dim() == 2 else ids[0]
@@ -145,12 +162,13 @@ def forward_flops(config, new_tokens: int, context: int, batch: int = 1) -> dict
 
     ``dense``: the weight matmuls, ``2·tokens·(#weights)`` (QKV, dense, MLP, LM head over the padded
     vocab); ``attention``: ``QKᵀ`` and ``probs·V``, ``2·2·new·context·h`` per layer (the causal mask
-    is not subtracted). Without a cache step t has new = context = s + t; with it new = 1.
+    is not subtracted; ``h`` there is heads·head_dim, the hidden size unless ``head_dim`` is set).
+    Without a cache step t has new = context = s + t; with it new = 1.
     """
-    h, f, L = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    h, f, L, a = config.hidden_size, config.ffn_hidden_size, config.num_layers, config.attention_width
     kv_out = 2 * config.num_kv_heads * config.head_dim
     up = (2 if config.activation == "swiglu" else 1) * f
-    per_token = L * (h * (h + kv_out) + h * h + h * up + f * h) + h * config.padded_vocab_size(1)
+    per_token = L * (h * (a + kv_out) + a * h + h * up + f * h) + h * config.padded_vocab_size(1)
     dense = 2 * batch * new_tokens * per_token
-    attention = L * 2 * 2 * batch * new_tokens * context * h
+    attention = L * 2 * 2 * batch * new_tokens * context * a
     return {"dense": dense, "attention": attention, "total": dense + attention}

@@ -10,8 +10,12 @@ algorithm and scoring)::
 rows of one batch (b·K, s): the KV cache is reordered after each step so that every surviving beam
 continues the cache of the beam it extends (``KVCache.reorder``).
 
-Tensor parallelism: as in ``generate.py``, every TP rank runs this loop; the chosen candidates are
-broadcast from the first rank of the TP group, so all ranks keep the same beams.
+Padded prompts (``attention_mask``, left padding): each prompt's mask is repeated for its K beams and
+grows by a 1 per generated token; the cache carries it and reorders it with the beams.
+
+Tensor and pipeline parallelism: as in ``generate.py``, every rank runs this loop; the rank that has
+the logits (the first TP rank; under PP, of the last stage) broadcasts the chosen candidates — their
+(b, keep) indices and scores — so all ranks keep the same beams and reorder their caches alike.
 """
 from __future__ import annotations
 
@@ -20,8 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from minimegatron.generate_helpers import _check, _eos_tensor, _last_logits, _same_on_tp_ranks, _state
-from minimegatron.layers.attention import KVCache
+from minimegatron.generate_helpers import _check, _check_mask, _decoder, _eos_tensor, _state
 
 __all__ = ["beam_search"]
 
@@ -35,7 +38,8 @@ def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_search(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
-                num_beams: int = 3, length_penalty: float = 1.0, early_stopping: bool = False,
+                attention_mask: torch.Tensor | None = None, num_beams: int = 3,
+                length_penalty: float = 1.0, early_stopping: bool = False,
                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                 use_cache: bool = True) -> torch.Tensor:
     """The best of ``num_beams`` hypotheses per prompt, Hugging Face's algorithm and scoring.
@@ -52,6 +56,7 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int =
         raise ValueError(f"early_stopping must be True or False, got {early_stopping!r}")
     state = _state(model)
     prompt = _check(model, input_ids, max_new_tokens)
+    prompt_mask = _check_mask(attention_mask, prompt)  # (b, s) or None
     b, s = prompt.shape
     K, V, T = num_beams, model.config.vocab_size, max_new_tokens
     eos = _eos_tensor(eos_token_id, V, prompt.device)
@@ -72,14 +77,20 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int =
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config.num_layers) if use_cache else None
+        beam_mask = None if prompt_mask is None else prompt_mask.repeat_interleave(K, dim=0)  # (b·K, s)
+        decoder = _decoder(model, state, beam_mask, use_cache)
         feed = seqs[:, :, :s].reshape(b * K, s)  # (b·K, s)
         for t in range(T):
             cur = s + t  # tokens so far; the new one goes to position cur
-            logp = torch.log_softmax(_last_logits(model, feed, cache), dim=-1).view(b, K, V)
-            cand = (logp + scores[:, :, None]).view(b, K * V)  # Σ log p of every (beam, token)
-            top = _same_on_tp_ranks(torch.topk(cand, keep, dim=-1).indices, state)  # (b, keep)
-            top_scores = cand.gather(1, top)  # (b, keep), sorted
+            logits = decoder.step(feed)  # (b·K, V); None on a pipeline stage before the last
+            if logits is None:  # receive the choice
+                top_scores = torch.empty(b, keep, device=dev)
+                top = torch.empty(b, keep, dtype=torch.long, device=dev)
+            else:
+                logp = torch.log_softmax(logits, dim=-1).view(b, K, V)
+                cand = (logp + scores[:, :, None]).view(b, K * V)  # Σ log p of every (beam, token)
+                top_scores, top = torch.topk(cand, keep, dim=-1)  # (b, keep), sorted
+            top, top_scores = decoder.share(top), decoder.share(top_scores)  # the same on every rank
             beam, token = top // V, top % V  # which beam each candidate extends, with which token
             cand_seqs = _pick(seqs, beam)  # (b, keep, s + T)
             cand_seqs[:, :, cur] = token
@@ -104,12 +115,9 @@ def beam_search(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int =
             can_improve &= (scores[:, :1] / float(t + 1) ** length_penalty > worst).any(dim=1)
             if not can_improve.any() or ends.all() or (early_stopping and done.all()):
                 break
-            if use_cache:
-                src = (_pick(beam, nxt) + torch.arange(b, device=dev)[:, None] * K).view(-1)  # (b·K,)
-                cache.reorder(src)  # each running beam continues the cache of the beam it extends
-                feed = seqs[:, :, cur:cur + 1].reshape(b * K, 1)  # (b·K, 1) the new token
-            else:
-                feed = seqs[:, :, :cur + 1].reshape(b * K, cur + 1)  # (b·K, cur+1) everything
+            src = (_pick(beam, nxt) + torch.arange(b, device=dev)[:, None] * K).view(-1)  # (b·K,)
+            decoder.reorder(src)  # each running beam continues the cache (and mask) of the beam it extends
+            feed = seqs[:, :, cur:cur + 1].reshape(b * K, 1)  # (b·K, 1) the new token
     finally:
         model.train(was_training)
     out = done_seqs[:, 0, :s + int(done_len[:, 0].max())]  # best hypothesis, cropped to the longest

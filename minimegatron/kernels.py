@@ -13,7 +13,8 @@ without the kernel, it runs the plain PyTorch formula. Both paths compute the sa
     Gaudi: ``hpex.kernels.RotaryPosEmbeddingHelperV1.apply(x, cos, sin, 0)``
 ``scaled_dot_product_attention(q, k, v, causal, scale, bias)``
     plain: ``F.scaled_dot_product_attention`` = ``softmax(q·kᵀ·scale + causal mask) · v``; with an
-           additive ``bias`` (ALiBi) the formula spelled out, scores and softmax in fp32
+           additive ``bias`` (ALiBi) the formula spelled out, scores and softmax in fp32; a
+           ``key_mask`` (left-padded batch) adds its mask to either
     Gaudi: ``hpex.kernels.FusedSDPA.apply(q, k, v, None, dropout_p, causal, scale)`` (no bias)
 
 **The switch** is the keyword ``fused: bool = True`` of every dispatcher; model code passes its
@@ -177,13 +178,33 @@ def _attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     return probs @ v  # (b, n, s_q, d)
 
 
+def padded_attention_mask(key_mask: torch.Tensor, s_q: int, causal: bool = True) -> torch.Tensor:
+    """Which keys each query sees in a left-padded batch: (b, 1, s_q, s_k) bool, from ``key_mask``
+    (b, s_k), True = a real token. Causal (end-aligned) AND a real key — OR the query's own key, so
+    that a pad query (whose every earlier key is a pad) still has one key and gives a finite, unused
+    output instead of softmax over nothing (NaN, which would leak into its neighbours as 0·NaN)."""
+    b, s_k = key_mask.shape
+    own = torch.arange(s_k, device=key_mask.device) == (
+        torch.arange(s_q, device=key_mask.device)[:, None] + s_k - s_q)  # (s_q, s_k): the diagonal
+    seen = causal_mask(s_q, s_k, key_mask.device) if causal else torch.ones_like(own)
+    return (seen & key_mask.bool()[:, None, None, :]) | own  # (b, 1, s_q, s_k)
+
+
 def plain_scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        causal: bool = True, scale: float | None = None,
-                                       dropout_p: float = 0.0, bias: torch.Tensor | None = None
-                                       ) -> torch.Tensor:
+                                       dropout_p: float = 0.0, bias: torch.Tensor | None = None,
+                                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the end-aligned causal mask when ``s_q != s_k``, or the
-    spelled-out formula with an additive ``bias``; q, k, v share their head count here."""
+    spelled-out formula with an additive ``bias``; q, k, v share their head count here. ``key_mask``
+    (b, s_k): a padded batch, masked by :func:`padded_attention_mask`."""
     s_q, s_k = q.shape[-2], k.shape[-2]
+    if key_mask is not None:
+        allowed = padded_attention_mask(key_mask, s_q, causal)  # (b, 1, s_q, s_k), causal included
+        if bias is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                                  scale=scale)
+        bias = bias.masked_fill(~allowed, float("-inf"))  # (b, n, s_q, s_k)
+        return _attention_with_bias(q, k, v, bias, False, scale, dropout_p)
     if bias is not None:
         return _attention_with_bias(q, k, v, bias, causal, scale, dropout_p)
     if causal and s_q != s_k:
@@ -195,10 +216,12 @@ def plain_scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torc
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  causal: bool = True, scale: float | None = None, *,
                                  dropout_p: float = 0.0, bias: torch.Tensor | None = None,
-                                 fused: bool = True) -> torch.Tensor:
+                                 key_mask: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """``softmax(q·kᵀ·scale [+ bias] [+ causal mask]) · v``: ``(b, n_q, s_q, d)``; ``scale`` None = 1/sqrt(d).
 
-    ``bias`` (broadcast to ``(b, n_q, s_q, s_k)``, e.g. ALiBi's ``(n_q, s_q, s_k)``) takes the plain path.
+    ``bias`` (broadcast to ``(b, n_q, s_q, s_k)``, e.g. ALiBi's ``(n_q, s_q, s_k)``) takes the plain path,
+    and so does ``key_mask`` (b, s_k) bool, True = a real key: a left-padded batch, whose pad keys no
+    query sees (:func:`padded_attention_mask`). Without them nothing changes.
     ``dropout_p`` applies to the attention probabilities: pass 0 in eval, and run the call under the
     model-parallel RNG tracker when heads are split over TP ranks.
     """
@@ -211,7 +234,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                          f"head_dim must match and n_kv={n_kv} must divide n_q={n_q} (GQA groups)")
     k, v = repeat_kv(k, n_q // n_kv), repeat_kv(v, n_q // n_kv)  # (b, n_q, s_k, d)
     kernel = fused_kernel("scaled_dot_product_attention", _device_type(q), fused)
-    if kernel is None or bias is not None or (causal and q.shape[-2] != k.shape[-2]):
-        return plain_scaled_dot_product_attention(q, k, v, causal, scale, dropout_p, bias)
+    plain = bias is not None or key_mask is not None or (causal and q.shape[-2] != k.shape[-2])
+    if kernel is None or plain:
+        return plain_scaled_dot_product_attention(q, k, v, causal, scale, dropout_p, bias, key_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return kernel.apply(q, k, v, None, dropout_p, causal, scale)  # (q, k, v, mask, p, causal, scale)

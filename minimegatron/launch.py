@@ -39,11 +39,12 @@ import pickle
 import re
 import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ from minimegatron.compat import tcp_store
 from minimegatron.processes import (Prctl, die_with_parent, fork_from_fresh_thread, kill_child, linux_prctl,
                                     private_temp_dir, request_stacks, sigterm_as_exit, stacks_on_sigusr1)
 
-__all__ = ["launch", "RankError", "LaunchTimeout", "in_launcher"]
+__all__ = ["launch", "RankError", "LaunchTimeout", "in_launcher", "check_can_fork"]
 
 TMP_PREFIX = "minimegatron-launch-"  # + "<parent pid>-<random>": a dead parent's dir is swept
 WAIT_SLICE_S = 3600.0  # connection.wait() takes int32 milliseconds: wait at most this long at once
@@ -103,7 +104,17 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float |
     if dist.is_initialized():
         raise RuntimeError("launch() forks new ranks, but this process is already a rank of a process "
                            "group; call fn directly there, or destroy_process_group() first.")
+    check_can_fork()
     return _fork_ranks(fn, world_size, args, kwargs, timeout, backend, threads_per_rank)
+
+
+def check_can_fork(start_methods: Sequence[str] | None = None) -> None:
+    """Simulated ranks are forked processes: where Python cannot fork (native Windows), say what works."""
+    methods = mp.get_all_start_methods() if start_methods is None else start_methods
+    if "fork" not in methods:
+        raise RuntimeError(f"simulated ranks are forked processes, and this Python ({sys.platform}) cannot "
+                           f"fork (start methods: {', '.join(methods)}); run minimegatron under Linux, "
+                           f"WSL 2 or macOS (see COURSE.md, 'Where it runs')")
 
 
 def _positive_int(name: str, value: Any) -> int:

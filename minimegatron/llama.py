@@ -6,6 +6,13 @@ porting list. Switch one field to study it alone, ``LLaMAModel(llama_config(norm
 ``model.changes`` lists the fields that differ from LLaMA. Every layer lives in
 :class:`~minimegatron.layers.language_model.LanguageModel`; Hugging Face's ``LlamaForCausalLM``
 converts both ways (``minimegatron.checkpoint.hf``, which maps every weight name).
+
+The Llama-3 family is this preset with sizes and three fields that default to "off" in both presets
+(so they are not porting points): Llama-3.1 8B is ``llama_config(hidden_size=4096, num_layers=32,
+num_attention_heads=32, num_kv_heads=8, ffn_hidden_size=14336, rope_theta=500000,
+rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), ...)``; Llama-3.2 ties the embeddings
+(``tie_embeddings=True``); Qwen2-style attention biases are ``attention_bias=True``; a head width
+other than hidden/heads is ``head_dim``.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ schedule (1F1B over the micro-batches) on a flat list of ``tensor -> tensor`` la
     L+2        LM head          [GPT: tied]     (s[/tp], b, h)    -> logits shard (s, b, V_pad/tp)
     loss_fn    lm_loss: vocab-parallel cross-entropy, mean over labels != -100 (labels (b, s))
 
+The pipeline always runs the *unfused* head + loss (``config.fused_lm_loss`` does not apply): DeepSpeed
+hands ``loss_fn`` the last layer's output and the labels, and a loss_fn has no head weight to fuse with.
+Same loss and gradients as the plain model's fused default; only the last stage's logits memory differs.
+
 It is :class:`~minimegatron.layers.language_model.LanguageModel`, built from the same pieces — the
 layer class, ``build_final_norm``, ``build_rotary``, ``build_lm_head``, ``lm_loss``,
 ``check_sequence_parallel`` — and numbered as ``layers/init_seed.py`` numbers it: layer ``i`` draws its

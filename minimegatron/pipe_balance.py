@@ -33,11 +33,12 @@ __all__ = ["layer_flops_per_token", "head_flops_per_token", "stage_flops", "bala
 
 
 def layer_flops_per_token(config: ModelConfig, seq_len: int) -> int:
-    """Forward matmul FLOPs of one transformer layer per token: ``2·(weights) + 4·s·h``."""
-    h, f = config.hidden_size, config.ffn_hidden_size
+    """Forward matmul FLOPs of one transformer layer per token: ``2·(weights) + 4·s·a``
+    (``a`` = heads·head_dim, = h unless ``head_dim`` is set)."""
+    h, f, a = config.hidden_size, config.ffn_hidden_size, config.attention_width
     kv = 2 * config.num_kv_heads * config.head_dim
     up = (2 if config.activation == "swiglu" else 1) * f
-    return 2 * (h * (h + kv) + h * h + h * up + f * h) + 4 * seq_len * h
+    return 2 * (h * (a + kv) + a * h + h * up + f * h) + 4 * seq_len * a
 
 
 def head_flops_per_token(config: ModelConfig) -> int:

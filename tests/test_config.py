@@ -51,6 +51,9 @@ def test_round_trip_and_unknown_fields():
     (dict(position_embedding="sinusoidal"), "'learned' \\(GPT\\), 'rope' \\(LLaMA\\) or 'alibi'"),
     (dict(hidden_size=36, num_attention_heads=4, position_embedding="rope"), "head_dim=9 must be even"),
     (dict(dropout=1.0), "dropout=1.0 must be in"),
+    (dict(head_dim=0), "head_dim=0 must be a positive int"),
+    (dict(head_dim=9, position_embedding="rope"), "head_dim=9 must be even"),
+    (dict(attention_bias="yes"), "attention_bias='yes' must be True or False"),
 ])
 def test_bad_model_configs_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -102,3 +105,30 @@ def test_bad_numeric_fields_are_rejected(field, value, message):
 def test_parallel_sizes_reject_bools():
     with pytest.raises(ValueError, match=r"ParallelConfig.tp must be an int >= 1, got True"):
         ParallelConfig(tp=True)
+
+
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("config", [gpt_config(), llama_config(num_kv_heads=2, name="a name, with spaces"),
+                                    ParallelConfig(tp=2, pp=2, dp=2),
+                                    llama_config(rope_scaling=LLAMA31_ROPE, head_dim=32, attention_bias=True)],
+                         ids=["gpt", "llama", "parallel", "llama3"])
+def test_print_is_wrapped_and_still_the_repr(config):
+    """print(config) in a notebook: lines of at most 100 columns, broken between fields, and eval of
+    the text gives the same config back (the repr, only wrapped)."""
+    import minimegatron.config as module
+    text = str(config)
+    assert max(len(line) for line in text.splitlines()) <= 100 and (len(repr(config)) <= 100) == ("\n" not in text)
+    assert eval(text, vars(module)) == config
+    assert " ".join(text.split()) == " ".join(repr(config).split())
+
+
+def test_head_dim_is_derived_unless_set():
+    """None: hidden/heads (and derived again on replace); set, it frees hidden from heads·head_dim."""
+    c = llama_config(hidden_size=64, num_attention_heads=4)
+    assert (c.head_dim, c.attention_width, c.replace(hidden_size=128).head_dim) == (16, 64, 32)
+    wide = llama_config(hidden_size=60, num_attention_heads=4, head_dim=32)
+    assert (wide.head_dim, wide.attention_width, wide.replace(hidden_size=64).head_dim) == (32, 128, 32)
+    assert ModelConfig.from_dict(wide.to_dict()) == wide

@@ -208,3 +208,23 @@ def test_all_reduce_on_two_real_cards(kind, tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"ALL-REDUCE OK {device.BACKENDS[kind]}" in out.stdout
+
+
+def test_deepspeed_is_told_our_device_and_does_not_guess():
+    """A fresh interpreter with neither variable set: `import minimegatron` then `import deepspeed` runs
+    DeepSpeed on the device device.py chose, without its 'Setting accelerator to CPU' warning."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in device.ENV_VARS}
+    code = ("import minimegatron, os; from minimegatron import device; import deepspeed; "
+            "from deepspeed.accelerator import get_accelerator; "
+            "print(device.device_type(), get_accelerator()._name, os.environ['DS_ACCELERATOR'])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["cpu", "cpu", "cpu"]  # DeepSpeed 0.14 logs to stdout first
+    assert "Setting accelerator" not in done.stderr + done.stdout
+    code = code.replace("import minimegatron, os;", "import os;")  # the control: DeepSpeed alone does warn
+    alone = subprocess.run([sys.executable, "-c", code.replace("from minimegatron import device; ", "")
+                            .replace("device.device_type(), ", "").replace(", os.environ['DS_ACCELERATOR']", "")],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert "Setting accelerator to CPU" in alone.stderr + alone.stdout

@@ -146,7 +146,8 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(pairs):
 def test_forward_flops_match_torch_flop_counter(pairs):
     """The dense (weight matmul) part of the formula equals what torch counts for a real forward."""
     from torch.utils.flop_counter import FlopCounterMode
-    for _, model in pairs.values():
+    wide = from_hf(hf_llama(kv_heads=2, vocab=50, head_dim=16)).eval()  # heads·head_dim = 64 != h = 32
+    for model in [m for _, m in pairs.values()] + [wide]:
         ids = token_ids(vocab=50, seq=7)
         for new, cache in ((7, None), (1, KVCache(model.config.num_layers))):
             if cache is not None:

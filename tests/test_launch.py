@@ -184,3 +184,11 @@ def test_sigterm_to_the_parent_kills_ranks_and_removes_temp_files(tmp_path):
     assert not left, f"temp dirs left behind: {left}"
     leftovers = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"ranks left running: {leftovers}"
+
+
+def test_a_python_that_cannot_fork_is_told_where_it_runs():
+    """Native Windows has only 'spawn': one line that names WSL 2 instead of multiprocessing's ValueError."""
+    from minimegatron.launch import check_can_fork
+    check_can_fork(["fork", "spawn", "forkserver"])  # Linux, macOS: fine
+    with pytest.raises(RuntimeError, match=r"cannot fork \(start methods: spawn\).*WSL 2"):
+        check_can_fork(["spawn"])

@@ -163,7 +163,8 @@ def test_each_change_alone_builds_runs_and_is_counted(field):
 
 
 def test_parameter_formula_counts_real_tensors_for_both_presets():
-    for config in (gpt_config(**SIZES), llama_config(**SIZES), llama_config(**SIZES, num_kv_heads=1)):
+    for config in (gpt_config(**SIZES), llama_config(**SIZES), llama_config(**SIZES, num_kv_heads=1),
+                   llama_config(**SIZES, num_kv_heads=2, head_dim=32, attention_bias=True)):  # Llama-3 fields
         model = LLaMAModel(config) if config.name == "llama" else GPTModel(config)
         padding = (model.lm_head.padded_vocab_size - VOCAB) * config.hidden_size
         tables = 1 if config.tie_embeddings else 2

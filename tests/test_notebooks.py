@@ -5,6 +5,7 @@ kernel binds them a moment later, and a gloo rank or another job that takes one 
 kernel at start ("Address already in use").
 """
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,22 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ is empty"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_opens_with_objectives_prerequisites_and_time(path):
+    """COURSE.md promises it: the first cell says what a student will be able to do, what to read first
+    and how long it takes; an exercise it promises is one the notebook has."""
+    cells = nbformat.read(path, as_version=4).cells
+    first = cells[0].source
+    assert first.startswith(f"# {path.name[:2]} · "), f"{path.name}: the first cell must open with its title"
+    for part in ("**Learning objectives.**", "**Prerequisites:**", "**Time:** about "):
+        assert part in first, f"{path.name}: the first cell has no {part!r}"
+    objectives = first.split("**Learning objectives.**")[1].split("**Prerequisites:**")[0]
+    assert objectives.count("\n* ") >= 3, f"{path.name}: fewer than 3 learning objectives"
+    headings = "\n".join(c.source for c in cells[1:] if c.cell_type == "markdown")
+    for number in re.findall(r"\(Exercise (\d\d)", objectives):
+        assert f"Exercise {number}" in headings, f"{path.name}: promises Exercise {number}, has none"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

@@ -11,6 +11,7 @@ the shards and undoes the layout. Weight by weight (``i`` = layer)::
     layers.i.attention.query_key_value (3h, h)  h.i.attn.c_attn  (ᵀ)          [q_proj; k_proj; v_proj] (MHA)
     layers.i.attention.query / .key_value       —                             q_proj / [k_proj; v_proj]
     layers.i.attention.dense                    h.i.attn.c_proj  (ᵀ)          self_attn.o_proj
+    layers.i.attention.*.bias                   h.i.attn.*.bias               [q; k; v]_proj.bias, o_proj.bias
     layers.i.post_attention_norm                h.i.ln_2                      post_attention_layernorm
     layers.i.mlp.dense_h_to_4h                  h.i.mlp.c_fc     (ᵀ)          [mlp.gate_proj; mlp.up_proj]
     layers.i.mlp.dense_4h_to_h                  h.i.mlp.c_proj   (ᵀ)          mlp.down_proj
@@ -84,6 +85,13 @@ _LLAMA_FUSED_MHA = [("attention.query_key_value.weight",
 _LLAMA_FUSED_GQA = [("attention.query.weight", ["self_attn.q_proj.weight"]),
                     ("attention.key_value.weight", ["self_attn.k_proj.weight", "self_attn.v_proj.weight"])]
 _LLAMA_FUSED_MLP = [("mlp.dense_h_to_4h.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"])]
+# attention_bias=True: the same tables for the biases, fused alike ([b_q; b_k; b_v]), plus o_proj's
+_LLAMA_BIAS = [("attention.dense.bias", "self_attn.o_proj.bias", _ID)]
+
+
+def _biases(fused: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    return [(ours.replace(".weight", ".bias"), [h.replace(".weight", ".bias") for h in hfs])
+            for ours, hfs in fused]
 _MIXTRAL_LAYER = [p for p in _LLAMA_LAYER if not p[0].startswith("mlp.")] + [
     ("mlp.router.weight", "mlp.gate.weight", _ID)]
 # stacked in HF Mixtral, one tensor per expert here: ours(e) = HF[e]
@@ -95,18 +103,22 @@ _LEGACY_EXPERT = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\."
 
 def _tables(config: ModelConfig):
     """(one-to-one name pairs, fused pairs, stacked experts) of the whole model, layers expanded."""
-    family = "gpt" if config.position_embedding == "learned" else "llama"
-    if family == "gpt":
+    bias: list = []  # LLaMA with attention_bias: o_proj.bias here (the q/k/v biases are fused)
+    if config.position_embedding == "learned":
         glob, layer, fused, prefix = _GPT_GLOBAL, _GPT_LAYER, [], "h.{i}."
     else:
         glob, layer, prefix = _LLAMA_GLOBAL, _LLAMA_LAYER, "model.layers.{i}."
         mha = config.num_kv_heads == config.num_attention_heads
-        fused = (_LLAMA_FUSED_MHA if mha else _LLAMA_FUSED_GQA) + _LLAMA_FUSED_MLP
+        attention = _LLAMA_FUSED_MHA if mha else _LLAMA_FUSED_GQA
+        fused = attention + _LLAMA_FUSED_MLP
+        if config.attention_bias:
+            fused, bias = fused + _biases(attention), _LLAMA_BIAS
     pairs = list(glob)
     fused_pairs, stacked = [], []  # stacked: ([ours of expert 0 … E-1], HF 3-D name)
     for i in range(config.num_layers):
         p, moe = prefix.format(i=i), config.is_moe_layer(i)
-        pairs += [(f"layers.{i}.{ours}", p + hf, fn) for ours, hf, fn in (_MIXTRAL_LAYER if moe else layer)]
+        one_to_one = (_MIXTRAL_LAYER if moe else layer) + bias
+        pairs += [(f"layers.{i}.{ours}", p + hf, fn) for ours, hf, fn in one_to_one]
         fused_pairs += [(f"layers.{i}.{ours}", [p + h for h in hfs]) for ours, hfs in fused
                         if not (moe and ours.startswith("mlp."))]
         stacked += [([f"layers.{i}." + ours.format(e=e) for e in range(config.num_experts)], p + hf)
@@ -174,7 +186,7 @@ def state_dict_to_hf(full: Tensors, config: ModelConfig) -> Tensors:
     out = {("transformer." + hf if gpt and hf != "lm_head.weight" else hf): fn(full[ours])
            for ours, hf, fn in pairs}
     for ours, hfs in fused:
-        sizes = [config.hidden_size if "q_proj" in h else
+        sizes = [config.attention_width if "q_proj" in h else
                  config.num_kv_heads * config.head_dim if ("k_proj" in h or "v_proj" in h) else
                  config.ffn_hidden_size for h in hfs]
         out.update(zip(hfs, full[ours].split(sizes, dim=0)))  # (Σ out, h) -> parts

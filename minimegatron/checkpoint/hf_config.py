@@ -13,6 +13,9 @@ ffn_hidden_size                n_inner (None: 4·n_embd)      intermediate_size
 norm_eps                       layer_norm_epsilon            rms_norm_eps
 gelu_approximate               activation_function           (hidden_act must be silu)
 rope_theta                     —                             rope_theta / rope_parameters
+rope_scaling                   —                             rope_scaling / rope_parameters
+head_dim                       (= n_embd/n_head)             head_dim
+attention_bias                 (True)                        attention_bias
 tie_embeddings                 tie_word_embeddings           tie_word_embeddings
 dropout                        resid_pdrop                   attention_dropout
 =============================  ============================  =====================================
@@ -27,17 +30,31 @@ dropout                        resid_pdrop                   attention_dropout
 HF's aux loss counts f_e as slots/n (Σ f = k), ours as slots/(n·k) (Σ f = 1): for one MoE layer
 ``HF aux = k · ours``, hence the factor k on the coefficient (``layers/router.py``).
 
-Anything the minimegatron model does not compute (RoPE scaling, attention biases in LLaMA, GPT-2's
-per-layer attention scaling, ...) raises :class:`UnsupportedHFConfig` naming the field: a converted
-model that silently computes something else is worse than no model. ``transformers`` is imported
-inside the functions only. Works with transformers 4.45+ (``rope_theta``) and 5.x (``rope_parameters``).
+The Llama-3 family's fields (LlamaConfig -> ModelConfig):
+
+* ``head_dim`` -> ``head_dim`` (when it differs from hidden/heads);
+* ``attention_bias`` -> ``attention_bias`` (biases on q/k/v_proj and o_proj, as HF puts them);
+* ``rope_scaling`` (4.x, beside ``rope_theta``) or ``rope_parameters`` (5.x, holding ``rope_theta``)
+  -> ``rope_theta`` and ``rope_scaling``: ``rope_type`` (or 4.x's old ``type``) ``"default"`` is plain
+  RoPE, ``"linear"`` and ``"llama3"`` a :class:`~minimegatron.rope_scaling.RopeScaling`;
+  ``partial_rotary_factor`` 1.0 is plain RoPE too. The way back writes the spelling of the installed
+  transformers major version.
+
+Anything the minimegatron model does not compute (``dynamic``/``yarn``/``longrope`` RoPE, partial
+rotary factors < 1, MLP biases in LLaMA, GPT-2's per-layer attention scaling, ...) raises
+:class:`UnsupportedHFConfig` naming the field: a converted model that silently computes something
+else is worse than no model. ``transformers`` is imported inside the functions only. Works with
+transformers 4.45+ and 5.x.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from minimegatron.checkpoint.reshape import CheckpointError
+from minimegatron.compat import version_tuple
 from minimegatron.config import ModelConfig, gpt_config, llama_config
+from minimegatron.rope_scaling import RopeScaling
 
 __all__ = ["UnsupportedHFConfig", "config_from_hf", "config_to_hf", "hf_family"]
 
@@ -68,40 +85,71 @@ def hf_family(hf_config: Any) -> str:
             "(LlamaForCausalLM) and 'mixtral' (MixtralForCausalLM) checkpoints only")
 
 
-def _rope_theta(cfg: Any) -> float:
-    """rope_theta from transformers 5's rope_parameters or 4.x's rope_theta; refuse any scaling."""
-    params = _get(cfg, "rope_parameters")
-    if params:  # transformers >= 5: {'rope_type': 'default', 'rope_theta': ...}
-        if params.get("rope_type", "default") != "default" or len(set(params) - {"rope_type",
-                                                                                  "rope_theta"}):
-            _refuse("rope_parameters", params, "only plain RoPE (rope_type 'default') is implemented; "
-                    "RoPE scaling (linear, dynamic, yarn, llama3) is not")
-        return float(params.get("rope_theta", 10000.0))
-    scaling = _get(cfg, "rope_scaling")
-    if scaling:
-        _refuse("rope_scaling", scaling, "RoPE scaling (linear, dynamic, yarn, llama3) is not "
-                "implemented; only plain RoPE is")
-    return float(_get(cfg, "rope_theta", 10000.0))
+# Which keys a plain/scaled rope dict may hold (anything else would be silently ignored: refused)
+_PLAIN_ROPE = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_ROPE_KEYS = {"default": _PLAIN_ROPE, "linear": _PLAIN_ROPE | {"factor"},
+              "llama3": _PLAIN_ROPE | {"factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"}}
+
+
+def _rope(cfg: Any) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from transformers 5's ``rope_parameters`` or 4.x's ``rope_scaling`` +
+    ``rope_theta``. Plain RoPE however spelled (None, ``{"rope_type": "default"}``, ``{"type":
+    "default"}``, ``partial_rotary_factor: 1.0``); ``linear`` and ``llama3``; anything else refused."""
+    field = "rope_parameters" if _get(cfg, "rope_parameters") else "rope_scaling"
+    params = dict(_get(cfg, field) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        _refuse(field, params, "RoPE parameters per layer type (nested dicts) are not supported; "
+                "one rope dict for every layer is")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        _refuse(field, params, f"rope_type {rope_type!r} is not implemented; supported: 'default' "
+                "(plain RoPE), 'linear' and 'llama3' (dynamic, yarn and longrope are not)")
+    extra = sorted(set(params) - _ROPE_KEYS[rope_type])
+    if extra:
+        _refuse(field, params, f"keys {extra} are not part of rope_type {rope_type!r} here")
+    partial = params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        _refuse("partial_rotary_factor", partial, "RoPE here rotates the whole head (1.0); rotating "
+                "only part of each head's dims is not implemented")
+    theta = float(params.get("rope_theta") or _get(cfg, "rope_theta") or 10000.0)
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(params["factor"]))
+    # HF 5 falls back on max_position_embeddings when original_max_position_embeddings is unset
+    ctx = params.get("original_max_position_embeddings", _get(cfg, "original_max_position_embeddings")
+                     or _get(cfg, "max_position_embeddings"))
+    return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                              float(params["high_freq_factor"]), int(ctx))
+
+
+def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """RoPE's LlamaConfig kwargs: 5.x's ``rope_parameters``, or 4.x's ``rope_theta`` + ``rope_scaling``."""
+    scaling = ({} if config.rope_scaling is None else
+               {k: v for k, v in asdict(config.rope_scaling).items() if v is not None})
+    import transformers
+    if version_tuple(transformers.__version__) >= (5,):
+        return dict(rope_parameters={"rope_type": "default", **scaling, "rope_theta": config.rope_theta})
+    return dict(rope_theta=config.rope_theta, rope_scaling=scaling or None)
 
 
 def _llama_from_hf(cfg: Any) -> ModelConfig:
     if _get(cfg, "hidden_act", "silu") != "silu":
         _refuse("hidden_act", _get(cfg, "hidden_act"), "LLaMA's MLP here is SwiGLU (silu gate)")
-    for field in ("attention_bias", "mlp_bias"):
-        if _get(cfg, field, False):
-            _refuse(field, True, "minimegatron's LLaMA has no biases (bias=False); convert a model "
-                    "trained without them")
+    if _get(cfg, "mlp_bias", False):
+        _refuse("mlp_bias", True, "minimegatron's LLaMA MLP has no biases; convert a model trained "
+                "without them (attention_bias is supported)")
     heads, hidden = _get(cfg, "num_attention_heads"), _get(cfg, "hidden_size")
     head_dim = _get(cfg, "head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        _refuse("head_dim", head_dim, f"head_dim must be hidden_size/num_attention_heads = "
-                f"{hidden}/{heads} here")
-    theta = _rope_theta(cfg)
+    theta, scaling = _rope(cfg)
     return llama_config(
         vocab_size=_get(cfg, "vocab_size"), hidden_size=hidden, num_layers=_get(cfg, "num_hidden_layers"),
         num_attention_heads=heads, num_kv_heads=_get(cfg, "num_key_value_heads") or heads,
+        head_dim=None if head_dim is None or head_dim * heads == hidden else head_dim,
         max_seq_len=_get(cfg, "max_position_embeddings"), ffn_hidden_size=_get(cfg, "intermediate_size"),
-        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=theta,
+        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        attention_bias=bool(_get(cfg, "attention_bias", False)),
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         dropout=float(_get(cfg, "attention_dropout", 0.0) or 0.0), name="llama-from-hf")
 
@@ -156,7 +204,8 @@ def _family_of(config: ModelConfig) -> str:
     want = (dict(norm="layernorm", activation="gelu", bias=True, final_norm=True) if family == "gpt"
             else dict(norm="rmsnorm", activation="swiglu", bias=False, final_norm=True))
     if family == "gpt":
-        want["num_kv_heads"] = config.num_attention_heads
+        want.update(num_kv_heads=config.num_attention_heads,
+                    head_dim=config.hidden_size // config.num_attention_heads)
     for field, value in want.items():
         if getattr(config, field) != value:
             hf = "GPT2LMHeadModel" if family == "gpt" else "LlamaForCausalLM"
@@ -167,6 +216,7 @@ def _family_of(config: ModelConfig) -> str:
         return family
     for field, value, why in (("position_embedding", "rope", "only Mixtral (a LLaMA) has experts in HF"),
                               ("moe_every", 1, "MixtralForCausalLM's every layer is MoE"),
+                              ("attention_bias", False, "MixtralForCausalLM has no attention biases"),
                               ("moe_capacity_factor", None, "MixtralForCausalLM drops no token")):
         if getattr(config, field) != value:
             raise UnsupportedHFConfig(f"ModelConfig.{field}={getattr(config, field)!r}: {why}; "
@@ -194,7 +244,8 @@ def config_to_hf(config: ModelConfig, **overrides: Any):
               intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
               num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_kv_heads,
               max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-              rope_theta=config.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+              **_rope_to_hf(config), hidden_act="silu", attention_bias=config.attention_bias,
+              mlp_bias=False,
               attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
               head_dim=config.head_dim, architectures=["LlamaForCausalLM"],
               bos_token_id=None, eos_token_id=None)

@@ -37,7 +37,8 @@ __all__ = ["CheckpointError", "full_state_dict", "is_writer", "barrier", "load_f
 # Fields that do not change the weights nor the function they compute, or change only how training
 # treats them (dropout, the router's capacity and its auxiliary losses); they may differ on load.
 IGNORED_CONFIG_FIELDS = ("name", "dropout", "init_std", "max_seq_len", "make_vocab_size_divisible_by",
-                         "multiple_of", "moe_capacity_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff")
+                         "multiple_of", "moe_capacity_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                         "fused_lm_loss", "lm_loss_chunk")  # the last two: how the loss is computed
 
 
 class CheckpointError(ValueError):

@@ -19,8 +19,10 @@ NAMES = {"gpt": "GPT", "llama": "LLaMA"}
 def _positions(c: ModelConfig) -> str:
     if c.position_embedding == "learned":
         return f"learned table ({c.max_seq_len} x {c.hidden_size})"
-    return f"rotary (RoPE, theta={c.rope_theta:g}), no weights" if c.position_embedding == "rope" \
-        else c.position_embedding
+    if c.position_embedding != "rope":
+        return c.position_embedding
+    scaled = "" if c.rope_scaling is None else f", {c.rope_scaling.rope_type} x{c.rope_scaling.factor:g}"
+    return f"rotary (RoPE, theta={c.rope_theta:g}{scaled}), no weights"
 
 
 # one porting point's value in words, for each field of config.PORTING_POINTS
@@ -28,7 +30,8 @@ _IN_WORDS: dict[str, Callable[[ModelConfig], str]] = {
     "norm": lambda c: "LayerNorm (weight + bias)" if c.norm == "layernorm" else "RMSNorm (weight only)",
     "activation": lambda c: "GeLU (tanh)" if c.activation == "gelu" else "SwiGLU (gate · up, 3 matrices)",
     "position_embedding": _positions,
-    "bias": lambda c: "in every linear and norm" if c.bias else "none",
+    "bias": lambda c: ("in every linear and norm" if c.bias else
+                       "attention q/k/v/o only" if c.attention_bias else "none"),
     "tie_embeddings": lambda c: "LM head tied to input" if c.tie_embeddings else "untied: own LM head",
     "ffn_hidden_size": lambda c: f"{c.ffn_hidden_size} (" + (
         "4h" if c.activation == "gelu" else f"8h/3 -> multiple of {c.multiple_of}") + ")",

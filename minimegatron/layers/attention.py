@@ -30,6 +30,13 @@ The weights and their split:
   backward), which sums the partial gradients.
   In general ``num_kv_heads`` and ``tp`` must divide one another.
 
+Widths: the heads span ``a = heads·head_dim``, which is ``h`` unless ``config.head_dim`` is set
+(some Llama-3-family models): ``W_Q`` is (a, h), ``dense`` (h, a); below, read ``h`` in a
+projection's head side as ``a``. Biases (``config.has_attention_bias``: ``bias``, or
+``attention_bias``, which puts them on q, k, v and o_proj as HF LLaMA's does) are split like their
+weights: a column layer's bias with its output rows (stride and all), the row layer's added once,
+after the all-reduce.
+
 Which of the three is the ``layout`` attribute (``"fused"``, ``"split"``, ``"replicated-kv"``),
 decided once in ``__init__``.
 
@@ -41,7 +48,9 @@ encoder output (s_enc, b, h), given whole on every rank; no causal mask, no posi
 
 KV cache: :class:`KVCache` keeps each layer's keys/values (after RoPE) so decoding runs the prompt once
 (prefill) and then one token at a time; new queries sit at the *last* positions, so the causal mask
-is ``j ≤ i + (s_k - s_q)``.
+is ``j ≤ i + (s_k - s_q)``. A left-padded batch (prompts of different lengths) has the cache carry
+its ``key_mask`` (b, s_k): query i of row r sees key j iff it is causal and ``key_mask[r, j]`` (or
+j is i's own key), in the prefill and in every cached step.
 
 Context parallelism (``state.cp > 1``): the input holds this CP rank's zig-zag piece of the sequence,
 (s/cp, b, h) (and (s/(cp·tp), b, h) under SP); the projections and RoPE (at the tokens' global
@@ -78,12 +87,16 @@ class KVCache:
     """Per-layer keys/values ``(s_cached, b, kv/tp, d)`` and ``offset`` = tokens cached so far.
 
     ``ParallelTransformer`` advances ``offset`` after each forward; position ids start there.
+    ``key_mask`` (b, offset + s) bool, True = a real token: a left-padded batch. Its owner (the decoding
+    loop) sets it to cover the cached *and* the new tokens before each forward; every layer's attention
+    then hides the pad keys. None (no padding): attention runs unmasked, as fast as before.
     """
 
     num_layers: int
     offset: int = 0
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    key_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keys = self.keys or [None] * self.num_layers
@@ -104,6 +117,8 @@ class KVCache:
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = t.index_select(1, batch_indices.to(t.device))
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, batch_indices.to(self.key_mask.device))
 
 
 class ParallelAttention(nn.Module):
@@ -134,21 +149,22 @@ class ParallelAttention(nn.Module):
         self.recompute_core = recompute_core  # selective recompute of softmax(QKᵀ/√d)·V
         init = init_normal(config.init_std)
         out_init = init_normal(config.init_std / math.sqrt(2 * config.num_layers))  # GPT-2/Megatron
-        col = dict(state=state, bias=config.bias, gather_output=False,
+        bias, a = config.has_attention_bias, config.attention_width  # a = heads·d (= h unless head_dim set)
+        col = dict(state=state, bias=bias, gather_output=False,
                    sequence_parallel=self.sequence_parallel, init_method=init)
         kv_sp = self.sequence_parallel and attention_type == "self"  # an encoder output comes whole
         if self.layout == "fused":
-            self.query_key_value = ColumnParallelLinear(h, 3 * h, stride=3, **col)  # (3h/tp, h)
+            self.query_key_value = ColumnParallelLinear(h, 3 * a, stride=3, **col)  # (3a/tp, h)
         else:
-            self.query = ColumnParallelLinear(h, h, **col)  # (h/tp, h)
+            self.query = ColumnParallelLinear(h, a, **col)  # (a/tp, h)
             kv_size = 2 * kv_heads * d
             if self.layout == "replicated-kv":
-                self.key_value = ReplicatedLinear(h, kv_size, state=state, bias=config.bias,
+                self.key_value = ReplicatedLinear(h, kv_size, state=state, bias=bias,
                                                   sequence_parallel=kv_sp, init_method=init)  # (2·kv·d, h)
             else:
                 self.key_value = ColumnParallelLinear(h, kv_size, stride=2, **{
                     **col, "sequence_parallel": kv_sp})  # (2·kv·d/tp, h)
-        self.dense = RowParallelLinear(h, h, state=state, bias=config.bias, input_is_parallel=True,
+        self.dense = RowParallelLinear(a, h, state=state, bias=bias, input_is_parallel=True,
                                        sequence_parallel=self.sequence_parallel, init_method=out_init)
         if config.position_embedding == "alibi" and attention_type == "self":
             r0 = state.tp_rank * self.heads_per_rank  # this rank's heads take their own slopes
@@ -167,10 +183,10 @@ class ParallelAttention(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, nkv, d = self.heads_per_rank, self.kv_heads_per_rank, self.head_dim
         if self.layout == "fused":
-            qkv = self.query_key_value(hidden)  # (s, b, 3h/tp) = [q_r | k_r | v_r]
-            q, k, v = qkv.chunk(3, dim=-1)  # (s, b, h/tp) each
+            qkv = self.query_key_value(hidden)  # (s, b, 3a/tp) = [q_r | k_r | v_r], a = heads·d
+            q, k, v = qkv.chunk(3, dim=-1)  # (s, b, a/tp) each
         else:
-            q = self.query(hidden)  # (s, b, h/tp)
+            q = self.query(hidden)  # (s, b, a/tp)
             kv = self.key_value(hidden if self.attention_type == "self" else encoder_output)
             if self.layout == "replicated-kv":  # (s_k, b, 2·kv·d): all kv heads; keep the one we read
                 k, v = kv.unflatten(-1, (2, -1, d)).unbind(-3)  # (s_k, b, kv, d) each
@@ -182,9 +198,11 @@ class ParallelAttention(nn.Module):
         return q, k, v
 
     # ---- softmax(QKᵀ/√d)V ------------------------------------------------------------------------
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q (sq, b, n/tp, d), k/v (sk, b, kv/tp, d) -> context (sq, b, n/tp·d).
 
+        ``key_mask`` (b, sk): a left-padded batch's real keys (``KVCache.key_mask``).
         Under context parallelism sq = sk = s/cp, this rank's piece; the rest of the sequence comes
         by ring or all-to-all (``context_parallel_attention``)."""
         if self.state.cp > 1:
@@ -200,7 +218,7 @@ class ParallelAttention(nn.Module):
             # GQA repeat and (after a KV cache, end-aligned: query i at i + sk - sq) causal mask inside
             out = kernels.scaled_dot_product_attention(
                 q, k, v, causal=self.attention_type == "self", dropout_p=dropout_p, bias=bias,
-                fused=self.config.use_fused_kernels)  # (b, n/tp, sq, d)
+                key_mask=key_mask, fused=self.config.use_fused_kernels)  # (b, n/tp, sq, d)
         return out.permute(2, 0, 1, 3).flatten(2)  # (b,n/tp,sq,d) -> (sq, b, n/tp·d)
 
     def forward(self, hidden: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -217,12 +235,17 @@ class ParallelAttention(nn.Module):
         if rotary is not None and self.attention_type == "self":
             cos, sin = rotary  # (s, b, 1, d): angles of the new tokens' positions
             q, k = kernels.apply_rotary(q, k, cos, sin, fused=self.config.use_fused_kernels)
+        key_mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)  # (offset + s, b, kv/tp, d)
+            key_mask = kv_cache.key_mask  # (b, offset + s) or None
+            if key_mask is not None and key_mask.shape != (k.size(1), k.size(0)):
+                raise ValueError(f"KVCache.key_mask shape {tuple(key_mask.shape)} != (batch, cached + new "
+                                 f"tokens) = {(k.size(1), k.size(0))}: extend it by the new tokens first")
         if self.recompute_core and torch.is_grad_enabled():
-            context = recompute(self.core_attention, q, k, v, state=self.state)  # selective recompute
+            context = recompute(self.core_attention, q, k, v, key_mask, state=self.state)  # selective
         else:
-            context = self.core_attention(q, k, v)  # (s, b, h/tp)
+            context = self.core_attention(q, k, v, key_mask)  # (s, b, a/tp), a = heads·d
         return self.dense(context)  # (s, b, h) all-reduced, or (s/tp, b, h) reduce-scattered
 
     def extra_repr(self) -> str:

@@ -12,6 +12,10 @@ The data flow, with this rank's shapes under tensor parallelism (tp) and sequenc
       └─ labels given: lm_loss, vocab-parallel cross-entropy, mean over labels != -100      ()
          labels None: all-gather the vocab, drop the padding, back to (b, s, V)             (b, s, V)
 
+With labels and ``config.fused_lm_loss`` (the default) the last two are one: the head sums the loss
+``lm_loss_chunk`` tokens at a time, gradients in the same pass, the (s, b, V_pad/tp) logits never whole
+(``mpu/fused_cross_entropy.py``), and ``layers/loss.py`` takes the same mean. The pipeline keeps the pair.
+
 MoE: the loss adds ``moe_aux_loss_coeff·Σ aux + moe_z_loss_coeff·Σ z`` over MoE layers (``router.py``).
 
 Context parallelism (``state.cp > 1``): ``input_ids`` and ``labels`` are this CP rank's zig-zag piece
@@ -35,10 +39,10 @@ weights as a TP=k model's shards and as every pipeline stage built with it.
 
 Parameter count (:func:`parameter_counts`, closed form, unpadded vocab ``V``; ``d`` = head_dim, ``kv``
 = num_kv_heads, ``f`` = ffn_hidden_size, ``M`` MoE layers of ``E`` experts + an (E, h) gate, ``[·]`` = 1
-if the condition holds else 0)::
+if the condition holds else 0; ``attn_bias`` = bias or attention_bias)::
 
     embedding   V·h                      positions  [learned]·max_seq_len·h
-    attention   L·(h·(h + 2·kv·d) + h·h + [bias]·(2h + 2·kv·d))
+    attention   L·(h·(a + 2·kv·d) + a·h + [attn_bias]·(a + 2·kv·d + h))      a = heads·d (= h)
     mlp         (L − M)·m + M·E·(m + h)        m = (1 + [swiglu])·h·f + f·h + [bias]·((1 + [swiglu])·f + h)
     norms       (2L + [final_norm])·(1 + [layernorm and bias])·h
     lm_head     [untied]·V·h
@@ -59,12 +63,12 @@ from torch import nn
 from minimegatron.config import ModelConfig
 from minimegatron.layers.attention import KVCache
 from minimegatron.layers.init_seed import init_rng, model_seed
+from minimegatron.layers.loss import lm_loss, mean_over_labels
 from minimegatron.layers.moe import expert_parameter_count, router_losses
 from minimegatron.layers.positions import LearnedPositionEmbedding, RotaryEmbedding
 from minimegatron.layers.transformer import (RecomputeSwitch, build_final_norm, build_layers,
                                             check_recompute)
 from minimegatron.mpu.context_parallel import context_parallel_index
-from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.embedding import ParallelLMHead, VocabParallelEmbedding
 from minimegatron.mpu.layers import init_normal
 from minimegatron.mpu.mappings import (gather_from_tensor_model_parallel_region,
@@ -74,6 +78,7 @@ from minimegatron.mpu.state import ParallelState
 from minimegatron.sizes import divide
 
 __all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_head_kwargs", "lm_loss",
+           "mean_over_labels",
            "check_sequence_parallel", "sequence_parallel_split", "default_position_ids",
            "parameter_counts", "count_parameters"]
 
@@ -81,7 +86,7 @@ __all__ = ["LanguageModel", "Embedding", "build_rotary", "build_lm_head", "lm_he
 # ---- the builders the plain model and the pipeline share ------------------------------------------
 def build_rotary(config: ModelConfig) -> RotaryEmbedding | None:
     """RoPE's angles (no weights) when ``position_embedding="rope"``, else None."""
-    return (RotaryEmbedding(config.head_dim, config.rope_theta)
+    return (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
             if config.position_embedding == "rope" else None)
 
 
@@ -90,7 +95,7 @@ def lm_head_kwargs(config: ModelConfig, state: ParallelState) -> dict[str, Any]:
     return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, state=state,
                 make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
                 tied=config.tie_embeddings, sequence_parallel=state.sequence_parallel,
-                init_method=init_normal(config.init_std))
+                init_method=init_normal(config.init_std), loss_chunk=config.lm_loss_chunk)
 
 
 def build_lm_head(config: ModelConfig, state: ParallelState) -> ParallelLMHead:
@@ -131,28 +136,6 @@ def sequence_parallel_split(seq_len: int, tp: int) -> int:
     (:func:`~minimegatron.sizes.divide`; ``training.args.validate`` asks it of a TrainConfig)."""
     return divide(seq_len, tp, "seq_len", fix=f"sequence parallelism splits each sequence over the "
                                               f"{tp} TP ranks; seq_len must be a multiple of {tp}")
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, state: ParallelState, vocab_size: int,
-            ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the labels != ``ignore_index``: logits shard (s, b, V_pad/tp), labels (b, s).
-
-    Under context parallelism each rank has s/cp of the tokens. The *value* is the whole sequences'
-    mean on every CP rank (sum and count all-reduced over CP); the *gradient* is this rank's share
-    ``cp · Σ_local / N`` (N: the tokens of all CP ranks), because gradients are averaged over the
-    dp·cp ranks (``state.dp_cp_group``) — averaged, the shares give ``∇ Σ_all / N`` exactly
-    (Megatron scales its CP loss by cp the same way).
-    """
-    labels = labels.t()  # (s, b), the logits' layout
-    losses = vocab_parallel_cross_entropy(logits, labels, state, vocab_size=vocab_size,
-                                          ignore_index=ignore_index)  # (s[/cp], b)
-    total, count = losses.sum(), (labels != ignore_index).sum()
-    if state.cp == 1:
-        return total / count.clamp(min=1)
-    stats = torch.stack([total.detach(), count.to(total.dtype)])
-    dist.all_reduce(stats, group=state.cp_group)  # [Σ_all, N] (forward only: no gradient flows here)
-    share = total * state.cp / stats[1].clamp(min=1)
-    return share + (stats[0] / stats[1].clamp(min=1) - share).detach()  # value: the mean; gradient: share
 
 
 class Embedding(nn.Module):
@@ -242,13 +225,18 @@ class LanguageModel(RecomputeSwitch, nn.Module):
             hidden = self.final_norm(hidden)  # (s[/tp], b, h)
         # THE TIE (GPT): the head has no weight of its own and multiplies by the word embeddings' table
         head_weight = self.embedding.word_embeddings.weight if self.config.tie_embeddings else None
-        logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
         if labels is None:
+            logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
             logits = gather_from_tensor_model_parallel_region(logits, self.state)  # (s, b, V_pad)
             return logits[..., :self.config.vocab_size].transpose(0, 1).contiguous()  # (b, s, V)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-        loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
+        if self.config.fused_lm_loss:  # Σ ℓ, logits never whole; then the same mean as lm_loss
+            labels = labels.t()  # (s, b), the hidden states' layout
+            loss = mean_over_labels(self.lm_head(hidden, weight=head_weight, labels=labels), labels, self.state)
+        else:
+            logits = self.lm_head(hidden, weight=head_weight)  # (s, b, V_pad/tp)
+            loss = lm_loss(logits, labels, self.state, self.config.vocab_size)
         if not self.config.num_experts:
             return loss
         aux, z = router_losses(self.layers)  # MoE: + the router losses of its MoE layers
@@ -278,6 +266,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Closed-form parameter count per component (see the module docstring), plus ``total``."""
     h, L, V, d = config.hidden_size, config.num_layers, config.vocab_size, config.head_dim
     kv, f, bias = config.num_kv_heads, config.ffn_hidden_size, int(config.bias)
+    a, attn_bias = config.attention_width, int(config.has_attention_bias)  # a = heads·d (= h by default)
     gated = int(config.activation == "swiglu")
     norm_size = (2 if config.norm == "layernorm" and config.bias else 1) * h
     mlp = (1 + gated) * h * f + f * h + bias * ((1 + gated) * f + h)  # one (dense or expert) MLP
@@ -285,7 +274,7 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     counts = {
         "embedding": V * h,
         "positions": config.max_seq_len * h if config.position_embedding == "learned" else 0,
-        "attention": L * (h * (h + 2 * kv * d) + h * h + bias * (2 * h + 2 * kv * d)),
+        "attention": L * (h * (a + 2 * kv * d) + a * h + attn_bias * (a + 2 * kv * d + h)),
         "mlp": (L - moe) * mlp + moe * (E * mlp + E * h),  # MoE layer: E experts + the (E, h) gate
         "norms": 2 * L * norm_size,
         "final_norm": norm_size if config.final_norm else 0,

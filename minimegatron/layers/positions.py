@@ -19,6 +19,20 @@ interleaved pairs ``(2i, 2i+1)``; Hugging Face checkpoints were already permuted
 so their ``q_proj``/``k_proj`` weights load here with **no permutation**. Heads are independent, so
 RoPE runs on each TP rank's own heads with no communication.
 
+**RoPE scaling** (``config.rope_scaling``, :class:`~minimegatron.rope_scaling.RopeScaling`) stretches
+the frequencies so that positions beyond the pre-training context ``L`` rotate no further than the
+model has seen; :func:`rope_inv_freq` maps ``θ_i -> θ'_i`` (factor ``κ``)::
+
+    linear:  θ'_i = θ_i / κ                          (every angle κ times slower: position interpolation)
+    llama3:  λ_i = 2π/θ_i  (wavelength),  λ_lo = L / low_freq_factor,  λ_hi = L / high_freq_factor
+             θ'_i = θ_i                                  if λ_i < λ_hi  (high frequencies: kept)
+             θ'_i = θ_i / κ                              if λ_i > λ_lo  (low frequencies: interpolated)
+             θ'_i = (1 - γ_i)·θ_i/κ + γ_i·θ_i,   γ_i = (L/λ_i - low_freq_factor)
+                                                          / (high_freq_factor - low_freq_factor)  between
+
+Only the frequencies change (the attention logits are not rescaled), so nothing else in the model
+knows about it, and the KV cache stays valid: a key's angle depends on its position only.
+
 **ALiBi** (Press et al. 2022, "Train Short, Test Long"): no parameters and no rotation; each head adds a
 linear penalty to its attention scores, ``score(i, j) -= m_h · (i - j)`` for a query at ``i`` and key
 at ``j ≤ i``. The head slopes form a geometric sequence: for ``n`` heads (``n`` a power of two)
@@ -35,9 +49,28 @@ from torch import nn
 # The rotation itself lives beside Gaudi's fused version of it: q·cos(mθ) + rotate_half(q)·sin(mθ).
 from minimegatron.kernels import plain_rotary as apply_rotary
 from minimegatron.kernels import rotate_half
+from minimegatron.rope_scaling import RopeScaling
 
 __all__ = ["LearnedPositionEmbedding", "RotaryEmbedding", "apply_rotary", "rotate_half", "alibi_slopes",
-           "alibi_bias", "validate_position_ids"]
+           "alibi_bias", "validate_position_ids", "rope_inv_freq"]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """The d/2 frequencies θ_i = theta^(-2i/d), stretched by ``scaling`` (module docstring); fp32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (d/2,)
+    if scaling is None:
+        return inv_freq
+    slow = inv_freq / scaling.factor  # θ_i / κ
+    if scaling.rope_type == "linear":
+        return slow
+    lo, hi, ctx = scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq  # λ_i
+    gamma = (ctx / wavelen - lo) / (hi - lo)  # γ_i: 0 at λ_lo, 1 at λ_hi
+    blended = (1 - gamma) * inv_freq / scaling.factor + gamma * inv_freq  # HF's order of operations
+    out = torch.where(wavelen > ctx / lo, slow, blended)  # long wavelengths: θ/κ
+    return torch.where(wavelen < ctx / hi, inv_freq, out)  # short ones: θ unchanged
 
 
 def validate_position_ids(position_ids: torch.Tensor, max_seq_len: int) -> None:
@@ -75,21 +108,20 @@ class LearnedPositionEmbedding(nn.Embedding):
 class RotaryEmbedding(nn.Module):
     """``position_ids (b, s) -> (cos, sin)``, each ``(s, b, 1, d)`` to broadcast over ``(s, b, n, d)``.
 
-    No parameters and no buffers: the frequencies are recomputed from ``theta`` in fp32 on every call
-    (d/2 numbers), so ``model.to(torch.bfloat16)`` cannot round them and state_dicts hold no RoPE
-    entries. Works for any sequence length.
+    No parameters and no buffers: the frequencies are recomputed from ``theta`` (and ``scaling``) in
+    fp32 on every call (d/2 numbers), so ``model.to(torch.bfloat16)`` cannot round them and
+    state_dicts hold no RoPE entries. Works for any sequence length.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings rotate pairs of dims: head_dim={head_dim} must be even")
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The d/2 rotation frequencies θ_i = theta^(-2i/d), fp32."""
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.theta ** exponents)  # (d/2,)
+        """The d/2 rotation frequencies θ'_i (:func:`rope_inv_freq`), fp32."""
+        return rope_inv_freq(self.head_dim, self.theta, self.scaling, device)  # (d/2,)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +131,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta:g}"
+        return f"head_dim={self.head_dim}, theta={self.theta:g}, scaling={self.scaling}"
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -88,6 +88,9 @@ def layer_activation_terms(config: ModelConfig, seq: int, batch: int, tp: int = 
         raise ValueError(f"the derivation assumes dropout = 0 (no masks kept), got {config.dropout}")
     a, g, d, f, h = (config.num_attention_heads, config.num_kv_heads, config.head_dim,
                      config.ffn_hidden_size, config.hidden_size)
+    if a * d != h:
+        raise ValueError(f"heads·head_dim = {a}·{d} != hidden_size={h}: the derivation assumes the "
+                         "attention is hidden_size wide; leave head_dim unset (None) to measure it")
     if g % tp:
         raise ValueError(f"num_kv_heads={g} < tp={tp}: replicated kv heads are not covered; "
                          "choose tp dividing the kv heads")

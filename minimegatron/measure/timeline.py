@@ -242,6 +242,9 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
     ranks = sorted({(e.stage, e.rank) for e in chosen})
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 0.6 * len(ranks) + 1.2))
+    # a box is labelled only where its label fits: ~4.5 pt per character at 7 pt, on the axes' width
+    axes_pt = ax.get_position().width * ax.figure.get_figwidth() * 72
+    fits = lambda seconds, label: seconds / max(t1 - t0, 1e-12) * axes_pt >= 4.5 * len(label) + 3  # noqa: E731
     for row, (stage, rank) in enumerate(ranks):
         y = len(ranks) - 1 - row
         for a, b in idle_intervals(chosen, rank):
@@ -253,9 +256,10 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
             width = min(e.end, t1) - e.start  # the step ends with the last B (or W): clip the rest
             ax.barh(y, width * 1e3, left=(e.start - t0) * 1e3, color=COLORS.get(e.kind, "k"),
                     height=h, edgecolor="white" if e.kind in COMPUTE else None, linewidth=0.5)
-            if e.kind in COMPUTE:
-                ax.text((e.start - t0 + e.duration / 2) * 1e3, y, f"{e.kind[0].upper()}{e.micro_batch}",
-                        ha="center", va="center", fontsize=7, color="white")
+            label = f"{e.kind[0].upper()}{e.micro_batch}"
+            if e.kind in COMPUTE and fits(width, label):
+                ax.text((e.start - t0 + width / 2) * 1e3, y, label, ha="center", va="center", fontsize=7,
+                        color="white")
     ax.set_yticks(range(len(ranks)))
     ax.set_yticklabels([f"stage {s} (rank {r})" for s, r in reversed(ranks)])
     ax.set_xlabel("time (ms)")
@@ -263,7 +267,7 @@ def plot_timeline(events: list[PipeEvent], step: int | None = None, ax=None, tit
     kinds = [k for k in ("forward", "backward", "weight", "send", "recv", "load", "optimizer", "reduce_grads")
              if k in present and (show_comm or k in COMPUTE)] + ["idle"]
     ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in kinds], loc="lower center",
-              bbox_to_anchor=(0.5, 1.0), fontsize=7, ncol=len(kinds), frameon=False)
+              bbox_to_anchor=(0.5, 1.01), fontsize=8, ncol=len(kinds), frameon=False)
     ax.set_title(title or f"pipeline timeline: measured bubble {measured_bubble_fraction(chosen):.1%}",
-                 pad=18)
+                 pad=24)
     return ax

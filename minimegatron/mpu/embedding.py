@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimegatron.mpu.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from minimegatron.mpu.layers import (InitMethod, _check_split, _parallel_param, init_normal,
                                      linear_with_sequence_parallel_gather)
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
@@ -104,15 +105,21 @@ class ParallelLMHead(nn.Module):
     Parameter, used twice, whose gradient collects both uses. Feed the shard straight to
     ``vocab_parallel_cross_entropy``. The input goes through f (or the SP all-gather, keeping only the
     (s/tp, b, h) shard for backward), whose backward sums ∂L/∂h over the vocab slices.
+
+    **Fused loss** (``head(hidden, weight, labels=target)``, target (s, b)): no logits at all — the
+    summed cross-entropy ``Σ ℓ`` over the tokens, ``loss_chunk`` tokens' logits at a time, with ∂h and
+    ∂W made in the same pass (``mpu/fused_cross_entropy.py``). It runs inside this module's forward,
+    so hooks on the head (ZeRO-3 gathering its weight) fire as for the logits.
     """
     weight_grad_store: WeightGradStore | None = None  # set to defer ∂L/∂W (mpu/weight_grad.py)
 
     def __init__(self, vocab_size: int, hidden_size: int, *, state: ParallelState,
                  make_vocab_size_divisible_by: int = 128, tied: bool = False,
                  sequence_parallel: bool = False, init_method: InitMethod | None = None,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, loss_chunk: int | None = None) -> None:
         super().__init__()
         self.state, self.vocab_size, self.hidden_size = state, vocab_size, hidden_size
+        self.loss_chunk = loss_chunk  # tokens per chunk of the fused loss (None: by the vocab)
         self.sequence_parallel, self.tied = sequence_parallel, tied
         self.padded_vocab_size = pad_vocab_size(vocab_size, make_vocab_size_divisible_by, state.tp)
         self.vocab_start_index, self.vocab_end_index = vocab_range(self.padded_vocab_size,
@@ -123,8 +130,12 @@ class ParallelLMHead(nn.Module):
             self.weight = _parallel_param((vocab_size, hidden_size), 0, state, init_method or init_normal(),
                                           dtype, device, pad_dim0_to=self.padded_vocab_size)  # (V_pad/tp, h)
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(…, h) -> (…, V_pad/tp); a tied head takes ``weight``, the embedding's (V_pad/tp, h) table."""
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """(…, h) -> (…, V_pad/tp); a tied head takes ``weight``, the embedding's (V_pad/tp, h) table.
+
+        ``labels`` (s, b) given: the fused loss ``Σ ℓ`` () over the labels != ``ignore_index`` instead.
+        """
         if self.tied:
             weight = self._check_tied_weight(weight)
         elif weight is not None:
@@ -132,6 +143,10 @@ class ParallelLMHead(nn.Module):
                              "(build it with tied=True to multiply by the word embeddings' table)")
         else:
             weight = self.weight
+        if labels is not None:  # (s[/tp], b, h) -> Σ ℓ (), chunk by chunk
+            return fused_vocab_parallel_cross_entropy(
+                hidden, weight, labels, self.state, self.vocab_size, ignore_index, self.loss_chunk,
+                self.sequence_parallel, self.weight_grad_store)
         if self.sequence_parallel:  # (s/tp, b, h) -> (s, b, V_pad/tp), keeps the shard only
             return linear_with_sequence_parallel_gather(hidden, weight, None, self.state, self.weight_grad_store)
         hidden = copy_to_tensor_model_parallel_region(hidden, self.state)  # (…, h), f
@@ -150,4 +165,5 @@ class ParallelLMHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab={self.vocab_size} (padded {self.padded_vocab_size}), h={self.hidden_size}, "
-                f"rows [{self.vocab_start_index}, {self.vocab_end_index}), tied={self.tied}")
+                f"rows [{self.vocab_start_index}, {self.vocab_end_index}), tied={self.tied}, "
+                f"loss_chunk={self.loss_chunk}")

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=getattr(d, name))
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute)
+    p.add_argument("--no-fused-lm-loss", dest="fused_lm_loss", action="store_false",
+                   help="compute the LM head's logits whole, then the loss (default: fused and chunked, "
+                   "the logits never whole; same loss)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     p.add_argument("--data", default=d.data, help="'random' (synthetic) or an indexed dataset's PREFIX")
     p.add_argument("--split", default=d.split, help="train,valid,test weights for an indexed dataset")

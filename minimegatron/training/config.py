@@ -84,6 +84,7 @@ class TrainConfig:
     zero_stage: int = 0             # 0-3 (2 and 3 with pp = 1): see training/engine.py
     sequence_parallel: bool = False
     recompute: str = "none"
+    fused_lm_loss: bool = True      # LM head + loss in one chunked pass (ModelConfig.fused_lm_loss)
     dtype: str = "fp32"
     eval_interval: int = 0          # 0: no evaluation
     eval_iters: int = 2             # global batches per evaluation
@@ -126,4 +127,4 @@ class TrainConfig:
                       max_seq_len=self.seq_len, dropout=self.dropout, num_experts=self.num_experts,
                       moe_top_k=self.moe_top_k, moe_every=self.moe_every,
                       moe_capacity_factor=self.moe_capacity_factor,
-                      moe_aux_loss_coeff=self.moe_aux_loss_coeff)
+                      moe_aux_loss_coeff=self.moe_aux_loss_coeff, fused_lm_loss=self.fused_lm_loss)

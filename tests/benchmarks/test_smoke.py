@@ -4,14 +4,16 @@ Smoke tests only: no timing is asserted (benchmarks report, they do not pass or 
 """
 import pytest
 
-from benchmarks import ddp_overlap, notebook_suite, run_all, throughput_vs_hf, tp_scaling
+from benchmarks import ddp_overlap, notebook_suite, plan_examples, run_all, throughput_vs_hf, tp_scaling
 
 
 def test_throughput_vs_hf_quick(tmp_path):
     pytest.importorskip("transformers")
-    rows = throughput_vs_hf.main(["--quick", "--models", "llama", "--out", str(tmp_path)])
+    rows = throughput_vs_hf.main(["--quick", "--models", "llama", "--fused-ab", "--out", str(tmp_path)])
     assert [r["model"] for r in rows] == ["llama"] and rows[0]["ratio"] > 0 and rows[0]["cpu_ratio"] > 0
-    assert "| llama | quick |" in (tmp_path / "throughput_vs_hf_quick.md").read_text()
+    text = (tmp_path / "throughput_vs_hf_quick.md").read_text()
+    assert "| llama | quick |" in text
+    assert text.index("## Fused vs unfused LM head + loss") < text.rindex("| llama | quick |")  # its row
     assert (tmp_path / "throughput_vs_hf_quick.png").stat().st_size > 0
 
 
@@ -19,7 +21,7 @@ def test_breakdown_lists_every_block():
     pytest.importorskip("transformers")
     rows = throughput_vs_hf.breakdown("gpt", "quick", reps=1)
     assert [r[0] for r in rows] == ["embedding", "1 × norm", "1 × attention", "1 × mlp", "1 × layer",
-                                   "LM head + loss", "AdamW step"]
+                                   "LM head + loss, fused (default)", "LM head + loss, unfused", "AdamW step"]
     assert all(ours > 0 and hf > 0 for _, ours, hf in rows)
 
 
@@ -46,4 +48,11 @@ def test_notebook_suite_quick(tmp_path):
 
 
 def test_run_all_parses_and_skips(tmp_path):
-    assert run_all.main(["--quick", "--skip", "throughput", "tp", "ddp", "notebooks", "--out", str(tmp_path)]) == {}
+    assert run_all.main(["--quick", "--skip", "throughput", "tp", "ddp", "notebooks", "plan", "--out",
+                         str(tmp_path)]) == {}
+
+
+def test_plan_examples_quick(tmp_path):
+    sections = plan_examples.main(["--quick", "--out", str(tmp_path)])
+    assert len(sections) == 2 and all("Published layouts" in s for s in sections)
+    assert "Llama-3-70B on 64 × H100" in (tmp_path / "plan_examples_quick.md").read_text()

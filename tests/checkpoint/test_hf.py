@@ -139,3 +139,27 @@ def test_from_hf_into_impossible_tp_size_is_refused():
 
     with pytest.raises(Exception, match="num_attention_heads=4 is not divisible by tensor-parallel size 3"):
         launch(run, 3, timeout=60)
+
+
+def test_export_is_readable_without_transformers(tmp_path):
+    """A serving stack that reads safetensors and config.json only (no transformers, no pickle) gets every
+    tensor of the HF model under its HF name, bit for bit, and the config it needs."""
+    import json
+
+    from safetensors import safe_open
+    hf = hf_llama(kv_heads=2)
+    to_hf(from_hf(hf).eval(), save_directory=tmp_path / "out")
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    expected = {k: v for k, v in hf.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    if hf.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    assert set(tensors) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(tensors[name], value), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_heads"], config["hidden_size"]) == \
+           ("llama", 2, hf.config.hidden_size)

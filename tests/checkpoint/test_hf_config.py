@@ -51,11 +51,10 @@ def test_config_roundtrip(config):
 
 
 @pytest.mark.parametrize("make,field", [
-    (lambda: llama(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope"),
-    (lambda: llama(attention_bias=True), "attention_bias"),
+    (lambda: llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope"),
+    (lambda: llama(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope"),
     (lambda: llama(mlp_bias=True), "mlp_bias"),
     (lambda: llama(hidden_act="gelu"), "hidden_act"),
-    (lambda: llama(head_dim=16), "head_dim"),
     (lambda: gpt2(activation_function="relu"), "activation_function"),
     (lambda: gpt2(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (lambda: gpt2(scale_attn_weights=False), "scale_attn_weights"),
@@ -68,8 +67,8 @@ def test_unsupported_hf_configs_name_the_field(make, field):
 
 
 def test_bad_config_refused_before_building_a_model():
-    with pytest.raises(UnsupportedHFConfig, match="attention_bias=True"):
-        from_hf({}, llama(attention_bias=True))
+    with pytest.raises(UnsupportedHFConfig, match="mlp_bias=True"):
+        from_hf({}, llama(mlp_bias=True))
 
 
 @pytest.mark.parametrize("config,field", [
@@ -82,3 +81,54 @@ def test_bad_config_refused_before_building_a_model():
 def test_configs_without_hf_counterpart_are_refused(config, field):
     with pytest.raises(UnsupportedHFConfig, match=field.replace("(", r"\(")):
         config_to_hf(config)
+
+
+@pytest.mark.parametrize("config_json,match", [
+    (dict(rope_theta=1e4, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+     "rope_type 'dynamic' is not implemented; supported: 'default'"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type 'yarn'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_type 'longrope'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "field partial_rotary_factor=0.5 is not supported: RoPE here rotates the whole head"),
+    (dict(rope_theta=1e4, partial_rotary_factor=0.25), "field partial_rotary_factor=0.25"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 32}),
+     r"keys \['beta_fast'\] are not part of rope_type 'linear'"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     "per layer type"),
+])
+def test_rope_configs_we_do_not_compute_are_refused(config_json, match):
+    """Only plain, linear and llama3 RoPE convert; the rest is refused with its field named."""
+    base = llama().to_dict()
+    base.pop("rope_parameters", None)
+    with pytest.raises(UnsupportedHFConfig, match=match):
+        config_from_hf({**base, **config_json})
+
+
+def test_llama3_original_context_defaults_to_max_position_embeddings():
+    """As transformers 5 does when a llama3 rope dict omits original_max_position_embeddings."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    base = {k: v for k, v in llama(max_position_embeddings=96).to_dict().items() if k != "rope_parameters"}
+    c = config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": scaling})
+    assert (c.rope_scaling.original_max_position_embeddings, c.rope_theta) == (96, 5e5)
+
+
+@pytest.mark.parametrize("config,match", [
+    (gpt_config(head_dim=32), "head_dim=32: GPT2LMHeadModel"),
+    (llama_config(num_experts=4, attention_bias=True), "MixtralForCausalLM has no attention biases"),
+], ids=["gpt-head-dim", "mixtral-attention-bias"])
+def test_llama3_fields_without_hf_counterpart_are_refused(config, match):
+    with pytest.raises(UnsupportedHFConfig, match=match):
+        config_to_hf(config)
+
+
+@pytest.mark.parametrize("config", [
+    llama_config(vocab_size=100, hidden_size=32, num_attention_heads=4, head_dim=16, attention_bias=True),
+    llama_config(vocab_size=100, hidden_size=64, num_attention_heads=4, rope_theta=5e5,
+                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=32)),
+    llama_config(vocab_size=100, hidden_size=32, num_attention_heads=4, rope_scaling=dict(
+        rope_type="linear", factor=2.0)),
+], ids=["head-dim-bias", "llama3", "linear"])
+def test_llama3_config_roundtrip(config):
+    back = config_from_hf(config_to_hf(config))
+    assert back.replace(name=config.name) == config

@@ -125,6 +125,7 @@ SPECS = {
     "ex10_training.grade_rank_coordinates": Spec("rank_coordinates", False),
     "ex10_training.grade_rank_groups": Spec("rank_groups", True, one_process_first=True),
     "ex10_training.grade_replica_micro_batches": Spec("replica_micro_batches", False),
+    "ex10_training.grade_choose_layout": Spec("choose_layout", False),
     "ex11_checkpoints.grade_reshard": Spec("reshard", False),
     "ex12_generation.grade_top_p_filter": Spec("top_p_filter", True, one_process_first=True),
     "ex12_generation.grade_greedy_decode": Spec("greedy_decode", True),

@@ -73,3 +73,38 @@ def test_learned_positions_stop_at_the_table():
     with pytest.raises(ValueError, match="position 8 is beyond the learned position table of max_seq_len=8"):
         validate_position_ids(torch.tensor([[3, 8]]), 8)  # the same check, where positions enter
     assert not LearnedPositionEmbedding(8, 4).check_positions  # off by default: no sync per forward
+
+
+# ---- RoPE scaling (Llama-3.1's llama3, linear) against HF's own ROPE_INIT_FUNCTIONS ---------------
+LLAMA31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("d,theta,params", [
+    (128, 500000.0, LLAMA31),                                                  # Llama-3.1 8B itself
+    (16, 10000.0, dict(LLAMA31, original_max_position_embeddings=32)),          # the HF parity tests'
+    (64, 500000.0, dict(LLAMA31, factor=32.0, original_max_position_embeddings=8192)),  # Llama-3.2 1B
+    (16, 10000.0, dict(rope_type="linear", factor=4.0)),
+], ids=["llama3.1", "llama3-tiny", "llama3.2", "linear"])
+def test_scaled_inv_freq_matches_hugging_face(d, theta, params):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from minimegatron.layers.positions import rope_inv_freq
+    from minimegatron.rope_scaling import RopeScaling
+    hf_config = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, rope_theta=theta,
+                            rope_scaling=dict(params), max_position_embeddings=1 << 17)
+    hf_inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, None)
+    assert attention_factor == 1.0  # llama3/linear only change the frequencies
+    scaling = RopeScaling(**params)
+    ours = rope_inv_freq(d, theta, scaling)
+    torch.testing.assert_close(ours, hf_inv_freq, rtol=1e-6, atol=0)
+    # the scaling acts: compared with plain RoPE some frequencies are divided by the factor ...
+    plain = rope_inv_freq(d, theta)
+    slowed = torch.isclose(ours, plain / scaling.factor, rtol=1e-6)
+    assert slowed.any() and not torch.equal(ours, plain)
+    if params["rope_type"] == "llama3":  # ... the highest kept, and a smoothed band in between
+        kept = torch.isclose(ours, plain, rtol=1e-6)
+        assert kept[0] and (~slowed & ~kept).any(), "every band of llama3 scaling is exercised"
+    # the rotary module uses it: angle = position · θ'_i
+    cos, _ = RotaryEmbedding(d, theta, scaling)(torch.tensor([[3]]))
+    torch.testing.assert_close(cos[0, 0, 0, : d // 2], torch.cos(3 * hf_inv_freq))

@@ -92,6 +92,9 @@ def test_bad_arguments_are_named():
         layer_activation_bytes(CONFIGS["gpt"].replace(dropout=0.1), S, B)
     with pytest.raises(ValueError, match="num_kv_heads=2 < tp=4"):
         layer_activation_bytes(CONFIGS["llama-gqa"], S, B, tp=4)
+    wide = CONFIGS["llama-gqa"].replace(head_dim=2 * CONFIGS["llama-gqa"].head_dim)
+    with pytest.raises(ValueError, match="heads·head_dim = .* != hidden_size"):
+        layer_activation_bytes(wide, S, B)
 
 
 def test_parameters_and_shared_views_are_not_counted():

@@ -94,3 +94,17 @@ def test_errors_name_the_problem():
         measured_bubble_fraction([])
     with pytest.raises(ValueError, match="micro_batches >= 1"):
         pipeline_bubble_fraction(4, 0)
+
+
+def test_plot_labels_only_boxes_their_label_fits_and_no_two_overlap():
+    """A live run has forwards far shorter than their backwards: their labels must not pile up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    events = [PipeEvent(0, 0, "forward", 0.001 * k, 0.001 * k + 0.0008, 0, k) for k in range(8)]
+    events += [PipeEvent(0, 0, "backward", 0.01 + 0.2 * k, 0.01 + 0.2 * k + 0.19, 0, k) for k in range(8)]
+    ax = plot_timeline(events)
+    labels = [t for t in ax.texts if t.get_text()[:1] in "FB"]
+    assert sorted(t.get_text() for t in labels) == [f"B{k}" for k in range(8)]  # forwards: 0.05 % wide each
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

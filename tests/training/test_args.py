@@ -99,3 +99,11 @@ def test_moe_flags_reach_the_model_config(monkeypatch):
             model.moe_aux_loss_coeff) == (8, 1, 2, 1.5, 0.02)
     assert [model.is_moe_layer(i) for i in range(model.num_layers)] == [True, False]
     assert parse_args(["--ep", "2", "--dp", "6"]).dp == 6  # an explicit --dp stays
+
+
+def test_fused_lm_loss_flag_reaches_the_model_config():
+    from minimegatron.training.cli import parse_args
+
+    assert parse_args([]).to_model_config().fused_lm_loss is True  # the default: fused
+    cfg = parse_args(["--no-fused-lm-loss"])
+    assert cfg.fused_lm_loss is False and validate(TrainConfig(**TINY, fused_lm_loss=False)).fused_lm_loss is False
