@@ -95,7 +95,8 @@ BATTERY = [
     ("00.1", "dist.all_reduce", cheat, r"your code called dist.all_reduce, which this exercise asks you to build"),
     ("00.2", "no all-gather", halves_with(gather=False), r"you returned one chunk"),
     ("00.2", "padding not cut off", halves_with(cut=False), r"the padded length: cut the padding off"),
-    ("00.2", "no padding", halves_with(pad=False), r"the full one must be exactly N = 2 times the chunk — pad the flat tensor .*input shape \(7,\)"),
+    ("00.2", "no padding", halves_with(pad=False), r"the full one must be exactly N = 2 times the chunk — pad the "
+                                                   r"flat tensor .*input shape \(7,\)"),
     ("00.2", "flattened result", halves_with(shape=False), r"wrong shape \(15,\): reshape"),
     ("00.2", "the average", halves_with(average=True), r"the AVERAGE over the 2 ranks"),
     ("00.2", "dist.all_reduce", cheat, r"your code called dist.all_reduce"),

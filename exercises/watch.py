@@ -69,9 +69,9 @@ class Collectives:
         return logged
 
     def summary(self, group: Any) -> dict:
-        """{"names": every collective called, "ungrouped": names called without ``group`` (or another group), "tracked": names called on a
-        tensor autograd tracks, "reduce_ops": the op of each all_reduce ("SUM", "MAX", ...)} —
-        picklable, for the parent."""
+        """{"names": every collective called, "ungrouped": those called without ``group`` (or with
+        another group), "tracked": those called on a tensor autograd tracks, "reduce_ops": the op of
+        each all_reduce ("SUM", "MAX", ...)} — picklable, for the parent."""
         return {"names": sorted({c["name"] for c in self.calls}),
                 "ungrouped": sorted({c["name"] for c in self.calls if c["group"] is not group}),
                 "tracked": sorted({c["name"] for c in self.calls if c["tracked"]}),
