@@ -15,7 +15,8 @@ Cut the flattened tensor into N chunks (pad with zeros when numel is not a multi
 
 Grade them with:  grade_ring_all_reduce(ring_all_reduce)
                   grade_all_reduce_via_reduce_scatter_all_gather(all_reduce_via_reduce_scatter_all_gather)
-The references are in minimegatron/collectives.py.
+The package's versions are in minimegatron/collectives.py (submitting them is refused); the grader
+compares with the sum of every rank's input and names the usual mistakes (``_ex00_checks.py``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from exercises.grading import GradingError, assert_close, grader, passed, run_graded
+from exercises import _ex00_checks as C
+from exercises.battery import each_candidate, refuse_reference, verdicts
+from exercises.grading import GradingError, grader, passed, run_graded
+from minimegatron import collectives
 
 
 def ring_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -85,51 +89,118 @@ def _forbid(names: Sequence[str], exercise: str, allowed: str) -> dict[str, Call
     return saved
 
 
-def _run_cases(candidate, forbidden: Sequence[str], exercise: str,
-               allowed: str) -> list[tuple[object, torch.Tensor]]:
-    """On every rank: the expected sums (dist.all_reduce), then the candidate with collectives barred."""
-    rank = dist.get_rank()
-    inputs = [_case_input(rank, i, shape, dtype) for i, (shape, dtype) in enumerate(CASES)]
-    expected = [x.clone() for x in inputs]
-    for e in expected:
-        dist.all_reduce(e)
+TIMEOUT = 15.0  # s per world size: seven small tensors — a hang is reported well before a minute
+
+
+def _guard_sizes(exercise: str) -> dict[str, Callable]:
+    """reduce_scatter_tensor / all_gather_into_tensor with sizes that do not fit abort the process in
+    some torch versions' gloo (a failed check in C++): check them first and say what is wrong."""
+    saved = {}
+    for name, big_arg in (("reduce_scatter_tensor", 1), ("all_gather_into_tensor", 0)):
+        if not hasattr(dist, name):
+            continue
+        saved[name] = fn = getattr(dist, name)
+
+        def guarded(*args, _fn=fn, _name=name, _big=big_arg, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)][:2]
+            n = dist.get_world_size(kwargs.get("group"))
+            if len(tensors) == 2 and tensors[_big].numel() != n * tensors[1 - _big].numel():
+                raise GradingError(f"{exercise}: dist.{_name} got tensors of {tensors[0].numel()} and "
+                                   f"{tensors[1].numel()} elements: the full one must be exactly N = {n} times the "
+                                   "chunk — pad the flat tensor with zeros to a multiple of N")
+            return _fn(*args, **kwargs)
+        setattr(dist, name, guarded)
+    return saved
+
+
+def _run_cases(candidate, forbidden: Sequence[str], exercise: str, allowed: str) -> list[object]:
+    """On every rank: the candidate on each case's input, with the ready-made collectives barred."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    guarded = _guard_sizes(exercise)
     saved = _forbid(forbidden, exercise, allowed)
+    got = []
     try:
-        got = [candidate(x.clone()) for x in inputs]
+        for i, (shape, dtype) in enumerate(CASES):
+            x = _case_input(rank, i, shape, dtype)
+            try:
+                y = candidate(x.clone())
+            except NotImplementedError:
+                raise
+            except GradingError as err:
+                if "pad the flat tensor" not in str(err):
+                    raise
+                raise GradingError(f"{err} (world_size={n}, input shape {shape})") from None
+            except Exception as err:  # noqa: BLE001 - a size the code does not handle: named
+                numel = x.numel()
+                if numel % n == 0:
+                    raise
+                raise GradingError(f"{exercise}: world_size={n}, input shape {shape}: your code raised "
+                                   f"{type(err).__name__} ({str(err)[:150]}) — numel {numel} is not a multiple of "
+                                   f"{n}: pad the flat tensor with zeros to a multiple of N (and cut the padding "
+                                   "off the result)") from None
+            got.append(y.detach().clone() if isinstance(y, torch.Tensor) else y)
     finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
-    return [(g.detach().clone() if isinstance(g, torch.Tensor) else g, e) for g, e in zip(got, expected)]
+        for restore in (saved, guarded):  # the reverse order of the patches
+            for name, fn in restore.items():
+                setattr(dist, name, fn)
+    return got
 
 
-def _grade(candidate, exercise: str, forbidden: Sequence[str], allowed: str, world_sizes: Sequence[int],
-           timeout: float) -> str:
+REFERENCES = {"00.1": (collectives.ring_all_reduce,), "00.2": (collectives.all_reduce_via_reduce_scatter_all_gather,)}
+SETTINGS = {"00.1": (EVERY_COLLECTIVE, POINT_TO_POINT),
+            "00.2": (ALL_REDUCE_LIKE, "dist.reduce_scatter_tensor and dist.all_gather_into_tensor")}
+
+
+def _launch(part: str, candidates: list, world_size: int, timeout: float, catch: bool) -> list[list]:
+    forbidden, allowed = SETTINGS[part]
+    return run_graded(each_candidate, world_size, _run_cases, candidates, forbidden, f"Exercise {part}", allowed,
+                      catch=catch, timeout=timeout)
+
+
+def _grade(candidate, part: str, world_sizes: Sequence[int], timeout: float) -> str:
+    refuse_reference(f"Exercise {part}", candidate, *REFERENCES[part])
     for world_size in world_sizes:
-        results = run_graded(_run_cases, world_size, candidate, forbidden, exercise, allowed, timeout=timeout)
-        for rank, pairs in enumerate(results):
-            for (shape, dtype), (got, expected) in zip(CASES, pairs):
-                numel = expected.numel()
-                note = "" if numel % world_size == 0 else f", numel {numel} not a multiple of {world_size}"
-                assert_close(f"{exercise}: world_size={world_size}, rank {rank}, input shape {shape} {dtype}"
-                             f"{note}", got, expected, rtol=1e-5, atol=1e-5)
-    return passed(f"{exercise}: matches dist.all_reduce on world sizes {tuple(world_sizes)}, "
+        per_rank = _launch(part, [candidate], world_size, timeout, catch=False)
+        C.judge(part, world_size, [results[0][1] for results in per_rank])
+    return passed(f"Exercise {part}: matches the sum over the ranks on world sizes {tuple(world_sizes)}, "
                   f"{len(CASES)} tensors each (odd sizes included)")
+
+
+def battery_verdicts(part: str, candidates: Sequence[Callable], world_sizes: Sequence[int] = (2, 4),
+                     timeout: float = TIMEOUT) -> list[str]:
+    """Grade many candidates of ``part`` in one launch per world size (the tests' batteries): for each,
+    "✓ ..." or the message of its first failure. Only candidates that behave alike on every rank."""
+    verdict: list[str | None] = []
+    for c in candidates:
+        try:
+            refuse_reference(f"Exercise {part}", c, *REFERENCES[part])
+            verdict.append(None)
+        except GradingError as err:
+            verdict.append(str(err))
+    for world_size in world_sizes:
+        live = [i for i, v in enumerate(verdict) if v is None]
+        if live:
+            per_rank = _launch(part, [candidates[i] for i in live], world_size, timeout, catch=True)
+            for i, v in zip(live, verdicts(lambda res: C.judge(part, world_size, res) or "", per_rank)):
+                verdict[i] = v or None
+    return [v or f"✓ Exercise {part}" for v in verdict]
 
 
 @grader
 def grade_ring_all_reduce(candidate: Callable[..., torch.Tensor], world_sizes: Sequence[int] = (2, 4),
-                          timeout: float = 30.0) -> str:
-    """Run ``candidate(x)`` on real ranks for every case and world size; compare with dist.all_reduce.
+                          timeout: float = TIMEOUT) -> str:
+    """Run ``candidate(x)`` on real ranks for every case and world size; compare with the sum of every
+    rank's input, computed in the grader; a wrong result is described chunk by chunk (which ranks'
+    inputs each chunk sums), so that a missing phase or an off-by-one step is named.
 
     Returns "✓ ..." (and prints it); raises GradingError saying what is wrong: not implemented, a
     forbidden collective, an exception (with traceback), a hang (timeout), wrong shape or wrong values."""
-    return _grade(candidate, "Exercise 00.1", EVERY_COLLECTIVE, POINT_TO_POINT, world_sizes, timeout)
+    return _grade(candidate, "00.1", world_sizes, timeout)
 
 
 @grader
 def grade_all_reduce_via_reduce_scatter_all_gather(candidate: Callable[..., torch.Tensor],
                                                    world_sizes: Sequence[int] = (2, 4),
-                                                   timeout: float = 30.0) -> str:
+                                                   timeout: float = TIMEOUT) -> str:
     """Like grade_ring_all_reduce; here only dist.all_reduce (and reduce) are barred."""
-    return _grade(candidate, "Exercise 00.2", ALL_REDUCE_LIKE,
-                  "dist.reduce_scatter_tensor and dist.all_gather_into_tensor", world_sizes, timeout)
+    return _grade(candidate, "00.2", world_sizes, timeout)

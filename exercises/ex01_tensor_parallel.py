@@ -18,24 +18,27 @@ package's ``gather_from_tensor_model_parallel_region`` for the all-gather.
 
 Grade with:  grade_copy_to(CopyToTensorParallelRegion)     grade_reduce_from(ReduceFromTensorParallelRegion)
              grade_column_parallel_linear(column_parallel_linear)   grade_row_parallel_linear(row_parallel_linear)
-Each runs your code on 2 real ranks and compares outputs AND gradients with the package's reference
-(minimegatron/mpu/mappings.py and layers.py).
+Each runs your code on 4 real ranks — two TP groups of 2, each with its own data, so that a collective
+over the wrong group shows — and compares outputs AND gradients with the single-device computation
+(``_ex01_checks.py``), naming the usual mistakes. Submitting the package's own f/g (or the references
+below) is refused: it proves nothing about your code.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist  # noqa: F401  (you will need it)
 import torch.nn.functional as F
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
-                               run_graded)
-from minimegatron.mpu.layers import shard_weight
+from exercises import _ex01_checks as C
+from exercises.battery import each_candidate, refuse_reference, verdicts
+from exercises.grading import GradingError, grader, passed, run_graded
+from minimegatron.mpu import mappings
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
                                        gather_from_tensor_model_parallel_region,
                                        reduce_from_tensor_model_parallel_region)
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.mpu.state import ParallelState
 
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
@@ -81,88 +84,7 @@ def row_parallel_linear(x_shard: torch.Tensor, weight_shard: torch.Tensor, bias:
 
 # --- grading -----------------------------------------------------------------------------------------
 
-TP = 2
-S, B, H, OUT = 4, 3, 8, 6
-
-
-def _as_callable(candidate: Any) -> Callable:
-    if isinstance(candidate, type) and issubclass(candidate, torch.autograd.Function):
-        return candidate.apply
-    return candidate
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_()
-
-
-def _run(fn: Callable, inputs: list[torch.Tensor], cotangent: torch.Tensor) -> dict[str, Any]:
-    """Forward, the loss <y, cotangent>, backward; the output and every input's gradient."""
-    leaves = [_leaf(t) for t in inputs]
-    before = [t.detach().clone() for t in leaves]
-    y = fn(*leaves)
-    if not isinstance(y, torch.Tensor):
-        return {"output": y}
-    out = {"output": y.detach().clone()}
-    if any(not torch.equal(a, b) for a, b in zip(before, leaves)):
-        out["modified"] = True
-        return out
-    out["connected"] = y.requires_grad
-    if y.shape == cotangent.shape and y.dtype == cotangent.dtype and y.requires_grad:
-        (y * cotangent).sum().backward()
-    out["grads"] = [None if t.grad is None else t.grad.clone() for t in leaves]
-    return out
-
-
-def _case(name: str, candidate: Callable, reference: Callable, make_inputs: Callable) -> dict:
-    """On every rank: the same random data, the candidate and the reference, through forward and backward."""
-    state = initialize_model_parallel(TP)
-    g = torch.Generator().manual_seed(1)
-    inputs, cotangent = make_inputs(state, g)
-    return {"got": _run(lambda *a: candidate(*a, state), inputs, cotangent),
-            "expected": _run(lambda *a: reference(*a, state), inputs, cotangent)}
-
-
-def _grade(exercise: str, candidate: Any, reference: Callable, make_inputs: Callable,
-           input_names: list[str], hints: dict[str, str], timeout: float) -> str:
-    results = run_graded(_case, TP, exercise, _as_callable(candidate), reference, make_inputs, timeout=timeout)
-    for rank, res in enumerate(results):
-        got, expected = res["got"], res["expected"]
-        where = f"{exercise}, rank {rank}"
-        if got.get("modified"):
-            raise GradingError(f"{where}: your code modified its input in place (e.g. dist.all_reduce(x)); "
-                               "clone it first: x = x.clone()")
-        assert_close(f"{where}, forward output ({hints['forward']})", got["output"], expected["output"])
-        if not got["connected"]:
-            raise GradingError(f"{where}: the output is not connected to the inputs' autograd graph "
-                               "(no gradient flows back): did you use .detach(), .data or torch.no_grad()?")
-        for name, g_got, g_exp in zip(input_names, got["grads"], expected["grads"]):
-            if g_got is None:
-                raise GradingError(f"{where}: no gradient reached {name} — is the backward returning it?")
-            assert_close(f"{where}, backward: gradient of {name} ({hints['backward']})", g_got, g_exp)
-    return passed(f"{exercise}: forward and backward match the reference on {TP} ranks")
-
-
-def _replicated_x(state, g):
-    x = torch.randn(S, B, H, generator=g)
-    per_rank = torch.randn(TP, S, B, H, generator=g)[state.tp_rank]  # downstream differs per rank
-    return [x], per_rank
-
-
-def _per_rank_x(state, g):
-    x = torch.randn(TP, S, B, H, generator=g)[state.tp_rank]  # each rank's partial result
-    return [x], torch.randn(S, B, H, generator=g)               # downstream replicated
-
-
-def _column_inputs(state, g):
-    x, w, b = torch.randn(S, B, H, generator=g), torch.randn(OUT, H, generator=g), torch.randn(OUT, generator=g)
-    r = state.tp_rank
-    return [x, shard_weight(w, 0, r, TP), shard_weight(b, 0, r, TP)], torch.randn(S, B, OUT, generator=g)
-
-
-def _row_inputs(state, g):
-    x, w, b = torch.randn(S, B, H, generator=g), torch.randn(OUT, H, generator=g), torch.randn(OUT, generator=g)
-    r = state.tp_rank
-    return [shard_weight(x, -1, r, TP), shard_weight(w, 1, r, TP), b], torch.randn(S, B, OUT, generator=g)
+TIMEOUT = 15.0  # s: four ranks, a few tiny matmuls each — a hang is reported well before a minute
 
 
 def reference_column_parallel_linear(x, weight_shard, bias_shard, state):
@@ -174,37 +96,67 @@ def reference_row_parallel_linear(x_shard, weight_shard, bias, state):
     return reduce_from_tensor_model_parallel_region(F.linear(x_shard, weight_shard), state) + bias
 
 
-@grader
-def grade_copy_to(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """01.1: f.apply(x, state) on 2 ranks; each rank's loss differs, so x.grad must be their sum."""
-    return _grade("Exercise 01.1", candidate, copy_to_tensor_model_parallel_region, _replicated_x, ["x"],
-                  {"forward": "f's forward is the identity",
-                   "backward": "f's backward all-reduces: x fed every rank, so ∂L/∂x sums all ranks"},
-                  timeout)
+REFERENCES = {"01.1": (mappings._CopyToModelParallelRegion, copy_to_tensor_model_parallel_region),
+              "01.2": (mappings._ReduceFromModelParallelRegion, reduce_from_tensor_model_parallel_region),
+              "01.3": (reference_column_parallel_linear,), "01.4": (reference_row_parallel_linear,)}
+
+
+def _as_callable(candidate: Any) -> Callable:
+    if isinstance(candidate, type) and issubclass(candidate, torch.autograd.Function):
+        return candidate.apply
+    return candidate
+
+
+def battery_verdicts(cases: Sequence[tuple[str, Any]], timeout: float = TIMEOUT) -> list[str]:
+    """Grade many (part, candidate) pairs — part "01.1" … "01.4" — in ONE launch (the tests' batteries):
+    for each, "✓ ..." or the message its grading raises. Only for candidates that behave alike on every
+    rank (one that raises or hangs on some ranks only would stall the others)."""
+    out: list[str | None] = []
+    for part, c in cases:  # refused without running
+        try:
+            refuse_reference(f"Exercise {part}", c, *REFERENCES[part])
+            out.append(None)
+        except GradingError as err:
+            out.append(str(err))
+    run = [(part, _as_callable(c)) for (part, c), o in zip(cases, out) if o is None]
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, run, catch=True, timeout=timeout) if run else [[]]
+    judged = iter(verdicts(_judged, per_rank))
+    return [o if o is not None else next(judged) for o in out]
+
+
+def _judged(results: list[dict]) -> str:
+    part = results[0]["part"]
+    C.judge(part, results)
+    return f"✓ Exercise {part}: forward and backward match the single-device computation on {C.WORLD} ranks " \
+           f"(two TP groups of {C.TP})"
+
+
+def _grade(part: str, candidate: Any, timeout: float) -> str:
+    refuse_reference(f"Exercise {part}", candidate, *REFERENCES[part])
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, [(part, _as_callable(candidate))],
+                          timeout=timeout)
+    return passed(_judged([results[0][1] for results in per_rank])[2:])
 
 
 @grader
-def grade_reduce_from(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """01.2: g.apply(x_r, state) on 2 ranks; the output must be Σ_r x_r, x_r.grad the replicated ∂L/∂y."""
-    return _grade("Exercise 01.2", candidate, reduce_from_tensor_model_parallel_region, _per_rank_x, ["x"],
-                  {"forward": "g's forward all-reduces (sums) the per-rank partial results",
-                   "backward": "g's backward is the identity: ∂L/∂y is already the same on every rank"},
-                  timeout)
+def grade_copy_to(candidate: Any, timeout: float = TIMEOUT) -> str:
+    """01.1: f.apply(x, state); each rank's loss differs, so x.grad must be the sum over its TP group."""
+    return _grade("01.1", candidate, timeout)
 
 
 @grader
-def grade_column_parallel_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_reduce_from(candidate: Any, timeout: float = TIMEOUT) -> str:
+    """01.2: g.apply(x_r, state); the output must be Σ_r x_r over the TP group, x_r.grad the replicated ∂L/∂y."""
+    return _grade("01.2", candidate, timeout)
+
+
+@grader
+def grade_column_parallel_linear(candidate: Callable, timeout: float = TIMEOUT) -> str:
     """01.3: the full output Y (…, out) on every rank, and gradients of x, W_i, b_i."""
-    return _grade("Exercise 01.3", candidate, reference_column_parallel_linear, _column_inputs,
-                  ["x", "weight_shard", "bias_shard"],
-                  {"forward": "Y = [X·W_0ᵀ+b_0, X·W_1ᵀ+b_1] gathered along the last dim",
-                   "backward": "x must enter through f so that its gradient is all-reduced"}, timeout)
+    return _grade("01.3", candidate, timeout)
 
 
 @grader
-def grade_row_parallel_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_row_parallel_linear(candidate: Callable, timeout: float = TIMEOUT) -> str:
     """01.4: Y = Σ_i X_i·W_iᵀ + b on every rank, and gradients of X_i, W_i and the bias."""
-    return _grade("Exercise 01.4", candidate, reference_row_parallel_linear, _row_inputs,
-                  ["x_shard", "weight_shard", "bias"],
-                  {"forward": "all-reduce the partial products, then add the bias once",
-                   "backward": "g's backward is the identity"}, timeout)
+    return _grade("01.4", candidate, timeout)

@@ -16,22 +16,25 @@
       Return a 1-D LongTensor of row indices, in the order the rank stores them (3h/tp of them).
 
 Grade with:  grade_parallel_mlp_forward(parallel_mlp_forward)    grade_fused_qkv_rows(fused_qkv_rows)
-02.1 runs on 1 and 2 real ranks against ``minimegatron.layers.mlp.ParallelMLP``; 02.2 against
-``minimegatron.mpu.layers.shard_weight`` and ``ParallelAttention``.
+02.1 runs on 4 real ranks (two TP groups of 2, each with its own weights) against the MLP computed on one
+device, naming the usual mistakes (``_ex02_checks.py``); 02.2 against ``minimegatron.mpu.layers.shard_weight``
+and ``ParallelAttention``. Submitting the package's own code is refused.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: F401  (you will need it)
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
-                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
+from exercises import _ex02_checks as C
+from exercises.battery import each_candidate, refuse_reference, verdicts
+from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
+                               kind_of, passed, run_graded, run_isolated)
 from minimegatron.config import gpt_config
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,  # noqa: F401
                                        reduce_from_tensor_model_parallel_region)
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.mpu.state import ParallelState
 
 
 def parallel_mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -49,80 +52,45 @@ def fused_qkv_rows(hidden_size: int, tp_rank: int, tp: int) -> torch.Tensor:
 
 # --- grading -----------------------------------------------------------------------------------------
 
-S, B, H = 6, 2, 16
+TIMEOUT = 15.0  # s: four ranks, a 16 → 64 → 16 MLP — a hang is reported well before a minute
+S, B, H = C.S, C.B, C.H
 CONFIG = gpt_config(hidden_size=H, num_attention_heads=4, num_layers=2)  # ffn = 4h = 64, bias, gelu tanh
-NAMES = ["x", "w1", "b1", "w2", "b2"]
 
 
 def package_parallel_mlp_forward(x, w1, b1, w2, b2, state):
-    """The package's ParallelMLP, run on the given shards (what the grader compares against)."""
+    """The package's ParallelMLP, run on the given shards."""
     from minimegatron.layers.mlp import ParallelMLP
     mlp = ParallelMLP(CONFIG, state)
     tensors = dict(zip([n for n, _ in mlp.named_parameters()], (w1, b1, w2, b2)))
     return torch.func.functional_call(mlp, tensors, (x,))  # the module's forward with these tensors
 
 
-def _as_params(mlp) -> list[torch.Tensor]:
-    return [mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.dense_4h_to_h.weight,
-            mlp.dense_4h_to_h.bias]
+def battery_verdicts(candidates: Sequence[Callable], timeout: float = TIMEOUT) -> list[str]:
+    """02.1 for many candidates in ONE launch (the tests' batteries): "✓ ..." or the message, for each."""
+    out: list[str | None] = []
+    for c in candidates:
+        try:
+            refuse_reference("Exercise 02.1", c, package_parallel_mlp_forward)
+            out.append(None)
+        except GradingError as err:
+            out.append(str(err))
+    run = [c for c, o in zip(candidates, out) if o is None]
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, run, catch=True, timeout=timeout) if run else [[]]
+    judged = iter(verdicts(lambda results: C.judge(results) or _PASSED, per_rank))
+    return [o if o is not None else next(judged) for o in out]
 
 
-def _mlp_case(tp: int, candidate: Callable) -> dict[str, Any]:
-    """On every rank: the same full weights (seeded), this rank's shards, candidate and reference."""
-    from minimegatron.layers.mlp import ParallelMLP
-    state = initialize_model_parallel(tp)
-    torch.manual_seed(0)
-    shards = [p.detach() for p in _as_params(ParallelMLP(CONFIG, state))]
-    shards[0] = 15 * shards[0]  # pre-activations of order 1, where GeLU is curved
-    gen = torch.Generator().manual_seed(1)
-    shards[1] = 0.1 * torch.randn(4 * H, generator=gen).chunk(tp)[state.tp_rank]  # non-zero biases
-    shards[3] = 0.1 * torch.randn(H, generator=gen)
-    x = torch.randn(S, B, H, generator=gen)
-    cotangent = torch.randn(tp, S, B, H, generator=gen)[state.tp_rank]  # each rank's own loss
-    out = {}
-    for who, fn in (("got", candidate), ("expected", package_parallel_mlp_forward)):
-        leaves = [t.clone().requires_grad_() for t in [x] + shards]
-        y = fn(*leaves, state)
-        res = {"output": y.detach().clone() if isinstance(y, torch.Tensor) else y}
-        if isinstance(y, torch.Tensor) and y.requires_grad and y.shape == cotangent.shape \
-                and y.dtype == cotangent.dtype:
-            (y * cotangent).sum().backward()
-        res["grads"] = [None if t.grad is None else t.grad.clone() for t in leaves]
-        out[who] = res
-    return out
+_PASSED = (f"✓ Exercise 02.1: the parallel MLP matches the MLP on one device, forward and backward, on {C.WORLD} "
+           f"ranks (two TP groups of {C.TP})")
 
 
 @grader
-def grade_parallel_mlp_forward(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """02.1 on 1 rank, then 2: output on every rank, then the gradient of every input."""
-    hints = {"x": "x must enter the TP region through f (copy_to_...): its backward all-reduces ∂L/∂x",
-             "w1": "∂L/∂w1 needs the GeLU'(·) of your column output and ∂L/∂Y flowing back through g",
-             "b1": "b1 belongs to the column layer: add it before the GeLU",
-             "w2": "∂L/∂w2 = GeLU(h)ᵀ·∂L/∂Y on this rank's slice",
-             "b2": "b2 is replicated: add it once, after g"}
-    for tp in (1, 2):
-        results = run_graded(_mlp_case, tp, tp, candidate, timeout=timeout)
-        for rank, res in enumerate(results):
-            got, expected = res["got"], res["expected"]
-            where = f"Exercise 02.1 at tp={tp}, rank {rank}"
-            output = got["output"]
-            if isinstance(output, torch.Tensor) and output.shape == expected["output"].shape \
-                    and output.dtype == expected["output"].dtype:
-                extra_bias = output - expected["output"]
-                constant = torch.allclose(extra_bias, extra_bias[:1, :1].expand_as(extra_bias), atol=1e-5)
-                if tp > 1 and constant and extra_bias.abs().max() > 1e-3:
-                    raise GradingError(f"{where}: the output is off by a constant per feature — b2 was "
-                                       f"added {tp} times; add it once, after the all-reduce (g)")
-            assert_close(f"{where}, forward output Y = GeLU_tanh(X·A + b1)·B + b2", got["output"],
-                         expected["output"], rtol=1e-5, atol=1e-5)
-            for name, g_got, g_exp in zip(NAMES, got["grads"], expected["grads"]):
-                if g_got is None:
-                    raise GradingError(f"{where}: no gradient reached {name} — is it part of the "
-                                       "computation, without .detach() or torch.no_grad()?")
-                assert_close(f"{where}, gradient of {name} ({hints[name]})", g_got, g_exp,
-                             rtol=1e-5, atol=1e-5)
-    return passed("Exercise 02.1: the parallel MLP matches ParallelMLP on 1 and 2 ranks, "
-                  "forward and backward")
+def grade_parallel_mlp_forward(candidate: Callable, timeout: float = TIMEOUT) -> str:
+    """02.1 on 4 ranks (two TP groups of 2): output on every rank, then the gradient of every input."""
+    refuse_reference("Exercise 02.1", candidate, package_parallel_mlp_forward)
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, [candidate], timeout=timeout)
+    C.judge([results[0][1] for results in per_rank])
+    return passed(_PASSED[2:])
 
 
 @grader
@@ -160,11 +128,10 @@ def _grade_fused_qkv_rows(candidate: Callable) -> str:
             expected = shard_weight(full, 0, rank, tp, stride=3)
             where = f"Exercise 02.2 (hidden_size={h}, tp={tp}, rank {rank})"
             got = _row_indices(where, candidate, h, rank, tp)
-            block = 3 * h // tp
-            contiguous = rank * block + torch.arange(block)
-            if tp > 1 and got.numel() == block and torch.equal(got, contiguous):
-                raise GradingError(f"{where}: you took one contiguous block of 3h/tp rows; with stride 3 "
-                                   "each rank takes its 1/tp of Q, of K and of V (three blocks)")
+            if not torch.equal(got, expected):
+                for rows, message in C.qkv_mistakes(h, rank, tp):
+                    if rows is not None and torch.equal(got, rows):
+                        raise GradingError(f"{where}: {message}")
             assert_close(f"{where}, row indices", got, expected)
     # and the package's attention layer really holds those rows
     config = gpt_config(hidden_size=8, num_attention_heads=2, num_layers=1)

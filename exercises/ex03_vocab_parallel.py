@@ -18,21 +18,26 @@ of the embedding table, and the same columns of the logits.
 
 Grade with:  grade_vocab_parallel_embedding(vocab_parallel_embedding_forward)
              grade_vocab_parallel_cross_entropy(vocab_parallel_cross_entropy_forward)
-The references are minimegatron/mpu/embedding.py (VocabParallelEmbedding) and mpu/cross_entropy.py.
+Graded on 4 ranks (two TP groups of 2, each with its own data) against the single-device computation
+(table[ids], F.cross_entropy), naming the usual mistakes (``_ex03_checks.py``). The package's versions
+are minimegatron/mpu/embedding.py (VocabParallelEmbedding) and mpu/cross_entropy.py: submitting them is
+refused.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # noqa: F401  (you will need it)
 import torch.nn.functional as F
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
-                               run_graded)
+from exercises import _ex03_checks as C
+from exercises.battery import each_candidate, refuse_reference, verdicts
+from exercises.grading import GradingError, grader, passed, run_graded
+from minimegatron.mpu import cross_entropy as _cross_entropy
 from minimegatron.mpu.cross_entropy import vocab_parallel_cross_entropy
 from minimegatron.mpu.mappings import reduce_from_tensor_model_parallel_region
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from minimegatron.mpu.state import ParallelState
 
 
 def vocab_parallel_embedding_forward(input_ids: torch.Tensor, weight_shard: torch.Tensor,
@@ -56,9 +61,7 @@ def vocab_parallel_cross_entropy_forward(logits_shard: torch.Tensor, target: tor
 
 # --- grading -----------------------------------------------------------------------------------------
 
-TP, V, H, B, S = 2, 20, 6, 3, 5
-GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "gather",
-           "_all_gather_base", "all_to_all", "all_to_all_single")
+TIMEOUT = 15.0  # s: four ranks, a table of 20 rows — a hang is reported well before a minute
 
 
 def reference_embedding_forward(input_ids, weight_shard, vocab_start_index, vocab_end_index, state):
@@ -68,90 +71,47 @@ def reference_embedding_forward(input_ids, weight_shard, vocab_start_index, voca
     return reduce_from_tensor_model_parallel_region(out, state)
 
 
-def _embedding_case(candidate: Callable) -> dict[str, Any]:
-    state = initialize_model_parallel(TP)
-    g = torch.Generator().manual_seed(3)
-    table = torch.randn(V, H, generator=g)
-    ids = torch.randint(0, V, (B, S), generator=g)
-    ids[0, :4] = torch.tensor([0, V // TP - 1, V // TP, V - 1])  # the edges of both slices
-    cotangent = torch.randn(B, S, H, generator=g)
-    start, end = state.tp_rank * V // TP, (state.tp_rank + 1) * V // TP
-    result = {}
-    for who, fn in (("got", candidate), ("expected", reference_embedding_forward)):
-        w = table[start:end].clone().requires_grad_()  # (V/tp, h)
-        y = fn(ids.clone(), w, start, end, state)
-        if not isinstance(y, torch.Tensor):
-            result[who] = {"output": y}
-            continue
-        connected = y.requires_grad
-        if connected and y.shape == cotangent.shape and y.dtype == cotangent.dtype:
-            (y * cotangent).sum().backward()
-        result[who] = {"output": y.detach().clone(), "connected": connected, "grad": w.grad}
-    return result
+REFERENCES = {"03.1": (reference_embedding_forward,),
+              "03.2": (vocab_parallel_cross_entropy, _cross_entropy._VocabParallelCrossEntropy)}
+PASSED = {"03.1": "the vocab-parallel embedding and its gradient match table[ids]",
+          "03.2": "the vocab-parallel cross-entropy matches F.cross_entropy, also for huge logits"}
 
 
-@grader
-def grade_vocab_parallel_embedding(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """03.1 on 2 ranks: the output (b, s, h) and the gradient of each rank's weight shard."""
-    results = run_graded(_embedding_case, TP, candidate, timeout=timeout)
-    for rank, res in enumerate(results):
-        got, expected = res["got"], res["expected"]
-        where = f"Exercise 03.1, rank {rank}"
-        assert_close(f"{where}, output (every token's row comes from exactly one rank: mask the others "
-                     f"to zero, then all-reduce)", got["output"], expected["output"])
-        if not got["connected"] or got["grad"] is None:
-            raise GradingError(f"{where}: no gradient reached weight_shard — keep the lookup in the autograd "
-                               "graph (no .detach() / torch.no_grad())")
-        assert_close(f"{where}, gradient of weight_shard (each rank's rows get the gradient of the tokens it "
-                     f"owns)", got["grad"], expected["grad"])
-    return passed("Exercise 03.1: the vocab-parallel embedding matches the reference on 2 ranks")
-
-
-def _cross_entropy_cases() -> list[tuple[str, float]]:
-    return [("random logits", 0.0), ("huge logits (exp overflows unless the max is subtracted)", 1e4)]
-
-
-def _cross_entropy_case(candidate: Callable) -> list[dict[str, Any]]:
-    state = initialize_model_parallel(TP)
-    g = torch.Generator().manual_seed(4)
-    out = []
-    for _, offset in _cross_entropy_cases():
-        full = 3 * torch.randn(S, B, V, generator=g) + offset  # (s, b, V)
-        target = torch.randint(0, V, (S, B), generator=g)
-        target[0] = torch.tensor([0, V // TP - 1, V // TP])[:B]  # the edges of both slices
-        shard = full.chunk(TP, -1)[state.tp_rank].contiguous()  # (s, b, V/tp)
-        expected = vocab_parallel_cross_entropy(shard, target, state)
-        given_logits, given_target = shard.clone(), target.clone()
-        saved = {name: getattr(dist, name) for name in GATHERS if hasattr(dist, name)}
-        for name in saved:
-            def refuse(*args, _name=name, **kwargs):
-                raise GradingError(f"Exercise 03.2: your code called dist.{_name}; the point is never to "
-                                   "build the full (…, V) logits — use three all_reduce calls instead")
-            setattr(dist, name, refuse)
+def battery_verdicts(cases: Sequence[tuple[str, Any]], timeout: float = TIMEOUT) -> list[str]:
+    """Grade many (part, candidate) pairs ("03.1" / "03.2") in ONE launch (the tests' batteries): for
+    each, "✓ ..." or the message its grading raises. Only for candidates that behave alike on every rank."""
+    out: list[str | None] = []
+    for part, c in cases:
         try:
-            got = candidate(given_logits, given_target, state)
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
-        modified = not (torch.equal(given_logits, shard) and torch.equal(given_target, target))
-        out.append({"got": got.detach().clone() if isinstance(got, torch.Tensor) else got,
-                    "expected": expected, "modified": modified})
-    return out
+            refuse_reference(f"Exercise {part}", c, *REFERENCES[part])
+            out.append(None)
+        except GradingError as err:
+            out.append(str(err))
+    run = [(part, c) for (part, c), o in zip(cases, out) if o is None]
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, run, catch=True, timeout=timeout) if run else [[]]
+    judged = iter(verdicts(_judged, per_rank))
+    return [o if o is not None else next(judged) for o in out]
+
+
+def _judged(results: list[dict]) -> str:
+    part = results[0]["part"]
+    C.judge(part, results)
+    return f"✓ Exercise {part}: {PASSED[part]} on {C.WORLD} ranks (two TP groups of {C.TP})"
+
+
+def _grade(part: str, candidate: Any, timeout: float) -> str:
+    refuse_reference(f"Exercise {part}", candidate, *REFERENCES[part])
+    per_rank = run_graded(each_candidate, C.WORLD, C.rank_case, [(part, candidate)], timeout=timeout)
+    return passed(_judged([results[0][1] for results in per_rank])[2:])
 
 
 @grader
-def grade_vocab_parallel_cross_entropy(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """03.2 on 2 ranks: the per-token loss equals F.cross_entropy, also for huge logits; no gathers."""
-    results = run_graded(_cross_entropy_case, TP, candidate, timeout=timeout)
-    for rank, cases in enumerate(results):
-        for (name, _), res in zip(_cross_entropy_cases(), cases):
-            where = f"Exercise 03.2, rank {rank}, case '{name}'"
-            if res["modified"]:
-                raise GradingError(f"{where}: your code modified logits_shard or target in place; work on "
-                                   "a copy (logits = logits_shard.float() - m makes a new tensor)")
-            got = res["got"]
-            if isinstance(got, torch.Tensor) and got.is_floating_point() and not bool(torch.isfinite(got).all()):
-                raise GradingError(f"{where}: the loss has inf/nan — subtract the max over the WHOLE "
-                                   "vocabulary (dist.all_reduce with op=dist.ReduceOp.MAX) before exp")
-            assert_close(f"{where}, per-token loss", got, res["expected"], rtol=1e-5, atol=1e-5)
-    return passed("Exercise 03.2: the vocab-parallel cross-entropy matches F.cross_entropy on 2 ranks")
+def grade_vocab_parallel_embedding(candidate: Callable, timeout: float = TIMEOUT) -> str:
+    """03.1 on 4 ranks: the output (b, s, h) and the gradient of each rank's weight shard."""
+    return _grade("03.1", candidate, timeout)
+
+
+@grader
+def grade_vocab_parallel_cross_entropy(candidate: Callable, timeout: float = TIMEOUT) -> str:
+    """03.2 on 4 ranks: the per-token loss equals F.cross_entropy, also for huge logits; no gathers."""
+    return _grade("03.2", candidate, timeout)

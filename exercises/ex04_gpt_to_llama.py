@@ -28,8 +28,10 @@ from typing import Callable
 
 import torch
 
-from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
-                               kind_of, passed, run_isolated)
+from exercises import _ex04_checks as M
+from exercises.battery import refuse_reference
+from exercises.grading import GradingError, assert_close, call_candidate, grader, kind_of, passed, run_isolated
+from minimegatron import kernels
 from minimegatron.layers.norms import RMSNorm
 from minimegatron.layers.positions import RotaryEmbedding, apply_rotary
 
@@ -48,17 +50,23 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000
 
 # --- grading -----------------------------------------------------------------------------------------
 
+TIMEOUT = 10.0  # s: a few small tensors in one process
+
 def _check_with_grads(exercise: str, where: str, candidate: Callable, args: tuple, reference: Callable,
-                      inputs: list[torch.Tensor], names: list[str], hint: Callable | None = None) -> None:
-    """``candidate(*inputs, *args)`` against ``reference(*inputs)``: the output, then every gradient."""
+                      inputs: list[torch.Tensor], names: list[str], mistakes: list | None = None) -> None:
+    """``candidate(*inputs, *args)`` against ``reference(*inputs)``: the output, then every gradient.
+    ``mistakes``: (model(*inputs) -> the output that mistake gives, message): a wrong output that
+    matches one is named."""
     leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
     ref_leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
     place = f"{exercise} ({where})"
     got = call_candidate(place, candidate, *leaves, *args, exercise=exercise)
     expected = reference(*ref_leaves)
-    if hint is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape \
-            and got.dtype == expected.dtype:
-        hint(got, inputs)
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype and \
+            not torch.allclose(got.detach(), expected.detach(), rtol=1e-5, atol=1e-5):
+        for model, message in mistakes or []:
+            if torch.allclose(got.detach().float(), model(*inputs).float(), rtol=1e-4, atol=1e-5):
+                raise GradingError(f"{place}: {message}")
     assert_close(f"{place}: output", got, expected.detach(), rtol=1e-5, atol=1e-5)
     if not got.requires_grad:
         raise GradingError(f"{place}: the output is not connected to the autograd graph "
@@ -76,11 +84,12 @@ def _check_with_grads(exercise: str, where: str, candidate: Callable, args: tupl
 
 @grader
 def grade_rms_norm(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
-                   timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                   timeout: float = TIMEOUT) -> str:
     """04.1 on several shapes, scales and eps: output and the gradients of x and weight.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
+    refuse_reference("Exercise 04.1", candidate, kernels.rms_norm, RMSNorm)
     return run_isolated(_grade_rms_norm, candidate, timeout=timeout, role="rms_norm")
 
 
@@ -94,15 +103,9 @@ def _grade_rms_norm(candidate: Callable) -> str:
             norm = RMSNorm(shape[-1], eps)
             return torch.func.functional_call(norm, {"weight": weight}, (x,))
 
-        def centred(got, inputs, eps=eps):
-            x0, w0 = inputs
-            layer_norm = torch.nn.functional.layer_norm(x0, (shape[-1],), w0, None, eps)
-            if torch.allclose(got.detach().float(), layer_norm, atol=1e-5):
-                raise GradingError("Exercise 04.1: this is LayerNorm (you subtracted the mean): RMSNorm "
-                                   "divides by sqrt(mean(x²) + eps) without centring")
-
+        mistakes = M.rms_mistakes(eps)
         _check_with_grads("Exercise 04.1", f"x of shape {shape}, scale {scale:g}, eps {eps:g}",
-                          candidate, (eps,), reference, [x, weight], ["x", "weight"], centred)
+                          candidate, (eps,), reference, [x, weight], ["x", "weight"], mistakes)
     x16 = torch.randn(4, 16, generator=g).to(torch.bfloat16)
     where = "Exercise 04.1 (a bfloat16 x of shape (4, 16))"
     out = call_candidate(where, candidate, x16, torch.ones(16, dtype=torch.bfloat16), 1e-5,
@@ -116,23 +119,14 @@ def _grade_rms_norm(candidate: Callable) -> str:
     return passed("Exercise 04.1: RMSNorm matches minimegatron.layers.norms.RMSNorm, forward and backward")
 
 
-def _interleaved_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """The original Meta layout, pairs (2i, 2i+1) — only to recognise it in a candidate."""
-    d = x.size(-1)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = (position_ids.t().float()[..., None] * inv_freq)[:, :, None, :]  # (s, b, 1, d/2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    y1, y2 = x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()
-    return torch.stack([y1, y2], dim=-1).flatten(-2)
-
-
 @grader
 def grade_apply_rope(candidate: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
-                     timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                     timeout: float = TIMEOUT) -> str:
     """04.2 for several shapes, thetas and position ids: output and the gradient of x.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
+    refuse_reference("Exercise 04.2", candidate, apply_rotary)
     return run_isolated(_grade_apply_rope, candidate, timeout=timeout, role="apply_rope")
 
 
@@ -147,13 +141,8 @@ def _grade_apply_rope(candidate: Callable) -> str:
         def reference(x, position_ids=position_ids, theta=theta):
             return apply_rotary(x, *RotaryEmbedding(shape[-1], theta)(position_ids))
 
-        def interleaved(got, inputs, position_ids=position_ids, theta=theta):
-            other = _interleaved_rope(inputs[0], position_ids, theta)
-            if torch.allclose(got.detach(), other, atol=1e-5):
-                raise GradingError("Exercise 04.2: you rotated interleaved pairs (2i, 2i+1) — Meta's "
-                                   "original layout; this package (and Hugging Face) pair i with i + d/2")
-
+        mistakes = M.rope_mistakes(position_ids, theta)
         where = f"x {shape}, theta {theta:g}, positions {position_ids.tolist()}"
         _check_with_grads("Exercise 04.2", where, candidate, (position_ids, theta), reference, [x], ["x"],
-                          interleaved)
+                          mistakes)
     return passed("Exercise 04.2: RoPE matches minimegatron.layers.positions, forward and backward")

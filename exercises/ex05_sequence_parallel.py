@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: F401  (you will need it)
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, grader, passed,
+from exercises.battery import refuse_reference
+from exercises.grading import (GradingError, assert_close, grader, passed,
                                run_graded)
 from minimegatron.compat import all_gather_single, reduce_scatter_single  # noqa: F401
 from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,  # noqa: F401
@@ -81,6 +82,7 @@ def sequence_parallel_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: to
 
 S, B, H, IN, OUT = 8, 2, 6, 12, 10
 LAYOUTS = ((2, 2), (4, 4), (4, 2))  # (world size, tp): the last one has two TP groups of 2
+TIMEOUT = 15.0  # s per layout: a few small tensors — a hang is reported well before a minute
 
 
 def _as_callable(candidate: Any) -> Callable:
@@ -170,8 +172,11 @@ def _check_common(where: str, got: dict, expected: dict, tp: int, world: int) ->
 
 
 @grader
-def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = TIMEOUT) -> str:
     """05.1: ``candidate.apply(x_r, state)`` (or a function) -> X on every rank; x_r.grad = Σ_q rows."""
+    from minimegatron.mpu import mappings
+    refuse_reference("Exercise 05.1", candidate, gather_from_sequence_parallel_region,
+                     getattr(mappings, "_GatherFromSequenceParallelRegion", gather_from_sequence_parallel_region))
     fn = _as_callable(candidate)
     for world, tp in LAYOUTS:
         results = run_graded(_case, world, "Exercise 05.1", tp, fn, gather_from_sequence_parallel_region,
@@ -185,6 +190,14 @@ def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = MULTI_R
                 raise GradingError(f"{where}: output shape {tuple(out.shape)} — you gathered the last "
                                    "dim; sequence parallelism gathers dim 0, the sequence: (s/tp, b, h) -> "
                                    "(s, b, h)")
+            exp = expected["output"]
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (S // tp, B, H):
+                raise GradingError(f"{where}: the output is this rank's own rows (s/tp, b, h): forward must "
+                                   "all-gather every rank's rows along dim 0 into (s, b, h)")
+            if isinstance(out, torch.Tensor) and out.shape == exp.shape and not torch.equal(out, exp) and \
+                    torch.equal(out, torch.cat(exp.chunk(tp)[::-1])):
+                raise GradingError(f"{where}: the gathered rows are in reverse rank order: rank r's rows are "
+                                   "the r-th block of the sequence")
             assert_close(f"{where}, forward output (all-gather of every rank's rows, in rank order)",
                          out, expected["output"])
             if not got["connected"]:
@@ -209,8 +222,9 @@ def grade_gather_from_sequence_parallel(candidate: Any, timeout: float = MULTI_R
 
 
 @grader
-def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = TIMEOUT) -> str:
     """05.2: Y_r (s/tp, b, out) = my rows of Σ_q x_q·W_qᵀ + b, its gradients, and one reduce-scatter."""
+    refuse_reference("Exercise 05.2", candidate, package_sequence_parallel_row_linear)
     import torch._dynamo  # noqa: F401 — CommCounter (a TorchDispatchMode) pulls it in on first use:
     # import it once here, so that the forked ranks inherit it instead of each importing it (seconds)
     names = ["x", "weight", "bias"]
@@ -253,6 +267,11 @@ def grade_sequence_parallel_row_linear(candidate: Callable, timeout: float = MUL
             if "backward_error" in got:
                 raise GradingError(f"{where}: autograd rejected the backward — {got['backward_error']}")
             for name, g_got, g_exp in zip(names, got["grads"], expected["grads"]):
+                if g_got is None and name != "bias" and got["grads"][2] is not None:
+                    raise GradingError(f"{where}: no gradient reached {name}, only the bias's — the "
+                                       "reduce-scatter is not in the autograd graph (a raw dist collective into "
+                                       "a new tensor has no backward): use reduce_scatter_to_sequence_parallel_"
+                                       "region, or your own Function whose backward all-gathers")
                 if g_got is None:
                     raise GradingError(f"{where}: no gradient reached {name} — is it part of the "
                                        "computation, without .detach() or torch.no_grad()?")

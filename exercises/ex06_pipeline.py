@@ -36,9 +36,11 @@ import torch
 import torch.distributed as dist  # noqa: F401  (you will need it)
 from torch import nn
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
-                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
-from minimegatron.mpu.state import ParallelState, initialize_model_parallel
+from exercises import _ex06_checks as C
+from exercises.battery import each_candidate, refuse_reference, verdicts
+from exercises.grading import (GradingError, call_candidate, grader, kind_of, passed, run_graded,
+                               run_isolated)
+from minimegatron.mpu.state import ParallelState
 
 
 def one_f_one_b_order(stage: int, num_stages: int, num_micro_batches: int) -> list[tuple[str, int]]:
@@ -79,166 +81,135 @@ def _as_order(where: str, got) -> list[tuple[str, int]]:
         raise GradingError(problem + kind_of(got)) from None
 
 
+ORDER_SIZES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 8)]
+ORDER_TIMEOUT = 10.0  # s: 75 small lists
+SCHEDULE_TIMEOUT = 15.0  # s per launch: 2 or 4 ranks, 4 micro-batches of an 8×8 layer — a hang shows fast
+
+
 @grader
 def grade_one_f_one_b_order(candidate: Callable[[int, int, int], Sequence[tuple[str, int]]],
-                            timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                            timeout: float = ORDER_TIMEOUT) -> str:
     """06.1 for p in 1..4 and 8, m in 1..4 and 8, every stage: against DeepSpeed's TrainSchedule.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
     import deepspeed.runtime.pipe.schedule  # noqa: F401  (seconds to import: once here, not per grading)
+    from minimegatron import schedules
+
+    refuse_reference("Exercise 06.1", candidate, schedules.one_f_one_b_order, schedules.deepspeed_order)
     return run_isolated(_grade_one_f_one_b_order, candidate, timeout=timeout, role="one_f_one_b_order")
+
+
+def _warm(order: list[tuple[str, int]]) -> int:
+    """How many forwards run before the first backward."""
+    return next((i for i, (c, _) in enumerate(order) if c == "B"), len(order))
 
 
 def _grade_one_f_one_b_order(candidate: Callable) -> str:
     from minimegatron.schedules import deepspeed_order, gpipe_order
 
-    for p in (1, 2, 3, 4, 8):
-        for m in (1, 2, 3, 4, 8):
-            for s in range(p):
-                where = f"Exercise 06.1 (stage {s} of p={p}, m={m} micro-batches)"
-                got = call_candidate(where, candidate, s, p, m, exercise="Exercise 06.1")
-                got, expected = _as_order(where, got), deepspeed_order(s, p, m)
-                if got == expected:
-                    continue
-                kinds = {kind for kind, _ in got}
-                if not kinds <= {"F", "B"}:
-                    raise GradingError(f"{where}: unknown kinds {sorted(kinds - {'F', 'B'})}; "
-                                       "use 'F' and 'B'")
-                for kind in ("F", "B"):
-                    mbs = sorted(k for c, k in got if c == kind)
-                    if mbs != list(range(m)):
-                        raise GradingError(f"{where}: every micro-batch 0..{m - 1} needs exactly one {kind}; "
-                                           f"your {kind}s are for micro-batches {mbs}")
-                for k in range(m):
-                    if got.index(("B", k)) < got.index(("F", k)):
-                        raise GradingError(f"{where}: ('B', {k}) comes before ('F', {k}) — a backward "
-                                           "needs its forward's activations")
-                if got == gpipe_order(s, p, m) and m > 1:
-                    raise GradingError(f"{where}: that is GPipe (every forward first), which holds {m} "
-                                       f"micro-batches' activations; 1F1B starts backward as soon as the "
-                                       f"pipeline is full: {expected}")
-                warm_got = next(i for i, (c, _) in enumerate(got) if c == "B")
-                warm_exp = next(i for i, (c, _) in enumerate(expected) if c == "B")
-                if warm_got != warm_exp:
-                    raise GradingError(
-                        f"{where}: {warm_got} forwards before the first backward, expected {warm_exp} = "
-                        f"min(p - stage, m): the first gradient reaches stage {s} only after micro-batch 0 "
-                        f"has gone through the {p - 1 - s} later stages and back, and this stage keeps "
-                        f"busy with forwards meanwhile")
-                i = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
-                raise GradingError(f"{where}: position {i} is {got[i]}, DeepSpeed's schedule has "
-                                   f"{expected[i]}; expected order {expected}")
-    return passed("Exercise 06.1: your 1F1B orders equal DeepSpeed's TrainSchedule for p ≤ 8, m ≤ 8")
+    got, wrong = {}, []  # every (stage, p, m) first: a mistake is named by its pattern over all of them
+    for p, m in ORDER_SIZES:
+        for s in range(p):
+            where = f"Exercise 06.1 (stage {s} of p={p}, m={m} micro-batches)"
+            got[s, p, m] = _as_order(where, call_candidate(where, candidate, s, p, m, exercise="Exercise 06.1"))
+            if got[s, p, m] != deepspeed_order(s, p, m):
+                wrong.append((s, p, m))
+    if not wrong:
+        return passed("Exercise 06.1: your 1F1B orders equal DeepSpeed's TrainSchedule for p ≤ 8, m ≤ 8")
+    s, p, m = wrong[0]
+    order, expected = got[s, p, m], deepspeed_order(s, p, m)
+    where = f"Exercise 06.1 (stage {s} of p={p}, m={m} micro-batches)"
+    kinds = {kind for kind, _ in order}
+    if not kinds <= {"F", "B"}:
+        raise GradingError(f"{where}: unknown kinds {sorted(kinds - {'F', 'B'})}; use 'F' and 'B'")
+    for kind in ("F", "B"):
+        mbs = sorted(k for c, k in order if c == kind)
+        if mbs != list(range(m)):
+            extra = (f" — more warm-up forwards than micro-batches: the warm-up is min(p - stage, m)"
+                     if kind == "F" and len(mbs) > m else "")
+            raise GradingError(f"{where}: every micro-batch 0..{m - 1} needs exactly one {kind}; your {kind}s "
+                               f"are for micro-batches {mbs}{extra}")
+    for k in range(m):
+        if order.index(("B", k)) < order.index(("F", k)):
+            raise GradingError(f"{where}: ('B', {k}) comes before ('F', {k}) — a backward needs its forward's "
+                               "activations")
+    if all(got[key] == gpipe_order(*key) for key in got):
+        raise GradingError(f"{where}: that is GPipe (every forward first), which holds {m} micro-batches' "
+                           f"activations; 1F1B starts backward as soon as the pipeline is full: {expected}")
+    bs = [k for c, k in order if c == "B"]
+    if bs != sorted(bs):
+        raise GradingError(f"{where}: the backwards run in the order {bs}: a stage backpropagates its OLDEST "
+                           "pending forward first (micro-batch order, FIFO) — the gradients arrive from the next "
+                           "stage in that order")
+    shift = {_warm(got[key]) - _warm(deepspeed_order(*key)) for key in wrong}
+    warm_got, warm_exp = _warm(order), _warm(expected)
+    if warm_got != warm_exp:
+        pattern = ""
+        if all(_warm(got[key]) == min(key[1], key[2]) for key in got):
+            pattern = " Your warm-up is the same on every stage: the later a stage, the sooner its first " \
+                      "gradient comes back."
+        elif all(_warm(got[key]) == min(key[0] + 1, key[2]) for key in got):
+            pattern = " Your warm-up grows with the stage: it is counted from the wrong end — the FIRST stage " \
+                      "waits longest for its first gradient."
+        elif shift == {1}:
+            pattern = " One warm-up forward too many, wherever your order differs: min(p - stage, m) forwards " \
+                      "in all, counting the one that starts the steady state (not p - stage + 1)."
+        elif shift == {-1}:
+            pattern = " One warm-up forward too few, wherever your order differs: min(p - stage, m), not " \
+                      "p - stage - 1."
+        raise GradingError(
+            f"{where}: {warm_got} forwards before the first backward, expected {warm_exp} = min(p - stage, m): "
+            f"the first gradient reaches stage {s} only after micro-batch 0 has gone through the {p - 1 - s} "
+            f"later stages and back, and this stage keeps busy with forwards meanwhile.{pattern}")
+    i = next(i for i, (a, b) in enumerate(zip(order, expected)) if a != b)
+    raise GradingError(f"{where}: position {i} is {order[i]}, DeepSpeed's schedule has {expected[i]}; after the "
+                       f"warm-up a stage alternates one backward (the oldest) and one forward; expected order "
+                       f"{expected}")
 
 
-H, MB, M = 8, 2, 4  # width of the toy stages, micro-batch size, micro-batches per step
+SCHEDULES = [(p, schedule) for p in (2, 4) for schedule in ("gpipe_order", "one_f_one_b_order")]
 
 
-class _Tick(torch.autograd.Function):
-    """Identity that logs 'F' when the stage's forward ends and 'B' when its backward starts."""
-
-    @staticmethod
-    def forward(ctx, x, log):
-        ctx.log = log
-        log.append("F")
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.log.append("B")
-        return grad, None
+def _name(schedule: str) -> str:
+    return "GPipe" if schedule == "gpipe_order" else "1F1B"
 
 
-class _ToyStage(nn.Module):
-    """Stage s of the toy pipeline: Linear(H, H) + tanh, drawn from seed 100 + s."""
-
-    def __init__(self, s: int) -> None:
-        super().__init__()
-        torch.manual_seed(100 + s)
-        self.linear = nn.Linear(H, H)
-        self.log: list[str] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Tick.apply(torch.tanh(self.linear(x)), self.log)
-
-
-def _toy_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(MB, H, generator=g), torch.randn(MB, H, generator=g)) for _ in range(M)]
-
-
-def _loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return ((out - labels) ** 2).mean()
-
-
-def _schedule_case(p: int, schedule: str, candidate: Callable) -> dict:
-    """On each rank: the candidate runs one step; the unsplit model computes the same step densely."""
-    from minimegatron import schedules
-
-    state = initialize_model_parallel(1, p)
-    s = state.pp_rank
-    data = _toy_data()
-    dense = nn.ModuleList(_ToyStage(i) for i in range(p))
-    losses = []
-    for x, y in data:
-        for layer in dense:
-            x = layer(x)
-        losses.append(_loss_fn(x, y))
-    torch.stack(losses).mean().backward()
-    order = getattr(schedules, schedule)(s, p, M)
-    stage = _ToyStage(s)
-    loss = candidate(stage, order, data, _loss_fn, state, (MB, H))
-    if isinstance(loss, torch.Tensor):
-        loss = loss.detach().reshape(()) if loss.numel() == 1 else loss.detach()
-    grads = {n: (None if q.grad is None else q.grad.clone()) for n, q in stage.named_parameters()}
-    return {"loss": loss, "expected_loss": torch.stack(losses).mean().detach(), "grads": grads,
-            "expected_grads": {n: q.grad.clone() for n, q in dense[s].named_parameters()},
-            "log": stage.log, "order": [c for c, _ in order]}
+def _deadlock_hint(err: GradingError, schedule: str, p: int) -> GradingError:
+    if str(err).startswith("timeout"):
+        return GradingError(f"Exercise 06.2 ({_name(schedule)}, p={p}): {err}\nWith the 1F1B order a blocking "
+                            "dist.send deadlocks: send with dist.isend and wait() at the end.")
+    return err
 
 
 @grader
-def grade_run_schedule(candidate: Callable, timeout: float = MULTI_RANK_TIMEOUT) -> str:
-    """06.2 on 2 and 4 ranks with GPipe and 1F1B orders: loss, gradients, and the order actually run."""
-    for p in (2, 4):
-        for schedule in ("gpipe_order", "one_f_one_b_order"):
-            name = "GPipe" if schedule == "gpipe_order" else "1F1B"
-            try:
-                results = run_graded(_schedule_case, p, p, schedule, candidate, timeout=timeout)
-            except GradingError as err:
-                if str(err).startswith("timeout"):
-                    raise GradingError(f"Exercise 06.2 ({name}, p={p}): {err}\nWith the 1F1B order a "
-                                       "blocking dist.send deadlocks: send with dist.isend and wait() at "
-                                       "the end.") from None
-                raise
-            for s, res in enumerate(results):
-                where = f"Exercise 06.2 ({name}, p={p}, stage {s})"
-                if res["log"] != res["order"]:
-                    raise GradingError(f"{where}: the stage ran {''.join(res['log'])} (F = a forward ended, "
-                                       f"B = a backward started) but the order was {''.join(res['order'])}: "
-                                       "run the work in the order given")
-                if s == p - 1:
-                    loss = res["loss"]
-                    if loss is None:
-                        raise GradingError(f"{where}: the last stage must return the mean loss, got None")
-                    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
-                        loss = float(loss)
-                    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
-                        raise GradingError(f"{where}: the last stage must return the mean loss as a float, "
-                                           f"got {kind_of(loss)}")
-                    assert_close(f"{where}, loss (mean over the {M} micro-batches)",
-                                 torch.tensor(float(loss), dtype=torch.float32), res["expected_loss"],
-                                 rtol=1e-5, atol=1e-6)
-                for n, expected in res["expected_grads"].items():
-                    got = res["grads"][n]
-                    if got is None:
-                        raise GradingError(f"{where}: no gradient reached {n} — did backward run on this "
-                                           "stage (from the received gradient, or from the loss on the last "
-                                           "stage)?")
-                    if torch.allclose(got, M * expected, rtol=1e-4, atol=1e-7):
-                        raise GradingError(f"{where}: gradient of {n} is {M}× too large — divide each "
-                                           f"micro-batch's loss by m = {M} (the step's loss is the mean)")
-                    assert_close(f"{where}, gradient of {n} (accumulated over the micro-batches)", got,
-                                 expected, rtol=1e-5, atol=1e-6)
+def grade_run_schedule(candidate: Callable, timeout: float = SCHEDULE_TIMEOUT) -> str:
+    """06.2 on 2 and 4 ranks with GPipe and 1F1B orders: loss, gradients, and the order actually run —
+    which micro-batch each forward read and each backward backpropagated (``timeout``: per launch)."""
+    from minimegatron import schedules
+
+    refuse_reference("Exercise 06.2", candidate, schedules.run_schedule)
+    for p, schedule in SCHEDULES:
+        try:
+            per_rank = run_graded(each_candidate, p, C.schedule_case, [candidate], p, schedule, timeout=timeout)
+        except GradingError as err:
+            raise _deadlock_hint(err, schedule, p) from None
+        C.judge(_name(schedule), p, [results[0][1] for results in per_rank])
     return passed("Exercise 06.2: GPipe and 1F1B on 2 and 4 ranks give the unsplit model's loss and "
                   "gradients, in the order given")
+
+
+def battery_verdicts(candidates: Sequence[Callable], timeout: float = SCHEDULE_TIMEOUT) -> list[str]:
+    """06.2 for many candidates, one launch per (p, order) for all of them (the tests' batteries): for
+    each, "✓ ..." or the message of its first failure. Only candidates that neither hang nor raise on
+    some ranks alone."""
+    verdict: list[str | None] = [None] * len(candidates)
+    for p, schedule in SCHEDULES:
+        live = [i for i, v in enumerate(verdict) if v is None]
+        if not live:
+            break
+        per_rank = run_graded(each_candidate, p, C.schedule_case, [candidates[i] for i in live], p, schedule,
+                              catch=True, timeout=timeout)
+        for i, v in zip(live, verdicts(lambda results: C.judge(_name(schedule), p, results) or "", per_rank)):
+            verdict[i] = v or None
+    return [v or "✓ Exercise 06.2" for v in verdict]

@@ -40,8 +40,11 @@ import torch
 import torch.distributed as dist  # noqa: F401  (you may need it)
 from torch import nn
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, SINGLE_PROCESS_TIMEOUT, GradingError, assert_close,
-                               call_candidate, grader, kind_of, passed, run_graded, run_isolated)
+from exercises import _ex07_checks as C
+from exercises.battery import refuse_reference
+from exercises.grading import (GradingError, assert_close, call_candidate, grader, kind_of, passed, run_graded,
+                               run_isolated)
+from exercises.watch import Collectives
 from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor  # noqa: F401
 from minimegatron.mpu.state import ParallelState, initialize_model_parallel
 
@@ -85,6 +88,9 @@ class Zero1AdamW:
 
 # --- grading -----------------------------------------------------------------------------------------
 
+PARTITION_TIMEOUT = 10.0  # s: ~1,500 small calls in one process
+ADAMW_TIMEOUT = 15.0  # s per world size: 3 steps of a 63-parameter model
+
 def reference_zero1_partition(numel: int, dp: int, dp_rank: int, alignment: int = 2) -> tuple[int, int]:
     """DeepSpeed's ZeRO-1/2 partition (``flatten_dense_tensors_aligned`` to ``alignment · dp``, then
     ``get_data_parallel_partitions``: equal contiguous slices)."""
@@ -127,11 +133,12 @@ class ReferenceZero1AdamW(Zero1AdamW):
 
 @grader
 def grade_zero1_partition(candidate: Callable[..., tuple[int, int]],
-                          timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                          timeout: float = PARTITION_TIMEOUT) -> str:
     """07.1 for numel in 1..103 and a GPT-sized count, dp in 1, 2, 3, 4, 8, every rank.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
+    refuse_reference("Exercise 07.1", candidate, reference_zero1_partition)
     return run_isolated(_grade_zero1_partition, candidate, timeout=timeout, role="zero1_partition")
 
 
@@ -150,24 +157,29 @@ def _as_pair(where: str, got) -> tuple[int, int]:
 
 
 def _grade_zero1_partition(candidate: Callable) -> str:
+    got, wrong = {}, []  # every case first: a mistake is named by the pattern of all the wrong answers
     for numel in list(range(1, 104)) + [169_472]:
         for dp in (1, 2, 3, 4, 8):
-            expected_all = [reference_zero1_partition(numel, dp, r) for r in range(dp)]
             for r in range(dp):
                 where = f"Exercise 07.1 (numel={numel}, dp={dp}, rank {r})"
-                got = call_candidate(where, candidate, numel, dp, r, exercise="Exercise 07.1")
-                start, stop = _as_pair(where, got)
-                e_start, e_stop = expected_all[r]
-                if (start, stop) == (e_start, e_stop):
-                    continue
-                padded = e_stop * dp // (r + 1)
-                if stop - start != e_stop - e_start:
-                    raise GradingError(f"{where}: your slice has {stop - start} elements; DeepSpeed pads "
-                                       f"{numel} up to {padded} (a multiple of alignment·dp = {2 * dp}) and "
-                                       f"gives every rank {padded // dp}")
-                raise GradingError(f"{where}: got ({start}, {stop}), expected ({e_start}, {e_stop}): slice r "
-                                   f"starts at r·{padded // dp}")
-    return passed("Exercise 07.1: your slices are DeepSpeed's ZeRO-1 partition for every size and dp")
+                got[numel, dp, r] = _as_pair(where, call_candidate(where, candidate, numel, dp, r,
+                                                                   exercise="Exercise 07.1"))
+                if got[numel, dp, r] != reference_zero1_partition(numel, dp, r):
+                    wrong.append((numel, dp, r))
+    if not wrong:
+        return passed("Exercise 07.1: your slices are DeepSpeed's ZeRO-1 partition for every size and dp")
+    numel, dp, r = wrong[0]
+    where = f"Exercise 07.1 (numel={numel}, dp={dp}, rank {r})"
+    (start, stop), (e_start, e_stop) = got[wrong[0]], reference_zero1_partition(numel, dp, r)
+    for i, (_, message) in enumerate(C.partition_mistakes(numel, dp, r)):
+        if all(got[key] == C.partition_mistakes(*key)[i][0] for key in wrong):
+            raise GradingError(f"{where}: got ({start}, {stop}), expected ({e_start}, {e_stop}) — {message}")
+    padded = e_stop * dp // (r + 1)
+    if stop - start != e_stop - e_start:
+        raise GradingError(f"{where}: your slice has {stop - start} elements; DeepSpeed pads {numel} up to "
+                           f"{padded} (a multiple of alignment·dp = {2 * dp}) and gives every rank {padded // dp}")
+    raise GradingError(f"{where}: got ({start}, {stop}), expected ({e_start}, {e_stop}): slice r starts at "
+                       f"r·{padded // dp}")
 
 
 D_IN, D_HID, D_OUT, LOCAL_B, STEPS = 5, 7, 3, 4, 3   # 63 parameters: not a multiple of 2·dp
@@ -191,12 +203,14 @@ def _zero1_case(candidate_cls: type) -> dict:
     opt = candidate_cls(model.parameters(), **ADAM, state=state, partition=reference_zero1_partition)
     ref_opt = torch.optim.AdamW(ref.parameters(), **ADAM)
     out = {"params": [], "expected": [], "exp_avg": None, "expected_exp_avg": None}
+    log = Collectives()
     for step in range(STEPS):
         x, y = _batch(step, dp)
         mine = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
         opt.zero_grad()
         ((model(x[mine]) - y[mine]) ** 2).mean().backward()   # this replica's micro-batch only
-        opt.step()
+        with log.watching(candidate_cls):
+            opt.step()
         ref_opt.zero_grad()
         ((ref(x) - y) ** 2).mean().backward()                # one model, the whole batch
         ref_opt.step()
@@ -206,16 +220,24 @@ def _zero1_case(candidate_cls: type) -> dict:
     full_m[:opt.numel] = torch.cat([ref_opt.state[p]["exp_avg"].reshape(-1) for p in ref.parameters()])
     out["expected_exp_avg"] = full_m[opt.start:opt.stop]
     out["exp_avg"] = opt.exp_avg.detach().clone() if isinstance(opt.exp_avg, torch.Tensor) else opt.exp_avg
+    out["calls"] = log.summary(state.dp_group)
+    if r == 0:  # the usual wrong AdamWs on the whole batch, for the parent to name
+        out["variants"] = C.adam_variants(_model, [_batch(s, dp) for s in range(STEPS)], ADAM, STEPS)
     return out
 
 
 @grader
-def grade_zero1_adamw(candidate_cls: type, timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_zero1_adamw(candidate_cls: type, timeout: float = ADAMW_TIMEOUT) -> str:
     """07.2 on 2 and 4 ranks against torch.optim.AdamW on the whole batch, for 3 steps."""
     import torch._dynamo  # noqa: F401  (AdamW's first step imports it: once here, not in every rank)
 
+    refuse_reference("Exercise 07.2", candidate_cls, ReferenceZero1AdamW)
     for dp in (2, 4):
         results = run_graded(_zero1_case, dp, candidate_cls, timeout=timeout)
+        if "all_reduce" in results[0]["calls"]["names"]:
+            raise GradingError(f"Exercise 07.2 (dp={dp}): your step all-reduces: every rank then receives (and "
+                               "holds) the whole gradient — ZeRO-1 reduce-SCATTERS it, each rank keeping only the "
+                               "1/dp slice it updates (reduce_scatter_tensor, then all_gather_into_tensor)")
         for step in range(STEPS):
             params = [res["params"][step] for res in results]
             where = f"Exercise 07.2 (dp={dp}, after step {step + 1})"
@@ -223,6 +245,10 @@ def grade_zero1_adamw(candidate_cls: type, timeout: float = MULTI_RANK_TIMEOUT) 
                 raise GradingError(f"{where}: the ranks hold different weights — each rank updated only its "
                                    "slice: all-gather the updated master slices and copy them into every "
                                    "parameter")
+            if not torch.allclose(params[0], results[0]["expected"][step], rtol=1e-5, atol=1e-6):
+                for variant, trajectory in results[0]["variants"].items():
+                    if torch.allclose(params[0], trajectory[step], rtol=1e-5, atol=1e-6):
+                        raise GradingError(f"{where}: {C.ADAM_MESSAGES[variant]}")
             assert_close(f"{where}, parameters (vs torch.optim.AdamW on the whole batch)", params[0],
                          results[0]["expected"][step], rtol=1e-5, atol=1e-6)
         for r, res in enumerate(results):

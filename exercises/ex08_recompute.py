@@ -39,8 +39,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
-                               kind_of, passed, run_isolated)
+from exercises.battery import refuse_reference
+from exercises.grading import GradingError, assert_close, call_candidate, grader, kind_of, passed, run_isolated
+
+TIMEOUT = 10.0  # s: one small GPT layer, or a grid of formulas, in one process
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -84,6 +86,18 @@ def package_checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torc
     return recompute(layer, hidden, state=layer.state)
 
 
+BACKWARD_ERRORS = [  # (what torch says, what it means here)
+    ("does not require grad", "the recomputed output is not in an autograd graph: a Function's backward runs "
+                              "with autograd OFF — re-run the layer inside torch.enable_grad(), on "
+                              "hidden.detach().requires_grad_()"),
+    ("incorrect number of gradients", "backward must return one gradient per forward input: (None, hidden's "
+                                      "gradient) — None for run_function"),
+    ("but the corresponding forward input was not a Variable", "the gradients are in the wrong order: forward "
+                                                               "takes (run_function, hidden), so backward returns "
+                                                               "(None, hidden's gradient)"),
+]
+
+
 def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]:
     """A seeded GPT layer: output, floating-point bytes saved in forward, every gradient."""
     from minimegatron.config import gpt_config
@@ -106,21 +120,29 @@ def _checkpoint_case(fn: Callable, dropout: float, where: str) -> dict[str, Any]
                "table": acts.table(), "input_bytes": hidden.numel() * hidden.element_size(),
                "connected": isinstance(y, torch.Tensor) and y.requires_grad}
         if res["connected"] and y.shape == cotangent.shape and y.dtype == cotangent.dtype:
-            call_candidate(where + ", backward", lambda: (y * cotangent).sum().backward(),
-                           exercise="Exercise 08.1")
+            try:
+                call_candidate(where + ", backward", lambda: (y * cotangent).sum().backward(),
+                               exercise="Exercise 08.1")
+            except GradingError as err:
+                for needle, hint in BACKWARD_ERRORS:
+                    if needle in str(err):
+                        raise GradingError(f"{where}, backward: {hint}\n{err}") from None
+                raise
         res["grads"] = {"hidden": hidden.grad, **{n: p.grad for n, p in layer.named_parameters()}}
     return res
 
 
 @grader
 def grade_checkpointed_forward(candidate: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                               timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                               timeout: float = TIMEOUT) -> str:
     """08.1: same output and gradients as the layer itself, and only the input kept for backward.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
     import minimegatron.layers  # noqa: F401  (imported once here, not in every grading process)
     import minimegatron.measure  # noqa: F401
+    from minimegatron.layers.recompute import recompute
+    refuse_reference("Exercise 08.1", candidate, package_checkpointed_forward, recompute)
     return run_isolated(_grade_checkpointed_forward, candidate, timeout=timeout,
                         role="checkpointed_forward")
 
@@ -160,13 +182,36 @@ def _grade_checkpointed_forward(candidate: Callable) -> str:
 
 
 @grader
-def grade_korthikanti_bytes(candidate: Callable[..., float], timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+def grade_korthikanti_bytes(candidate: Callable[..., float], timeout: float = TIMEOUT) -> str:
     """08.2: the paper's bytes per layer for a grid of sizes, parallel layouts and recompute modes.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
     reported as a GradingError."""
     import minimegatron.measure  # noqa: F401  (imported once here, not in every grading process)
+    refuse_reference("Exercise 08.2", candidate, minimegatron.measure.korthikanti_activation_bytes)
     return run_isolated(_grade_korthikanti_bytes, candidate, timeout=timeout, role="korthikanti_bytes")
+
+
+def _formula_mistakes(k: Callable) -> list[tuple[Callable, str]]:
+    """(model(s, b, h, a, t, sp, recompute) -> the bytes that mistake gives or None, message)."""
+    return [
+        (lambda s, b, h, a, t, sp, rc: s * b * h * 34 / (t if sp and t > 1 else 1) if rc == "none" else None,
+         "the attention term 5·a·s/h (the s×s scores, softmax, its dropout mask) is missing"),
+        (lambda s, b, h, a, t, sp, rc: s * b * h * (34 + 5 * a * s / h) / t if rc == "none" and not sp else None,
+         "everything was divided by t: under tensor parallelism alone the 10·s·b·h of the norm inputs, QKV/fc1 "
+         "inputs and dropout masks stays replicated — s·b·h·(10 + 24/t + 5·a·s/(h·t))"),
+        (lambda s, b, h, a, t, sp, rc: s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) if rc == "none" and sp and t > 1
+         else None, "sequence parallelism was ignored: it splits the replicated 10·s·b·h along the sequence too "
+                    "— s·b·h/t·(34 + 5·a·s/h)"),
+        (lambda s, b, h, a, t, sp, rc: k(s, b, h, a, t, sp, "none") if rc == "selective" else None,
+         "selective recompute drops the 5·a·s/h term (softmax output, its dropout mask and dropout output)"),
+        (lambda s, b, h, a, t, sp, rc: 2 * s * b * h if rc == "full" and sp and t > 1 else None,
+         "full recompute keeps the layer input, 2·s·b·h — /t when the input is sequence-parallel"),
+        (lambda s, b, h, a, t, sp, rc: 0.0 if rc == "full" else None,
+         "full recompute still keeps the layer input: 2·s·b·h bytes (/t under sequence parallelism)"),
+        (lambda s, b, h, a, t, sp, rc: 2 * k(s, b, h, a, t, sp, rc), "twice the paper's bytes: it counts 16-bit "
+         "activations (2 bytes each) — 34 = 2·(... elements), not 4-byte fp32"),
+    ]
 
 
 def _grade_korthikanti_bytes(candidate: Callable) -> str:
@@ -200,6 +245,10 @@ def _grade_korthikanti_bytes(candidate: Callable) -> str:
                 except Exception:  # noqa: BLE001 - None, a string, a list, a tensor of several numbers
                     raise GradingError(f"{where}: expected a number of bytes, got {kind_of(got)}") from None
                 if not abs(value - expected) <= 1e-9 * expected:  # (a NaN fails this too)
+                    for model, message in _formula_mistakes(korthikanti_activation_bytes):
+                        other = model(s, b, h, a, t, sp, recompute)
+                        if other is not None and abs(value - other) <= 1e-9 * abs(other) and other != expected:
+                            raise GradingError(f"{where}: got {value:,.0f} B, expected {expected:,.0f} B — {message}")
                     raise GradingError(f"Exercise 08.2 korthikanti_bytes({shown}): got {value:,.0f} B, "
                                        f"expected {expected:,.0f} B ({expected / 2**20:,.1f} MiB) — "
                                        f"{hints[kind]}")

@@ -11,7 +11,8 @@ document d. Row n marks where the last sample ends. An empty document never owns
 points into one. Example: lengths [0, 0, 3, 0, 2], seq_len 2 -> [[2, 0], [2, 2], [4, 1]].
 
 Grade it with:  grade_build_sample_index(build_sample_index)
-The reference is minimegatron.data.samples.build_sample_index.
+The reference is minimegatron.data.samples.build_sample_index (submitting it is refused); the usual
+wrong indexes are named (``_ex09_checks.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate, grader, kind_of, passed,
-                               run_isolated)
+from exercises import _ex09_checks as C
+from exercises.battery import refuse_reference
+from exercises.grading import GradingError, call_candidate, grader, kind_of, passed, run_isolated
 from minimegatron.data.samples import build_sample_index as reference_build_sample_index
+
+TIMEOUT = 10.0  # s: eight small layouts in one process
 
 
 def build_sample_index(lengths: Sequence[int], seq_len: int) -> np.ndarray:
@@ -52,12 +56,13 @@ def _cases() -> list[tuple[str, list[int], int]]:
 
 @grader
 def grade_build_sample_index(candidate: Callable[[Sequence[int], int], np.ndarray],
-                             timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                             timeout: float = TIMEOUT) -> str:
     """Compare `candidate` with the reference on several stream layouts.
 
     Returns "✓ ..." (and prints it) when every case matches; raises GradingError at the first miss, naming
     the case, the wrong row and what it should be. Runs in a separate process: an exception or an
     endless loop in ``candidate`` (``timeout`` s) is reported as a GradingError too."""
+    refuse_reference("Exercise 09.1", candidate, reference_build_sample_index)
     return run_isolated(_grade_build_sample_index, candidate, timeout=timeout, role="build_sample_index")
 
 
@@ -78,6 +83,16 @@ def _grade_build_sample_index(candidate: Callable) -> str:
         if got.ndim != 2 or got.shape[1:] != (2,):
             raise GradingError(f"{where}: got shape {got.shape}, expected (n + 1, 2) = {expected.shape}: "
                                f"one row [document, offset] per sample start, plus one for the end")
+        if got.ndim == 2 and got.shape[1:] == (2,) and np.issubdtype(got.dtype, np.integer):
+            empty = [int(d) for d in got[:, 0] if 0 <= d < len(lengths) and lengths[d] == 0]
+            if empty:
+                i = next(i for i, d in enumerate(got[:, 0]) if int(d) == empty[0])
+                raise GradingError(f"{where}: row {i} is {got[i].tolist()} — document {empty[0]} is empty, it "
+                                   f"cannot own a token (expected {expected[i].tolist() if i < len(expected) else '?'})")
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            for model, message in C.mistakes(lengths, seq_len):
+                if got.shape == model.shape and np.array_equal(got, model):
+                    raise GradingError(f"{where}: {message}")
         if got.shape != expected.shape:
             total, n = sum(lengths), expected.shape[0] - 1
             raise GradingError(f"{where}: got {got.shape[0]} rows, expected {expected.shape[0]}: "

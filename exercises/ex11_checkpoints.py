@@ -19,8 +19,10 @@ from typing import Callable
 
 import torch
 
-from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, assert_close, call_candidate, grader,
-                               kind_of, passed, run_isolated)
+from exercises import _ex11_mistakes as M
+from exercises.grading import GradingError, assert_close, call_candidate, grader, kind_of, passed, run_isolated
+
+TIMEOUT = 10.0  # s: eight small weights in one process
 from minimegatron.mpu.layers import shard_weight
 
 
@@ -47,7 +49,7 @@ CASES = [  # (name, full shape, dim, stride, old tp, new tp)
 
 @grader
 def grade_reshard(candidate: Callable[..., list[torch.Tensor]],
-                  timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                  timeout: float = TIMEOUT) -> str:
     """Cut a known weight at the old TP size, reshard with ``candidate``, compare with the cut at the new.
 
     Returns "✓ ..." (and prints it); raises GradingError naming the case, the rank and the difference.
@@ -56,7 +58,12 @@ def grade_reshard(candidate: Callable[..., list[torch.Tensor]],
     return run_isolated(_grade_reshard, candidate, timeout=timeout, role="reshard")
 
 
+def _equal(got: list, expected: list) -> bool:
+    return all(isinstance(g, torch.Tensor) and g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def _grade_reshard(candidate: Callable) -> str:
+    wrong = []  # (where, shards, dim, stride, new, got, expected): named by the pattern of all of them
     for name, shape, dim, stride, old, new in CASES:
         full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
         shards = [shard_weight(full, dim, r, old, stride) for r in range(old)]
@@ -68,12 +75,24 @@ def _grade_reshard(candidate: Callable) -> str:
             raise GradingError(f"{where}: got {kind_of(got)}, expected a list of new_tp = {new} tensors")
         if len(got) != new:
             raise GradingError(f"{where}: got {len(got)} shards, expected a list of new_tp = {new}")
-        for r, (g, e) in enumerate(zip(got, expected)):
-            hint = "" if stride == 1 else (f" (with stride {stride}, a shard is {stride} pieces — one per block "
-                                           f"— not one contiguous slice of the full weight)")
-            try:
-                assert_close(f"{where}: new rank {r}'s shard", g, e, rtol=0, atol=0)
-            except GradingError as err:
-                raise GradingError(f"{err}{hint}") from None
-    return passed(f"Exercise 11.1: reshard matches shard_weight on {len(CASES)} cases (strides 1, 2, 3; "
-                  "TP sizes up and down)")
+        if not _equal(got, expected):
+            wrong.append((where, shards, dim, stride, new, list(got), expected))
+    if not wrong:
+        return passed(f"Exercise 11.1: reshard matches shard_weight on {len(CASES)} cases (strides 1, 2, 3; "
+                      "TP sizes up and down)")
+    for switches, message in M.MODELS:
+        try:
+            if all(_equal(got, M.reshard([t.clone() for t in shards], dim, stride, new, **switches))
+                   for _, shards, dim, stride, new, got, _ in wrong):
+                raise GradingError(f"{wrong[0][0]}: {message}")
+        except RuntimeError:  # the mistake does not apply to some case's shapes
+            continue
+    where, _, _, stride, _, got, expected = wrong[0]
+    for r, (g, e) in enumerate(zip(got, expected)):
+        hint = "" if stride == 1 else (f" (with stride {stride}, a shard is {stride} pieces — one per block "
+                                       f"— not one contiguous slice of the full weight)")
+        try:
+            assert_close(f"{where}: new rank {r}'s shard", g, e, rtol=0, atol=0)
+        except GradingError as err:
+            raise GradingError(f"{err}{hint}") from None
+    raise GradingError(f"{where}: wrong shards")

@@ -26,8 +26,12 @@ from typing import Callable
 
 import torch
 
-from exercises.grading import (MULTI_RANK_TIMEOUT, GradingError, assert_close, call_candidate, grader,
-                               kind_of, passed, run_graded, run_isolated)
+from exercises import _ex12_mistakes as M
+from exercises.battery import refuse_reference
+from exercises.grading import (GradingError, assert_close, call_candidate, grader, kind_of, passed, run_graded,
+                               run_isolated)
+
+TIMEOUT = 15.0  # s (per part): a 2-layer LLaMA of width 32 on 2 ranks, a dozen tokens
 from minimegatron.generate import generate
 from minimegatron.generate import top_p_filter as reference_top_p_filter
 
@@ -71,12 +75,13 @@ def _top_p_cases() -> list[tuple[str, torch.Tensor, float]]:
 
 @grader
 def grade_top_p_filter(candidate: Callable[[torch.Tensor, float], torch.Tensor],
-                       timeout: float = MULTI_RANK_TIMEOUT) -> str:
+                       timeout: float = TIMEOUT) -> str:
     """Compare with the reference on several cases, then sample with it on 2 TP ranks.
 
     Returns "✓ ..." (and prints it); raises GradingError naming the case, the row and the difference.
     Both parts run in separate processes, each within ``timeout`` s: an exception or an endless loop
     in ``candidate`` is reported as a GradingError too."""
+    refuse_reference("Exercise 12.1", candidate, reference_top_p_filter)
     run_isolated(_check_top_p_cases, candidate, timeout=timeout, role="top_p_filter")
     results = run_graded(_sample_on_ranks, 2, candidate, timeout=timeout)
     for rank, (got, expected) in enumerate(results):
@@ -98,6 +103,9 @@ def _check_top_p_cases(candidate: Callable) -> None:
             raise GradingError(f"{where}: got dtype {got.dtype}, expected the logits' {logits.dtype}")
         kept, want = ~torch.isneginf(got), ~torch.isneginf(expected)
         if not torch.equal(kept, want):
+            for switches, message in M.TOP_P_MODELS:  # the mistake that explains every case
+                if all(_same_nucleus(candidate, M.top_p_with(**switches), z, q) for _, z, q in _top_p_cases()):
+                    raise GradingError(f"{where}: {message}")
             row = tuple(int(i) for i in torch.nonzero((kept != want).any(-1))[0])
             probs = logits.softmax(-1)[row]
             raise GradingError(
@@ -108,6 +116,12 @@ def _check_top_p_cases(candidate: Callable) -> None:
         if not torch.equal(got[kept], logits[kept]):
             raise GradingError(f"{where}: the kept logits changed; leave them as they are (set only the "
                                "dropped ones to -inf — the softmax renormalises)")
+
+
+def _same_nucleus(candidate: Callable, model: Callable, logits: torch.Tensor, p: float) -> bool:
+    got = call_candidate("Exercise 12.1", candidate, logits.clone(), p, exercise="Exercise 12.1")
+    return isinstance(got, torch.Tensor) and got.shape == logits.shape and \
+        torch.equal(~torch.isneginf(got), ~torch.isneginf(model(logits.clone(), p)))
 
 
 def _tiny_model(state):
@@ -138,22 +152,41 @@ def _decode_on_ranks(candidate, prompt_len: int, new: int):
     hook.remove()
     if isinstance(got, torch.Tensor):
         got = got.detach()
-    return got, generate(model, ids, new), fed
+    return got, generate(model, ids, new), fed, _fresh_cache_each_step(model, ids, new)
+
+
+def _fresh_cache_each_step(model, ids, n):
+    """What greedy decoding gives when every step starts a new cache (the context and positions lost)."""
+    from minimegatron.layers.attention import KVCache
+    out = ids
+    with torch.no_grad():
+        token = model(ids, kv_cache=KVCache(model.config.num_layers))[:, -1].argmax(-1, keepdim=True)
+        for step in range(n):
+            out = torch.cat([out, token], 1)
+            if step + 1 < n:
+                token = model(token, kv_cache=KVCache(model.config.num_layers))[:, -1].argmax(-1, keepdim=True)
+    return out
 
 
 @grader
-def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float = MULTI_RANK_TIMEOUT) -> str:
+def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float = TIMEOUT) -> str:
     """Run ``candidate(model, ids, n)`` on 2 TP ranks of a tiny LLaMA; compare with generate() and check
     that it feeds the prompt once and then one token per step (the KV cache at work)."""
+    refuse_reference("Exercise 12.2", candidate, generate)
     for prompt_len, new in ((5, 8), (1, 4)):
         where = f"Exercise 12.2 (prompt of {prompt_len} tokens, {new} new)"
-        for rank, (got, expected, fed) in enumerate(run_graded(_decode_on_ranks, 2, candidate, prompt_len,
-                                                               new, timeout=timeout)):
+        for rank, (got, expected, fed, fresh) in enumerate(run_graded(_decode_on_ranks, 2, candidate,
+                                                                      prompt_len, new, timeout=timeout)):
             if isinstance(got, torch.Tensor) and got.shape == expected.shape[:1] + (new,):
                 raise GradingError(f"{where}: got shape {tuple(got.shape)} — return the prompt followed by "
                                    f"the new tokens, shape {tuple(expected.shape)}")
-            assert_close(f"{where}, TP rank {rank}: generated ids", got, expected)
             want = [prompt_len] + [1] * (new - 1)
+            if isinstance(got, torch.Tensor) and got.shape == expected.shape and \
+                    not torch.equal(got, expected) and torch.equal(got, fresh):
+                raise GradingError(f"{where}: a new KVCache at every step: the cache must carry the keys and "
+                                   "values of every earlier token (and their positions) — make ONE cache and "
+                                   "pass it to every forward")
+            assert_close(f"{where}, TP rank {rank}: generated ids", got, expected)
             if fed != want:
                 raise GradingError(f"{where}: the model was fed {fed} tokens per forward; with the KV cache "
                                    f"it needs {want}: the prompt once, then only the newest token")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from exercises.grading import (SINGLE_PROCESS_TIMEOUT, GradingError, call_candidate, grader, kind_of, passed,
-                               run_isolated)
+from exercises.grading import GradingError, call_candidate, grader, kind_of, passed, run_isolated
+
+TIMEOUT = 10.0  # s: five numbers in one process
 
 
 def model_flops_utilization(tokens_per_s: float, num_cards: int, n_params: float, num_layers: int,
@@ -59,7 +60,7 @@ def _cases() -> list[tuple[str, tuple, bool]]:
 
 @grader
 def grade_model_flops_utilization(candidate: Callable[..., float],
-                                  timeout: float = SINGLE_PROCESS_TIMEOUT) -> str:
+                                  timeout: float = TIMEOUT) -> str:
     """Compare ``candidate`` with the benchmark's formula on several runs; GradingError on the first miss.
 
     Runs in a separate process: an exception or an endless loop in ``candidate`` (``timeout`` s) is
@@ -67,6 +68,31 @@ def grade_model_flops_utilization(candidate: Callable[..., float],
     import benchmarks.gpu_llama_1b  # noqa: F401  (imported once here, not in every grading process)
     return run_isolated(_grade_model_flops_utilization, candidate, timeout=timeout,
                         role="model_flops_utilization")
+
+
+def _mistakes(mfu: Callable, cards: int) -> list[tuple[Callable, str]]:
+    """(model(tokens/s, cards, N, L, h, s, peak, attention) -> the MFU that mistake gives, message)."""
+    def flops(n, layers, h, s, attention, per_n=6.0, per_attn=12.0):
+        return per_n * n + (per_attn * layers * h * s if attention else 0.0)
+
+    return [(lambda t, c, n, L, h, s, p, a: mfu(t, flops(n, L, h, s, a), p * 1e12),
+             "that is the all-cards number: divide tokens/s by num_cards") if cards > 1 else
+            (lambda *a: math.nan, ""),
+            (lambda t, c, n, L, h, s, p, a: 100 * mfu(t / c, flops(n, L, h, s, a), p * 1e12),
+             "that is a percentage: return a fraction"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t / c, flops(n, L, h, s, False), p * 1e12) if a else math.nan,
+             "the attention term 12·L·h·s is missing"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t / c, flops(n, L, h, s, True), p * 1e12) if not a else math.nan,
+             "the attention term was added although attention=False"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t / c, flops(n, L, h, s, a), p),
+             "peak_tflops is in TFLOP/s: multiply by 1e12 to get FLOP/s"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t / c, flops(n, L, h, s, a, per_n=2.0, per_attn=4.0), p * 1e12),
+             "2N FLOPs per token is the forward pass alone: training is 6N (forward 2N + backward 4N), and the "
+             "attention term 12·L·h·s"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t / c, flops(n, L, h, s, a, per_attn=6.0), p * 1e12),
+             "the attention term is 12·L·h·s (forward 4·L·h·s + backward 8·L·h·s), not 6·L·h·s"),
+            (lambda t, c, n, L, h, s, p, a: mfu(t * c, flops(n, L, h, s, a), p * 1e12),
+             "tokens/s was multiplied by num_cards: the logged tokens/s is already of ALL cards — divide")]
 
 
 def _grade_model_flops_utilization(candidate: Callable) -> str:
@@ -81,13 +107,9 @@ def _grade_model_flops_utilization(candidate: Callable) -> str:
         if not isinstance(got, (int, float)) or isinstance(got, bool):
             raise GradingError(f"{what}: expected a float (MFU as a fraction), got {kind_of(got)}")
         if not math.isclose(got, expected, rel_tol=1e-9):
-            hint = ""
-            if math.isclose(got, expected * cards, rel_tol=1e-9) and cards > 1:
-                hint = " — that is the all-cards number: divide tokens/s by num_cards"
-            elif math.isclose(got, expected * 100, rel_tol=1e-9):
-                hint = " — that is a percentage: return a fraction"
-            elif attention and math.isclose(got, mfu(tps / cards, 6.0 * n, peak * 1e12), rel_tol=1e-9):
-                hint = " — the attention term 12·L·h·s is missing"
+            hint = next((" — " + message for model, message in _mistakes(mfu, cards)
+                         if math.isclose(got, model(tps, cards, n, layers, hidden, seq, peak, attention),
+                                         rel_tol=1e-9)), "")
             raise GradingError(f"{what} ({args}): got {got:.6g}, expected {expected:.6g}{hint}")
     log_line = call_candidate(f"{_cases()[0][0]}", candidate, *_cases()[0][1], attention=True,
                               exercise="Exercise 13.1")

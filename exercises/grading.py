@@ -35,6 +35,7 @@ import math
 import pickle
 import re
 import sys
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -44,7 +45,7 @@ from exercises.isolation import (SINGLE_PROCESS_TIMEOUT, format_frames, isolated
 from minimegatron.launch import LaunchTimeout, RankError, launch
 
 __all__ = ["GradingError", "SINGLE_PROCESS_TIMEOUT", "MULTI_RANK_TIMEOUT", "describe", "kind_of",
-           "assert_close", "passed", "grader", "run_graded", "call_candidate", "run_isolated"]
+           "assert_close", "passed", "grader", "run_graded", "call_candidate", "run_isolated", "rank_error"]
 
 # SINGLE_PROCESS_TIMEOUT (20 s) is run_isolated's default: that of the graders that check in one process
 MULTI_RANK_TIMEOUT = 60.0  # s, run_graded's default: that of the graders that run it on forked ranks
@@ -171,16 +172,7 @@ def run_graded(fn: Callable[..., Any], world_size: int, *args: Any,
     try:
         return launch(_sendable, world_size, fn, *args, timeout=timeout, **kwargs)
     except RankError as e:
-        tb = e.traceback.strip()
-        last = tb.splitlines()[-1] if tb else "(no traceback)"
-        if "NotImplementedError" in tb and "Exercise" in tb:
-            raise GradingError(f"not implemented yet: {last}") from None
-        marker = tb.rfind("GradingError: ")
-        if marker >= 0:
-            raise GradingError(f"rank {e.rank}: {tb[marker + len('GradingError: '):]}") from None
-        if "died without a result" in tb:
-            raise GradingError(f"your code crashed rank {e.rank}: {tb}") from None
-        raise GradingError(f"your code raised on rank {e.rank}: {last}\n{trim_traceback(tb)}") from None
+        raise GradingError(rank_error(e.rank, e.traceback)) from None
     except LaunchTimeout as e:
         where = "".join(f"\n--- rank {r} was here (most recent call first) ---\n"
                         f"{trim_stack(e.stacks.get(r, '(no stack)'))}" for r in e.ranks)
@@ -188,6 +180,21 @@ def run_graded(fn: Callable[..., Any], world_size: int, *args: Any,
                            f"{timeout:g} s (an infinite loop? a collective that not every rank reached? "
                            f"every rank must take part in every collective, and each send needs a "
                            f"matching recv). They were killed.{where}") from None
+
+
+def rank_error(rank: int, traceback_text: str) -> str:
+    """The message of a rank that raised (its formatted traceback): not implemented yet, a grader's own
+    GradingError raised on the rank, a crash, or the student's exception with their own lines."""
+    tb = traceback_text.strip()
+    last = tb.splitlines()[-1] if tb else "(no traceback)"
+    if "NotImplementedError" in tb and "Exercise" in tb:
+        return f"not implemented yet: {last}"
+    marker = tb.rfind("GradingError: ")
+    if marker >= 0:
+        return f"rank {rank}: {tb[marker + len('GradingError: '):]}"
+    if "died without a result" in tb:
+        return f"your code crashed rank {rank}: {tb}"
+    return f"your code raised on rank {rank}: {last}\n{trim_traceback(tb)}"
 
 
 def _sendable(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

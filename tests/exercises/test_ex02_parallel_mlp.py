@@ -1,52 +1,51 @@
-"""Exercises 02.1–02.2: the package passes its graders; stubs and typical mistakes fail precisely."""
+"""Exercises 02.1–02.2: references and hand-written solutions pass; the untouched stubs and every wrong
+solution of the battery (exercises/_ex02_mistakes.py) fail with the message that names the mistake.
+02.1's whole battery is graded in one launch of 4 ranks (two TP groups of 2)."""
+import re
+
 import pytest
 import torch
-import torch.nn.functional as F
 
+from exercises import _ex02_mistakes as M
 from exercises import ex02_parallel_mlp as ex02
 from exercises.grading import GradingError
 from minimegatron.mpu.layers import shard_weight
-from minimegatron.mpu.mappings import (copy_to_tensor_model_parallel_region,
-                                       reduce_from_tensor_model_parallel_region)
+
+GOOD = [lambda *a: ex02.package_parallel_mlp_forward(*a), M.mlp]
 
 
-def _mlp(x, w1, b1, w2, b2, state, f=True, bias_after_g=True, approximate="tanh"):
-    if f:
-        x = copy_to_tensor_model_parallel_region(x, state)
-    y = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, None if bias_after_g else b2)
-    y = reduce_from_tensor_model_parallel_region(y, state)
-    return y + b2 if bias_after_g else y
+@pytest.fixture(scope="module")
+def verdicts():
+    return ex02.battery_verdicts([b[1] for b in M.MLP_BATTERY] + GOOD + [ex02.parallel_mlp_forward,
+                                                                          ex02.package_parallel_mlp_forward])
 
 
-def test_references_pass():
-    assert ex02.grade_parallel_mlp_forward(ex02.package_parallel_mlp_forward).startswith("✓")
-    assert ex02.grade_fused_qkv_rows(lambda h, r, tp: shard_weight(torch.arange(3 * h), 0, r, tp, 3)
-                                     ).startswith("✓")
+def test_references_pass_the_stub_and_the_reference_itself_fail(verdicts):
+    *good, stub, reference = verdicts[len(M.MLP_BATTERY):]
+    assert all(v.startswith("✓ Exercise 02.1") for v in good), good
+    assert re.match(r"not implemented yet: .*Exercise 02.1", stub), stub
+    assert re.match(r"Exercise 02.1: that is the reference itself", reference), reference
 
 
-def test_untouched_stubs_fail_with_not_implemented():
-    with pytest.raises(GradingError, match="not implemented yet.*Exercise 02.1"):
-        ex02.grade_parallel_mlp_forward(ex02.parallel_mlp_forward)
+@pytest.mark.parametrize("index", range(len(M.MLP_BATTERY)), ids=[b[0] for b in M.MLP_BATTERY])
+def test_every_mlp_mistake_is_named(verdicts, index):
+    assert re.search(rf"^Exercise 02.1, rank \d .*{M.MLP_BATTERY[index][2]}", verdicts[index], re.S), verdicts[index]
+
+
+def test_the_public_mlp_grader():
+    with pytest.raises(GradingError, match=r"Exercise 02.1, rank 0 .*b2 was added 2 times"):
+        ex02.grade_parallel_mlp_forward(M.switched(bias="before"))
+    assert ex02.TIMEOUT <= 15
+
+
+def test_qkv_references_pass_and_the_stub_fails():
+    assert ex02.grade_fused_qkv_rows(lambda h, r, tp: shard_weight(torch.arange(3 * h), 0, r, tp, 3)).startswith("✓")
+    assert ex02.grade_fused_qkv_rows(M.blocks).startswith("✓")
     with pytest.raises(GradingError, match="not implemented yet.*Exercise 02.2"):
         ex02.grade_fused_qkv_rows(ex02.fused_qkv_rows)
 
 
-def test_missing_f_is_a_wrong_gradient_of_x_at_tp2():
-    with pytest.raises(GradingError, match=r"tp=2, rank 0, gradient of x \(x must enter the TP region "
-                                           r"through f.*wrong values"):
-        ex02.grade_parallel_mlp_forward(lambda *a: _mlp(*a, f=False))
-
-
-def test_bias_added_on_every_rank_is_named():
-    with pytest.raises(GradingError, match="b2 was added 2 times; add it once, after the all-reduce"):
-        ex02.grade_parallel_mlp_forward(lambda *a: _mlp(*a, bias_after_g=False))
-
-
-def test_exact_gelu_instead_of_tanh_is_a_wrong_output():
-    with pytest.raises(GradingError, match=r"tp=1, rank 0, forward output Y = GeLU_tanh.*wrong values"):
-        ex02.grade_parallel_mlp_forward(lambda *a: _mlp(*a, approximate="none"))
-
-
-def test_contiguous_qkv_block_is_explained():
-    with pytest.raises(GradingError, match="one contiguous block of 3h/tp rows; with stride 3"):
-        ex02.grade_fused_qkv_rows(lambda h, r, tp: torch.arange(r * 3 * h // tp, (r + 1) * 3 * h // tp))
+@pytest.mark.parametrize("entry", M.QKV_BATTERY, ids=[b[0] for b in M.QKV_BATTERY])
+def test_every_qkv_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 02.2 \(hidden_size=\d+, tp=\d, rank \d\): {entry[2]}"):
+        ex02.grade_fused_qkv_rows(entry[1])

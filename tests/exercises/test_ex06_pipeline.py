@@ -1,75 +1,48 @@
-"""Exercises 06.1–06.2: the references pass their graders; stubs and typical mistakes fail precisely."""
-import pytest
-import torch
-import torch.distributed as dist
+"""Exercises 06.1–06.2: references and hand-written solutions pass; the untouched stubs and every wrong
+solution of the battery (exercises/_ex06_mistakes.py) fail with the message that names the mistake —
+a warm-up one too many is not called GPipe, a LIFO stash is caught by the micro-batch ids it ran."""
+import re
 
+import pytest
+
+from exercises import _ex06_mistakes as M
 from exercises import ex06_pipeline as ex06
 from exercises.grading import GradingError
 from minimegatron import schedules
 
 
-def _student(stage, order, micro_batches, loss_fn, state, shape, blocking=False, scale=True):
-    """A plain solution, with the two classic mistakes as switches."""
-    m, sends, live, losses = len(micro_batches), [], {}, []
-    prev = None if state.is_first_stage else state.pp_ranks[state.pp_rank - 1]
-    nxt = None if state.is_last_stage else state.pp_ranks[state.pp_rank + 1]
-
-    def send(t, dst):
-        if blocking:
-            dist.send(t, dst)
-        else:
-            sends.append((dist.isend(t, dst), t))
-
-    for kind, k in order:
-        if kind == "F":
-            x = micro_batches[k][0] if prev is None else torch.empty(shape)
-            if prev is not None:
-                dist.recv(x, prev)
-                x.requires_grad_()
-            y = stage(x)
-            if nxt is None:
-                losses.append(loss_fn(y, micro_batches[k][1]))
-                y = losses[-1] / m if scale else losses[-1]
-            else:
-                send(y.detach(), nxt)
-            live[k] = (x, y)
-        else:
-            x, y = live.pop(k)
-            if nxt is None:
-                y.backward()
-            else:
-                g = torch.empty_like(y)
-                dist.recv(g, nxt)
-                y.backward(g)
-            if prev is not None:
-                send(x.grad, prev)
-    for h, _ in sends:
-        h.wait()
-    return float(torch.stack(losses).mean()) if losses else None
+def my_order(s, p, m):
+    """DeepSpeed's layout written out: w = min(p - s, m) forwards, then B/F pairs, then the rest."""
+    w = min(p - s, m)
+    order = [("F", k) for k in range(w)]
+    for k in range(m - w):
+        order += [("B", k), ("F", k + w)]
+    return order + [("B", k) for k in range(m - w, m)]
 
 
-def test_references_pass():
-    assert ex06.grade_one_f_one_b_order(schedules.one_f_one_b_order).startswith("✓")
-    assert ex06.grade_run_schedule(lambda *a: schedules.run_schedule(*a).loss).startswith("✓")
+def test_references_and_hand_written_orders_pass():
+    assert ex06.grade_one_f_one_b_order(my_order).startswith("✓ Exercise 06.1")
+    assert ex06.grade_one_f_one_b_order(lambda s, p, m: schedules.deepspeed_order(s, p, m)).startswith("✓")
 
 
-def test_untouched_stubs_fail_with_not_implemented():
+def test_the_order_stub_and_the_reference_itself_fail():
     with pytest.raises(GradingError, match="not implemented yet.*Exercise 06.1"):
         ex06.grade_one_f_one_b_order(ex06.one_f_one_b_order)
-    with pytest.raises(GradingError, match="not implemented yet.*Exercise 06.2"):
-        ex06.grade_run_schedule(ex06.run_schedule)
+    with pytest.raises(GradingError, match=r"Exercise 06.1: that is the reference itself \(minimegatron.schedules"):
+        ex06.grade_one_f_one_b_order(schedules.one_f_one_b_order)
 
 
-def test_wrong_orders_are_explained():
-    with pytest.raises(GradingError, match=r"stage 0 of p=1, m=2.*that is GPipe"):
-        ex06.grade_one_f_one_b_order(schedules.gpipe_order)
+@pytest.mark.parametrize("entry", M.ORDER_BATTERY, ids=[b[0] for b in M.ORDER_BATTERY])
+def test_every_order_mistake_is_named(entry):
+    _, candidate, message = entry
+    with pytest.raises(GradingError, match=rf"(?s)^Exercise 06.1 \(stage \d of p=\d, m=\d micro-batches\): "
+                                           rf".*{message}") as err:
+        ex06.grade_one_f_one_b_order(candidate)
+    if "GPipe" not in entry[0]:
+        assert "that is GPipe" not in str(err.value)
 
-    def too_few_warmup(s, p, m):
-        return schedules.one_f_one_b_order(min(s + 1, p - 1), p, m)
 
-    with pytest.raises(GradingError,
-                       match=r"stage 0 of p=2, m=2.*1 forwards .*expected 2 = min\(p - stage, m\)"):
-        ex06.grade_one_f_one_b_order(too_few_warmup)
+def test_wrong_shapes_of_orders_are_explained():
     with pytest.raises(GradingError, match=r"every micro-batch 0..0 needs exactly one B"):
         ex06.grade_one_f_one_b_order(lambda s, p, m: [("F", k) for k in range(m)])
     with pytest.raises(GradingError, match=r"\('B', 0\) comes before \('F', 0\)"):
@@ -78,25 +51,33 @@ def test_wrong_orders_are_explained():
         ex06.grade_one_f_one_b_order(lambda s, p, m: 3)
 
 
-def test_a_correct_student_solution_passes():
-    assert ex06.grade_run_schedule(_student).startswith("✓")
+# --- 06.2: the whole battery in one launch per (p, order) ----------------------------------------------
+
+BATCHED = [b for b in M.RUN_BATTERY if not b[3]]
+GOOD = [lambda *a: schedules.run_schedule(*a).loss, M.runner]
 
 
-def test_missing_one_over_m_is_named():
-    with pytest.raises(GradingError,
-                       match=r"GPipe, p=2, stage 0\): gradient of linear.weight is 4× too large"):
-        ex06.grade_run_schedule(lambda *a: _student(*a, scale=False))
+@pytest.fixture(scope="module")
+def run_verdicts():
+    return ex06.battery_verdicts([b[1] for b in BATCHED] + GOOD + [ex06.run_schedule])
 
 
-def test_blocking_sends_deadlock_in_1f1b():
-    with pytest.raises(GradingError, match=r"(?s)1F1B, p=2\): timeout.*send with dist.isend"):
-        ex06.grade_run_schedule(lambda *a: _student(*a, blocking=True), timeout=6)
+def test_runners_pass_and_the_stub_fails(run_verdicts):
+    assert run_verdicts[len(BATCHED):] == ["✓ Exercise 06.2"] * len(GOOD) + [run_verdicts[-1]]
+    assert re.match(r"not implemented yet: .*Exercise 06.2", run_verdicts[-1])
 
 
-def test_ignoring_the_order_is_caught():
-    def always_gpipe(stage, order, *rest):
-        return _student(stage, sorted(order, key=lambda w: w[0] == "B"), *rest)
+@pytest.mark.parametrize("index", range(len(BATCHED)), ids=[b[0] for b in BATCHED])
+def test_every_runner_mistake_is_named(run_verdicts, index):
+    _, _, message, _ = BATCHED[index]
+    assert re.search(rf"^Exercise 06.2 .*{message}", run_verdicts[index], re.S), run_verdicts[index]
 
-    with pytest.raises(GradingError,
-                       match=r"1F1B, p=2, stage 0\): the stage ran FFFFBBBB .* order was FFBFBFBB"):
-        ex06.grade_run_schedule(always_gpipe)
+
+def test_blocking_sends_deadlock_in_1f1b_and_the_reference_is_refused():
+    """The public grader: GPipe p=2 passes, 1F1B p=2 hangs and is reported within the timeout."""
+    name, candidate, message, _ = next(b for b in M.RUN_BATTERY if b[3])
+    with pytest.raises(GradingError, match=message):
+        ex06.grade_run_schedule(candidate, timeout=6)
+    with pytest.raises(GradingError, match=r"Exercise 06.2: that is the reference itself"):
+        ex06.grade_run_schedule(schedules.run_schedule)
+    assert ex06.SCHEDULE_TIMEOUT <= 15 and ex06.ORDER_TIMEOUT <= 10

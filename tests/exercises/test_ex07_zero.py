@@ -3,6 +3,7 @@ typical mistakes fail precisely."""
 import pytest
 import torch
 
+from exercises import _ex07_mistakes as M
 from exercises import ex07_zero as ex07
 from exercises.grading import GradingError
 from minimegatron.collectives import all_gather_into_tensor, reduce_scatter_tensor
@@ -49,8 +50,12 @@ class _NoAllGather(_Student):
 
 
 def test_references_pass():
-    assert ex07.grade_zero1_partition(ex07.reference_zero1_partition).startswith("✓")
-    assert ex07.grade_zero1_adamw(ex07.ReferenceZero1AdamW).startswith("✓")
+    assert ex07.grade_zero1_partition(lambda *a: ex07.reference_zero1_partition(*a)).startswith("✓")
+    assert ex07.grade_zero1_partition(M.partition).startswith("✓")
+    assert ex07.grade_zero1_adamw(type("Mine", (ex07.ReferenceZero1AdamW,), {"step": ex07.ReferenceZero1AdamW.step,
+                                                                           "__doc__": "the reference's step, "
+                                                                           "renamed"})).startswith("✓")
+    assert ex07.grade_zero1_adamw(M.Student).startswith("✓")
     assert ex07.grade_zero1_adamw(_Student).startswith("✓")
 
 
@@ -66,9 +71,12 @@ def test_partition_mistakes_are_explained():
         size = -(-numel // dp)
         return r * size, (r + 1) * size
 
-    with pytest.raises(GradingError, match=r"numel=1, dp=1, rank 0\): your slice has 1 elements; DeepSpeed "
-                                           r"pads 1 up to 2 \(a multiple of alignment·dp = 2\)"):
+    with pytest.raises(GradingError, match=r"numel=1, dp=1, rank 0\): got \(0, 1\), expected \(0, 2\) — you "
+                                           r"padded to a multiple of dp = 1 only"):
         ex07.grade_zero1_partition(unpadded)
+    with pytest.raises(GradingError, match=r"numel=1, dp=1, rank 0\): your slice has 3 elements; DeepSpeed "
+                                           r"pads 1 up to 2 \(a multiple of alignment·dp = 2\)"):
+        ex07.grade_zero1_partition(lambda numel, dp, r: (3 * r, 3 * r + 3))
 
     def reversed_ranks(numel, dp, r):
         return ex07.reference_zero1_partition(numel, dp, dp - 1 - r)
@@ -119,3 +127,23 @@ def test_reference_partition_is_deepspeeds_zero1_engine():
         return torch.equal(master, flat[start:stop])
 
     assert launch(rank, 2, timeout=120) == [True, True]
+
+
+def test_the_references_themselves_are_refused():
+    with pytest.raises(GradingError, match="Exercise 07.1: that is the reference itself"):
+        ex07.grade_zero1_partition(ex07.reference_zero1_partition)
+    with pytest.raises(GradingError, match="Exercise 07.2: that is the reference itself"):
+        ex07.grade_zero1_adamw(ex07.ReferenceZero1AdamW)
+    assert ex07.PARTITION_TIMEOUT <= 10 and ex07.ADAMW_TIMEOUT <= 15
+
+
+@pytest.mark.parametrize("entry", M.PARTITION_BATTERY, ids=[b[0] for b in M.PARTITION_BATTERY])
+def test_every_partition_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 07.1 \(numel=\d+, dp=\d, rank \d\): .*({entry[2]})"):
+        ex07.grade_zero1_partition(entry[1])
+
+
+@pytest.mark.parametrize("entry", M.STEP_BATTERY, ids=[b[0] for b in M.STEP_BATTERY])
+def test_every_step_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 07.2 \(dp=2.*{entry[2]}"):
+        ex07.grade_zero1_adamw(entry[1])

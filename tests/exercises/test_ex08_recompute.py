@@ -3,6 +3,7 @@ stubs and typical mistakes fail with a message that names the problem."""
 import pytest
 import torch
 
+from exercises import _ex08_mistakes as M
 from exercises import ex08_recompute as ex08
 from exercises.grading import GradingError
 from minimegatron.measure import korthikanti_activation_bytes
@@ -33,10 +34,11 @@ class _HandCheckpoint(torch.autograd.Function):
 
 
 def test_references_pass():
-    assert ex08.grade_checkpointed_forward(ex08.package_checkpointed_forward).startswith("✓")
+    assert ex08.grade_checkpointed_forward(lambda *a: ex08.package_checkpointed_forward(*a)).startswith("✓")
     assert ex08.grade_checkpointed_forward(
         lambda layer, x: torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)).startswith("✓")
-    assert ex08.grade_korthikanti_bytes(korthikanti_activation_bytes).startswith("✓")
+    assert ex08.grade_korthikanti_bytes(lambda *a: korthikanti_activation_bytes(*a)).startswith("✓")
+    assert ex08.grade_checkpointed_forward(M.checkpoint_with()).startswith("✓")
 
 
 def test_a_hand_written_checkpoint_passes_and_forgetting_the_rng_is_named(monkeypatch):
@@ -76,17 +78,21 @@ def test_candidate_exceptions_carry_the_traceback():
         ex08.grade_checkpointed_forward(broken)
 
 
-@pytest.mark.parametrize("mistake, message", [
-    (lambda s, b, h, a, t, sp, rc: s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) if rc == "none"
-     else korthikanti_activation_bytes(s, b, h, a, t, sp, rc), "everything divides by t"),
-    (lambda s, b, h, a, t, sp, rc: s * b * h * (34 + 5 * a * s / h) / t,
-     "the 10·s·b·h of the norm inputs, QKV/fc1 inputs and dropout masks stays replicated"),
-    (lambda s, b, h, a, t, sp, rc: korthikanti_activation_bytes(s, b, h, a, t, sp, "none")
-     if rc == "selective" else korthikanti_activation_bytes(s, b, h, a, t, sp, rc),
-     "selective recompute drops only the 5·a·s/h term"),
-    (lambda s, b, h, a, t, sp, rc: 2 * s * b * h if rc == "full"
-     else korthikanti_activation_bytes(s, b, h, a, t, sp, rc), r"/t when the input is sequence-parallel"),
-])
-def test_formula_mistakes_are_named(mistake, message):
-    with pytest.raises(GradingError, match=message):
-        ex08.grade_korthikanti_bytes(mistake)
+@pytest.mark.parametrize("entry", M.CHECKPOINT_BATTERY, ids=[b[0] for b in M.CHECKPOINT_BATTERY])
+def test_every_checkpoint_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"(?s)^Exercise 08.1 \(GPT layer, dropout=0.\d\).*{entry[2]}"):
+        ex08.grade_checkpointed_forward(entry[1])
+
+
+@pytest.mark.parametrize("entry", M.FORMULA_BATTERY, ids=[b[0] for b in M.FORMULA_BATTERY])
+def test_every_formula_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 08.2 korthikanti_bytes\(.*\): .*{entry[2]}"):
+        ex08.grade_korthikanti_bytes(entry[1])
+
+
+def test_the_package_itself_is_refused():
+    with pytest.raises(GradingError, match="Exercise 08.1: that is the reference itself"):
+        ex08.grade_checkpointed_forward(ex08.package_checkpointed_forward)
+    with pytest.raises(GradingError, match="Exercise 08.2: that is the reference itself"):
+        ex08.grade_korthikanti_bytes(korthikanti_activation_bytes)
+    assert ex08.TIMEOUT <= 10

@@ -3,13 +3,23 @@
 import numpy as np
 import pytest
 
+from exercises import _ex09_mistakes as M
 from exercises.ex09_data import build_sample_index, grade_build_sample_index
 from exercises.grading import GradingError
 from minimegatron.data.samples import build_sample_index as reference
 
 
-def test_reference_passes():
+def test_reference_and_a_hand_written_loop_pass_the_reference_itself_is_refused():
     assert grade_build_sample_index(lambda lengths, seq_len: reference(lengths, seq_len)).startswith("✓")
+    assert grade_build_sample_index(M.sample_index).startswith("✓")
+    with pytest.raises(GradingError, match="Exercise 09.1: that is the reference itself"):
+        grade_build_sample_index(reference)
+
+
+@pytest.mark.parametrize("entry", M.BATTERY, ids=[b[0] for b in M.BATTERY])
+def test_every_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^case '.*' \(lengths=.*\): .*{entry[2]}"):
+        grade_build_sample_index(entry[1])
 
 
 def test_untouched_stub_fails():
@@ -21,8 +31,10 @@ def test_wrong_number_of_rows_is_explained():
     def no_end_row(lengths, seq_len):
         return reference(lengths, seq_len)[:-1]
 
-    with pytest.raises(GradingError, match=r"got 2 rows, expected 3: 9 tokens hold n = \(9 - 1\) // 4 = 2"):
+    with pytest.raises(GradingError, match=r"the end row is missing"):
         grade_build_sample_index(no_end_row)
+    with pytest.raises(GradingError, match=r"got 1 rows, expected 3: 9 tokens hold n = \(9 - 1\) // 4 = 2"):
+        grade_build_sample_index(lambda lengths, seq_len: reference(lengths, seq_len)[:1])
 
 
 def test_first_wrong_row_is_reported():
@@ -36,8 +48,8 @@ def test_first_wrong_row_is_reported():
             rows.append([d, position - starts[d]])
         return np.array(rows)
 
-    with pytest.raises(GradingError, match=r"case 'samples straddle documents'.*row 2 \(stream token 8\) "
-                                           r"is \[1, 5\], expected \[2, 0\]"):
+    with pytest.raises(GradingError, match=r"case 'samples straddle documents'.*a token on a document boundary "
+                                           r"was given to the document before it"):
         grade_build_sample_index(boundary_off_by_one)
 
 

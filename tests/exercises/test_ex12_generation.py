@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from exercises import _ex12_mistakes as M
 from exercises import ex12_generation as ex12
 from exercises.grading import GradingError
 from minimegatron.generate import generate, top_p_filter
@@ -13,8 +14,30 @@ def reference_greedy_decode(model, ids, n):
 
 
 def test_references_pass():
-    assert ex12.grade_top_p_filter(top_p_filter).startswith("✓")
+    assert ex12.grade_top_p_filter(lambda logits, p: top_p_filter(logits, p)).startswith("✓")
+    assert ex12.grade_top_p_filter(M.top_p).startswith("✓")
     assert ex12.grade_greedy_decode(reference_greedy_decode).startswith("✓")
+    assert ex12.grade_greedy_decode(M.greedy).startswith("✓")
+    assert ex12.TIMEOUT <= 15
+
+
+def test_the_package_itself_is_refused():
+    with pytest.raises(GradingError, match="Exercise 12.1: that is the reference itself"):
+        ex12.grade_top_p_filter(top_p_filter)
+    with pytest.raises(GradingError, match="Exercise 12.2: that is the reference itself"):
+        ex12.grade_greedy_decode(generate)
+
+
+@pytest.mark.parametrize("entry", M.TOP_P_BATTERY, ids=[b[0] for b in M.TOP_P_BATTERY])
+def test_every_top_p_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 12.1, case '.*' \(shape .*\): .*{entry[2]}"):
+        ex12.grade_top_p_filter(entry[1])
+
+
+@pytest.mark.parametrize("entry", M.GREEDY_BATTERY, ids=[b[0] for b in M.GREEDY_BATTERY])
+def test_every_greedy_mistake_is_named(entry):
+    with pytest.raises(GradingError, match=rf"^Exercise 12.2 \(prompt of 5 tokens, 8 new\).*{entry[2]}"):
+        ex12.grade_greedy_decode(entry[1])
 
 
 def test_untouched_stubs_fail():
@@ -30,8 +53,8 @@ def test_off_by_one_nucleus_is_explained():
         drop = s.softmax(-1).cumsum(-1) >= p
         return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
-    with pytest.raises(GradingError, match=r"case 'the example from the docstring'.*row \(0,\) keeps 1 "
-                                           r"tokens .* expected 2"):
+    with pytest.raises(GradingError, match=r"case 'the example from the docstring'.*the mass INCLUDING each "
+                                           r"token was compared"):
         ex12.grade_top_p_filter(inclusive)
 
 
@@ -73,5 +96,5 @@ def test_wrong_positions_give_wrong_tokens():
                 token = model(token, kv_cache=KVCache(model.config.num_layers))[:, -1].argmax(-1, keepdim=True)
         return out
 
-    with pytest.raises(GradingError, match="generated ids: wrong values; first mismatch"):
+    with pytest.raises(GradingError, match="a new KVCache at every step"):
         ex12.grade_greedy_decode(fresh_cache_each_step)
