@@ -5,10 +5,11 @@
 Every rank holds a tensor x_r; return Σ_r x_r (a new tensor shaped like x) on every rank. Use only
 dist.send / dist.recv / dist.isend / dist.irecv / dist.batch_isend_irecv: the grader makes the
 ready-made collectives (all_reduce, reduce_scatter, all_gather, broadcast, ...) raise.
-Cut the flattened tensor into N chunks (pad with zeros when numel is not a multiple of N), then
-  reduce-scatter, N-1 steps: send chunk (r - s) % N to rank r+1, add the chunk (r - s - 1) % N that
-                             arrives from rank r-1 to yours;
-  all-gather,     N-1 steps: send chunk (r + 1 - s) % N, overwrite chunk (r - s) % N with what arrives.
+The contract: ranks talk only to their ring neighbours (send to r+1, receive from r-1, mod N); each
+rank sends 2(N-1) messages of numel/N elements (rounded up: pad with zeros when numel is not a multiple
+of N) — notebook 00 §5 shows why that is the least any all-reduce can move; any tensor shape, float or
+integer dtype (integers summed exactly). Which chunk does rank r send at step s so that, after N-1 steps,
+each rank holds one chunk summed over all ranks, and after N-1 more every rank holds all of them?
 
 00.2  all_reduce_via_reduce_scatter_all_gather — the same sum from the two halves of an all-reduce,
       with dist.reduce_scatter_tensor and dist.all_gather_into_tensor (all_reduce is forbidden).

@@ -9,11 +9,10 @@ of the embedding table, and the same columns of the logits.
       (b, s) ids → (b, s, h), the same on every rank; weight_shard's gradient must be right too.
 03.2  vocab_parallel_cross_entropy_forward(logits_shard, target, state) — per-token loss (…) from
       this rank's logit columns (…, V/tp) and the full targets (…), equal to
-      F.cross_entropy(full_logits, target, reduction="none") — WITHOUT gathering the logits:
-        1. m   = max over the whole vocab      (local max, then dist.all_reduce with ReduceOp.MAX)
-        2. z_t = target logit − m              (only the owner of t contributes; all_reduce SUM)
-        3. S   = Σ exp(z − m) over the vocab   (local sum, all_reduce SUM)
-        loss = log S − z_t.
+      F.cross_entropy(full_logits, target, reduction="none") — WITHOUT gathering the logits: only
+      all-reduces of per-token tensors (…,) over ``state.tp_group`` are allowed, and it must stay
+      exact for logits of size 1e4 (no overflow of exp). loss_t = log Σ_v exp(z_v) − z_target: which
+      pieces of that can each rank compute from its own columns, and how do they combine?
       Forward only: no autograd needed. No padding and no ignore_index here (the package handles both).
 
 Grade with:  grade_vocab_parallel_embedding(vocab_parallel_embedding_forward)
@@ -44,19 +43,20 @@ def vocab_parallel_embedding_forward(input_ids: torch.Tensor, weight_shard: torc
                                      vocab_start_index: int, vocab_end_index: int,
                                      state: ParallelState) -> torch.Tensor:
     """Your code (03.1): masked lookup in this rank's rows, then g (all-reduce). (b, s) → (b, s, h)."""
-    # Hint: outside = (ids < start) | (ids >= end); local = (ids - start).masked_fill(outside, 0);
-    # F.embedding(local, weight_shard), zero the rows of `outside`, then reduce_from_...(out, state).
-    raise NotImplementedError("Exercise 03.1: implement the vocab-parallel embedding lookup — masked "
-                              "local lookup, zeros for ids other ranks own, then all-reduce")
+    # Hint: an id outside [vocab_start_index, vocab_end_index) must not index weight_shard (it can be
+    # out of range, or negative once shifted). What should this rank contribute for it, so that the sum
+    # over ranks is the right row? The sum is g: its backward must leave weight_shard's gradient right.
+    raise NotImplementedError("Exercise 03.1: implement the vocab-parallel embedding lookup (the "
+                              "contract is in the module docstring)")
 
 
 def vocab_parallel_cross_entropy_forward(logits_shard: torch.Tensor, target: torch.Tensor,
                                          state: ParallelState) -> torch.Tensor:
-    """Your code (03.2): per-token loss (…) from logits (…, V/tp) with three all-reduces, no gather."""
+    """Your code (03.2): per-token loss (…) from logits (…, V/tp), all-reduces of (…,) only, no gather."""
     # Hint: this rank's columns are [r·V/tp, (r+1)·V/tp), r = state.tp_rank; pass group=state.tp_group
     # to every dist.all_reduce; work in float32 on clones (never modify logits_shard in place).
-    raise NotImplementedError("Exercise 03.2: implement the vocab-parallel cross-entropy forward — "
-                              "global max, target logit and sum of exp, each with one all-reduce")
+    raise NotImplementedError("Exercise 03.2: implement the vocab-parallel cross-entropy forward (the "
+                              "contract is in the module docstring)")
 
 
 # --- grading -----------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@
                   stage; send input.grad to the previous stage (not on the first stage).
 
       Return the mean loss over the micro-batches (a float) on the last stage, None elsewhere.
-      The previous/next stage's global rank: ``state.pp_ranks[state.pp_rank ∓ 1]``. Careful: with a
-      blocking ``dist.send``, 1F1B deadlocks (stage 0 sends F1's activation while stage 1 sends B0's
-      gradient; each waits for the other to receive). Send with ``dist.isend``, keep the handles (and
-      the tensors) and ``wait()`` on them at the end; receive with ``dist.recv``.
+      The previous/next stage's global rank: ``state.pp_ranks[state.pp_rank ∓ 1]``. Before you run
+      it with the 1F1B order, trace stages 0 and 1 of p = 2, m = 2 by hand with blocking
+      ``dist.send`` / ``dist.recv``: who waits for whom? (Notebook 06 asks you to explain it; the
+      grader says so if your code hangs there.)
       Graded on 2 and 4 real ranks, with the GPipe and the 1F1B order: loss and every gradient equal
       the unsplit model's on the whole batch, and each stage ran the order it was given.
 
@@ -53,10 +53,9 @@ def run_schedule(stage: nn.Module, order: Sequence[tuple[str, int]],
                  micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], state: ParallelState,
                  activation_shape: Sequence[int]) -> float | None:
-    """Your code (06.2): run ``order`` on this stage with isend/recv; the mean loss on the last stage."""
-    raise NotImplementedError("Exercise 06.2: execute the order — F: recv (or read) the input, run the "
-                              "stage, send the output (or compute the loss / m); B: backward, send "
-                              "input.grad")
+    """Your code (06.2): run ``order`` on this stage with point-to-point messages; the mean loss on the
+    last stage."""
+    raise NotImplementedError("Exercise 06.2: execute the order (the contract is in the module docstring)")
 
 
 # --- grading -----------------------------------------------------------------------------------------

@@ -11,19 +11,17 @@
       parameters, pads them to ``self.padded`` elements and keeps only this rank's slice
       ``[self.start, self.stop)``: the fp32 master ``self.master`` and Adam's ``self.exp_avg``,
       ``self.exp_avg_sq`` (1/dp of the full state each). Every rank has just run backward on its own
-      micro-batch, so every ``p.grad`` is this replica's local gradient. ``step()`` must
+      micro-batch, so every ``p.grad`` is this replica's local gradient. The contract:
 
-        1. flatten the local gradients into a zero-padded (padded,) vector;
-        2. reduce-scatter it over ``state.dp_group`` and divide by dp: this rank's slice of the
-           *mean* gradient (minimegatron.collectives.reduce_scatter_tensor, imported below);
-        3. AdamW on the slice only (torch.optim.AdamW's formulas, step count ``t = self.step_count``)::
-
-               master ← master · (1 − lr · weight_decay)
-               m ← β1·m + (1 − β1)·g        v ← β2·v + (1 − β2)·g²
-               master ← master − lr / (1 − β1^t) · m / (sqrt(v / (1 − β2^t)) + eps)
-
-        4. all-gather the updated slices (all_gather_into_tensor) and copy them back into the
-           parameters (drop the padding).
+        * afterwards every rank's parameters equal what ``torch.optim.AdamW`` (same hyper-parameters,
+          step count ``t = self.step_count``) gives on one model trained on the *whole* batch — the
+          mean of the replicas' gradients;
+        * this rank updates, and keeps state for, its slice only: nothing of size ``padded`` may stay
+          on the optimizer besides what ``__init__`` made;
+        * per step, per rank, it moves no more than one all-reduce of the gradients would (2·padded
+          elements, counted by the grader): which two collectives add up to an all-reduce, and which
+          one belongs before the update and which after? (``reduce_scatter_tensor`` and
+          ``all_gather_into_tensor`` are imported below.)
 
       Graded on 2 and 4 real ranks, each with a different micro-batch, against torch.optim.AdamW
       on one model and the whole batch: the parameters after every step, and this rank's exp_avg
@@ -80,10 +78,10 @@ class Zero1AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Your code (07.2): reduce-scatter the gradients, AdamW on this slice, all-gather the weights."""
+        """Your code (07.2): one AdamW step that keeps, and updates, this rank's slice only."""
         self.step_count += 1
-        raise NotImplementedError("Exercise 07.2: flatten + pad the grads, reduce-scatter / dp, AdamW on "
-                                  "self.master with self.exp_avg / self.exp_avg_sq, all-gather, copy back")
+        raise NotImplementedError("Exercise 07.2: implement the ZeRO-1 step (the contract is in the module "
+                                  "docstring)")
 
 
 # --- grading -----------------------------------------------------------------------------------------

@@ -3,23 +3,18 @@
 08.1  checkpointed_forward(layer, hidden) — run ``layer(hidden)`` so that autograd keeps ONLY
       ``hidden`` for backward, and the layer runs again in backward to rebuild what it needs
       (full recomputation, Korthikanti et al. 2022 §5; Chen et al. 2016). Fill in
-      ``CheckpointFunction``:
+      ``CheckpointFunction`` (a ``torch.autograd.Function``: its forward runs with autograd off, its
+      backward receives ∂L/∂output and returns ∂L/∂input, one value per forward argument). The
+      contract, each point checked:
 
-          forward(ctx, run_function, hidden)
-              autograd records nothing inside a Function's forward, so ``run_function(hidden)``
-              here keeps no activations; keep the input (``ctx.save_for_backward``), the function,
-              and torch's RNG state (``torch.get_rng_state()``) — dropout must draw the same masks
-              when the layer runs again.
-          backward(ctx, grad_output)
-              restore the RNG state (inside ``torch.random.fork_rng()``, so that the training run's
-              own RNG stream is left alone), re-run the function with autograd ON on a detached copy
-              of the input that requires grad, then ``torch.autograd.backward(output, grad_output)``:
-              the parameters' ``.grad`` fill up right there; return the input's gradient (and None
-              for ``run_function``).
+        * the output equals ``layer(hidden)``, and the tensors autograd saves are ``hidden``'s alone;
+        * after ``backward``, ∂L/∂hidden and every parameter's ``.grad`` equal the uncheckpointed
+          layer's — also with dropout (p = 0.1): the second run must draw the masks the first drew;
+        * the training run's own random stream is left as it would be without the checkpoint.
 
-      This is what ``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)`` does; the package
-      uses the newer non-reentrant form (``minimegatron.layers.recompute.recompute``), the reference
-      this is graded against.
+      ``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)`` keeps this contract (and is
+      refused as a solution); the package uses the newer non-reentrant form
+      (``minimegatron.layers.recompute.recompute``), the reference this is graded against.
 
 08.2  korthikanti_bytes(s, b, h, a, t=1, sequence_parallel=False, recompute="none") — activation
       bytes per transformer layer from Korthikanti et al. 2022 (16-bit activations, with dropout):
@@ -46,20 +41,18 @@ TIMEOUT = 10.0  # s: one small GPT layer, or a grid of formulas, in one process
 
 
 class CheckpointFunction(torch.autograd.Function):
-    """Your code (08.1): keep the input (and the RNG state); recompute in backward."""
+    """Your code (08.1): autograd keeps the input alone; the layer runs again in backward."""
 
     @staticmethod
     def forward(ctx, run_function: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
                 ) -> torch.Tensor:
-        raise NotImplementedError("Exercise 08.1: implement the forward — save hidden "
-                                  "(ctx.save_for_backward), the function and torch.get_rng_state(), "
-                                  "then return run_function(hidden)")
+        raise NotImplementedError("Exercise 08.1: implement the forward (the contract is in the module "
+                                  "docstring)")
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        raise NotImplementedError("Exercise 08.1: implement the backward — restore the RNG state, re-run "
-                                  "the function with grad enabled on hidden.detach().requires_grad_(), "
-                                  "torch.autograd.backward(output, grad_output), return (None, hidden.grad)")
+        raise NotImplementedError("Exercise 08.1: implement the backward (the contract is in the module "
+                                  "docstring)")
 
 
 def checkpointed_forward(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
