@@ -152,7 +152,9 @@ def _decode_on_ranks(candidate, prompt_len: int, new: int):
     hook.remove()
     if isinstance(got, torch.Tensor):
         got = got.detach()
-    return got, generate(model, ids, new), fed, _fresh_cache_each_step(model, ids, new)
+    with torch.no_grad():
+        first = model(ids)[:, -1].argmax(-1)  # (b,) the most likely token after the prompt
+    return got, generate(model, ids, new), fed, _fresh_cache_each_step(model, ids, new), first
 
 
 def _fresh_cache_each_step(model, ids, n):
@@ -175,8 +177,8 @@ def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float =
     refuse_reference("Exercise 12.2", candidate, generate)
     for prompt_len, new in ((5, 8), (1, 4)):
         where = f"Exercise 12.2 (prompt of {prompt_len} tokens, {new} new)"
-        for rank, (got, expected, fed, fresh) in enumerate(run_graded(_decode_on_ranks, 2, candidate,
-                                                                      prompt_len, new, timeout=timeout)):
+        for rank, (got, expected, fed, fresh, first) in enumerate(run_graded(_decode_on_ranks, 2, candidate,
+                                                                             prompt_len, new, timeout=timeout)):
             if isinstance(got, torch.Tensor) and got.shape == expected.shape[:1] + (new,):
                 raise GradingError(f"{where}: got shape {tuple(got.shape)} — return the prompt followed by "
                                    f"the new tokens, shape {tuple(expected.shape)}")
@@ -186,6 +188,13 @@ def grade_greedy_decode(candidate: Callable[..., torch.Tensor], timeout: float =
                 raise GradingError(f"{where}: a new KVCache at every step: the cache must carry the keys and "
                                    "values of every earlier token (and their positions) — make ONE cache and "
                                    "pass it to every forward")
+            if isinstance(got, torch.Tensor) and got.shape == expected.shape and \
+                    not torch.equal(got[:, prompt_len], first):
+                # the first new token follows the prompt alone: no cache or position bug can change it yet
+                raise GradingError(f"{where}: the first new token is {got[:, prompt_len].tolist()}, but the "
+                                   f"most likely token after each prompt is {first.tolist()}: greedy decoding "
+                                   "takes the argmax of the last position's logits (no sampling, temperature "
+                                   "or top-k)")
             assert_close(f"{where}, TP rank {rank}: generated ids", got, expected)
             if fed != want:
                 raise GradingError(f"{where}: the model was fed {fed} tokens per forward; with the KV cache "
