@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.throughput_vs_hf import build_pair, train_step
+from benchmarks.throughput_vs_hf import build_pair, interleaved_times, train_step
 
 __all__ = ["breakdown", "breakdown_markdown", "fused_ab", "fused_ab_markdown", "profile"]
 
@@ -107,17 +107,7 @@ def fused_ab(kind: str, size: str, reps: int = 7, warmup: int = 2) -> dict[str, 
     first = {k: fn() for k, fn in steps.items()}
     if abs(first["fused"] - first["unfused"]) > 1e-5 * max(1.0, abs(first["unfused"])):
         raise AssertionError(f"{kind}/{size}: fused and unfused first losses differ: {first}")
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(warmup - 1):
-        for fn in steps.values():
-            fn()
-    for _ in range(reps):
-        for name, fn in steps.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
+    wall, cpu = interleaved_times(steps, reps, warmup)
     med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
     return dict(model=kind, size=size, fused_ms=med["fused"], unfused_ms=med["unfused"],
                 ratio=med["unfused"] / med["fused"], cpu_ratio=min(cpu["unfused"]) / min(cpu["fused"]),

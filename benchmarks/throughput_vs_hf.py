@@ -112,6 +112,23 @@ def gemm_pass(gemms: list[Gemm]) -> Callable[[], None]:
     return run
 
 
+def interleaved_times(steps: dict[str, Callable[[], Any]], reps: int, warmup: int
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``steps`` in turn (a, b, a, b, ...) ``reps`` times after ``warmup − 1`` rounds: wall, CPU seconds."""
+    for _ in range(warmup - 1):
+        for fn in steps.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return wall, cpu
+
+
 def compare(kind: str, size: str, reps: int = 5, warmup: int = 2, threads: int | None = None,
             compile: bool = False) -> dict[str, Any]:
     """Interleaved timing of both models (+ the step's GEMMs alone, + our compiled model); one row.
@@ -143,17 +160,7 @@ def compare(kind: str, size: str, reps: int = 5, warmup: int = 2, threads: int |
         if abs(first["ours"] - first[name]) > 1e-4 * max(1.0, abs(first[name])):
             raise AssertionError(f"{kind}/{size}: first losses differ (ours {first['ours']} vs {name} "
                                  f"{first[name]}): the two models are not computing the same thing")
-    for _ in range(warmup - 1):
-        for fn in steps.values():
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(reps):
-        for name, fn in steps.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
+    wall, cpu = interleaved_times(steps, reps, warmup)
     tokens = ids.numel()
     ours_tps, hf_tps = (tokens / statistics.median(wall[k]) for k in ("ours", "hf"))
     best = {k: min(v) for k, v in cpu.items()}
