@@ -19,7 +19,7 @@ full hidden states and this rank's head rows ``W_i`` (V_pad/tp, h)::
 — so the loss *and* the gradients of ``Σ ℓ`` with respect to ``H`` and ``W_i`` are done when forward
 returns ``Σ_local ℓ`` (a scalar, identical on every TP rank). Backward only scales them: for any loss
 ``L = α·Σℓ`` (a mean: α = 1/count; context parallelism's share: cp/N, :func:`mean_over_labels` in
-``layers/language_model.py``), ``∂L/∂H = grad_output·∂H`` and ``∂L/∂W = grad_output·∂W``.
+``layers/loss.py``), ``∂L/∂H = grad_output·∂H`` and ``∂L/∂W = grad_output·∂W``.
 
 **The collectives.** Forward: 2 all-reduces of ``c`` and ``2c`` numbers per chunk (the unfused loss
 makes 3 of ``N``). ``∂H`` is this rank's part of ``Σ_i P_i·W_i``: the caller feeds ``H`` in through
