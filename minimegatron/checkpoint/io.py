@@ -165,7 +165,7 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
     root.mkdir(parents=True, exist_ok=True)
     _clean_up(root)  # debris of an earlier interrupted save
     final = root / iteration_name(step)
-    tmp, trash = root / _tmp_name(final.name), None
+    tmp = root / _tmp_name(final.name)
     tmp.mkdir()
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -180,10 +180,24 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
                 _write_json(tmp / name, content)
         _write_json(tmp / CONFIG_NAME, config.to_dict())
         _write_json(tmp / METADATA_NAME, metadata)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final)
+    _atomic_write_text(root / LATEST_NAME, final.name + "\n")  # the commit point
+    return final
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make the fully written directory ``tmp`` appear as ``final`` in one rename (fsynced), replacing
+    an earlier ``final``: that one is moved aside first and put back if the rename fails; ``tmp`` never
+    outlives a failure. A kill between the two renames is recovered by ``_clean_up``/``checkpoint_dir``."""
+    root, trash = final.parent, None
+    try:
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step: move the old one aside first
             trash = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)  # a kill right after this is recovered by _clean_up/checkpoint_dir
+            os.replace(final, trash)
         os.replace(tmp, final)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
@@ -191,10 +205,8 @@ def write_iteration(root: Path, step: int, tensors: dict[str, torch.Tensor], con
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if trash is not None and trash.exists() and not final.exists():
-            os.replace(trash, final)  # put the old checkpoint back where latest expects it
+            os.replace(trash, final)  # put the old one back where the pointer expects it
         raise
-    _atomic_write_text(root / LATEST_NAME, final.name + "\n")  # the commit point
-    return final
 
 
 _write_checkpoint = write_iteration

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimegatron.checkpoint.io import _fsync_dir, _fsync_file, atomic_write_text
+from minimegatron.checkpoint.io import _fsync_dir, _fsync_file, atomic_write_text, publish_dir
 from minimegatron.checkpoint.megatron_layout import (CHECKPOINT_VERSION, ENC, LM, config_from_args,
                                                      from_megatron, join_shards, megatron_args,
                                                      shard_stage, to_megatron)
@@ -132,18 +132,10 @@ def save_megatron(source: nn.Module | dict[str, torch.Tensor], directory: str | 
                             "iteration": iteration or 0, "model": nest(shards)}, rank_dir / FILE_NAME)
                 _fsync_file(rank_dir / FILE_NAME)
                 _fsync_dir(rank_dir)
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # re-saving: move the old one aside, then drop it once the new one is in
-            old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, final)
     atomic_write_text(root / TRACKER_NAME, ("release" if iteration is None else str(iteration)) + "\n")
     barrier()
     return final
